@@ -1,0 +1,272 @@
+"""Build a tiny InternVL-hf model offline: tokenizer, config, processor, random weights.
+
+No model hub is reachable, so tests and the demo use a model this module makes from a
+config: a byte-level BPE tokenizer trained on text the synthetic tasks produce, a
+``InternVLForConditionalGeneration`` with a qwen2 text model (~1.4M parameters) and the
+standard ``InternVLProcessor``. The result loads with ``AutoModelForImageTextToText``
+and ``AutoProcessor`` under ``HF_HUB_OFFLINE=1``, exactly like a real checkpoint.
+
+An optional supervised warm-up on ``mpo synth`` data gives the model some skill, so that
+its samples are right sometimes and wrong sometimes, which is what MPO needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from mpo import synth
+from mpo.chat import Encoded, collate, encode
+from mpo.templates import TEMPLATES, apply_template
+
+IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
+PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, VIDEO]
+
+# ChatML; an image item renders as one <IMG_CONTEXT>, which the processor expands into
+# <img> + image_seq_length x <IMG_CONTEXT> + </img>.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<IMG_CONTEXT>\\n' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Sizes of the tiny model. image_size / patch_size must be even (pixel shuffle 0.5)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 384
+    vocab_size: int = 2048
+    max_position_embeddings: int = 2048
+
+    @property
+    def image_seq_length(self) -> int:
+        grid = self.image_size // self.patch_size
+        if grid % 2:
+            raise ValueError(f"image_size/patch_size must be even for pixel shuffle, got {grid}")
+        return (grid // 2) ** 2
+
+
+def _tokenizer_corpus(seed: int) -> Iterator[str]:
+    """Text the model will read and write: synthetic questions, solutions, templates."""
+    for dataset, task in synth.TASKS.items():
+        for index in range(300):
+            row = task(random.Random(f"tokenizer/{seed}/{dataset}/{index}")).fields
+            for key in ("question", "solution", "chosen", "answer"):
+                value = row.get(key)
+                if isinstance(value, str):
+                    yield value
+                    if key == "question":
+                        for template in TEMPLATES:
+                            yield apply_template(value, template)
+    yield "Yes No A B C D E F G H I J K L M N 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20"
+
+
+def build_tokenizer(spec: TinyModelSpec, seed: int) -> Any:
+    """Train a byte-level BPE and wrap it as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_tokenizer_corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=IM_END,
+        pad_token=PAD,
+        model_max_length=spec.max_position_embeddings,
+        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={
+            "start_image_token": IMG_START,
+            "end_image_token": IMG_END,
+            "context_image_token": IMG_CONTEXT,
+            "video_token": VIDEO,
+        },
+    )
+
+
+def build_processor(spec: TinyModelSpec, tokenizer: Any) -> Any:
+    """The standard InternVLProcessor: one tile per image (no dynamic crops)."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    size = {"height": spec.image_size, "width": spec.image_size}
+    # The processor's defaults set crop_to_patches=True; max_patches=1 keeps one tile.
+    image_processor = GotOcr2ImageProcessor(size=size, crop_to_patches=False, min_patches=1, max_patches=1)
+    video_processor = InternVLVideoProcessor(size=size)
+    return InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=spec.image_seq_length,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(spec: TinyModelSpec, tokenizer: Any, seed: int) -> Any:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": spec.vision_hidden,
+            "num_hidden_layers": spec.vision_layers,
+            "num_attention_heads": spec.vision_heads,
+            "intermediate_size": spec.vision_hidden * 4,
+            "image_size": [spec.image_size, spec.image_size],
+            "patch_size": [spec.patch_size, spec.patch_size],
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(tokenizer),
+            "hidden_size": spec.text_hidden,
+            "num_hidden_layers": spec.text_layers,
+            "num_attention_heads": spec.text_heads,
+            "num_key_value_heads": spec.text_kv_heads,
+            "intermediate_size": spec.text_intermediate,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "tie_word_embeddings": True,
+            "eos_token_id": tokenizer.convert_tokens_to_ids(IM_END),
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+        image_seq_length=spec.image_seq_length,
+        downsample_ratio=0.5,
+        tie_word_embeddings=True,
+    )
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def image_token_ids(tokenizer: Any) -> list[int]:
+    """Ids a generator must never emit (a tiny model samples them otherwise)."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT, VIDEO)]
+
+
+@dataclass(frozen=True)
+class WarmupExample:
+    question: str
+    image_path: Path
+    response: str
+
+
+def warmup_examples(synth_dir: Path, template: str = "en") -> list[WarmupExample]:
+    """Supervised targets from the train split: worked solutions and descriptions."""
+    meta = json.loads((synth_dir / "meta.json").read_text())
+    examples = []
+    for entry in meta.values():
+        root = Path(entry["root"])
+        for line in Path(entry["annotation"]).read_text().splitlines():
+            row = json.loads(line)
+            if "solution" in row:
+                examples.append(WarmupExample(apply_template(row["question"], template), root / row["image"], row["solution"]))
+            elif row.get("chosen"):
+                examples.append(WarmupExample(row["question"], root / row["image"], row["chosen"]))
+    if not examples:
+        raise ValueError(f"no warm-up examples found under {synth_dir}")
+    return examples
+
+
+def warmup(model: Any, processor: Any, examples: list[WarmupExample], steps: int, seed: int,
+           batch_size: int = 16, lr: float = 1e-3, warmup_steps: int = 20,
+           on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Plain supervised fine-tuning (cross-entropy on responses), AdamW + warmup/cosine."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    cache: dict[int, Encoded] = {}
+
+    def encoded(index: int) -> Encoded:
+        if index not in cache:
+            ex = examples[index]
+            with Image.open(ex.image_path) as image:
+                cache[index] = encode(processor, ex.question, [image.convert("RGB")], ex.response)
+        return cache[index]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    losses = []
+    pad_id = processor.tokenizer.pad_token_id
+    for step in range(steps):
+        batch = collate([encoded(rng.randrange(len(examples))) for _ in range(batch_size)], pad_id)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def build_tiny_model(out: Path, seed: int = 0, warmup_steps: int = 0, synth_dir: Path | None = None,
+                     spec: TinyModelSpec | None = None,
+                     on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Build, optionally warm up, and save the tiny model to ``out``; return a summary."""
+    spec = spec or TinyModelSpec()
+    tokenizer = build_tokenizer(spec, seed)
+    processor = build_processor(spec, tokenizer)
+    model = build_model(spec, tokenizer, seed)
+    losses: list[float] = []
+    if warmup_steps:
+        if synth_dir is None:
+            raise ValueError("warm-up needs synthetic data: pass synth_dir (mpo synth output)")
+        losses = warmup(model, processor, warmup_examples(Path(synth_dir)), warmup_steps, seed, on_step=on_step)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    summary = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "image_seq_length": spec.image_seq_length,
+        "warmup_steps": warmup_steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "seed": seed,
+    }
+    (out / "tiny_model.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,39 @@
+"""Shared fixtures: synthetic data and the tiny model are built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mpo.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, count=10, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random-weight tiny model (no warm-up): fast, and enough for plumbing tests."""
+    from mpo.tiny_model import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    return model.eval(), processor

@@ -1,0 +1,73 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mpo.chat import collate, conversation, encode, render_prompt
+from mpo.tiny_model import (
+    TinyModelSpec,
+    build_processor,
+    build_tokenizer,
+    image_token_ids,
+    warmup,
+    warmup_examples,
+)
+
+
+def test_loads_offline_with_auto_classes(tiny_model, tiny_model_dir: Path) -> None:
+    model, processor = tiny_model
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    assert type(processor).__name__ == "InternVLProcessor"
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 1_000_000 <= n_params <= 5_000_000
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["image_seq_length"] == processor.image_seq_length == 64
+    assert processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == config["image_token_id"]
+    assert processor.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                   add_generation_prompt=True).startswith("<|im_start|>user\nhi")
+
+
+def test_generates_from_an_image_without_image_tokens(tiny_model, synth_dir: Path) -> None:
+    model, processor = tiny_model
+    image = Image.open(next((synth_dir / "images" / "synth_count").glob("*.png"))).convert("RGB")
+    prompt = render_prompt(processor, conversation("<image>\nHow many circles?", 1))
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    torch.manual_seed(0)
+    out = model.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=True, num_return_sequences=4,
+                         suppress_tokens=image_token_ids(processor.tokenizer))
+    new = out[:, inputs["input_ids"].shape[1]:]
+    assert new.shape == (4, 24)
+    assert not torch.isin(new, torch.tensor(image_token_ids(processor.tokenizer))).any()
+
+
+def test_forward_backward_reaches_the_vision_tower(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    image = Image.new("RGB", (224, 224), "red")
+    batch = collate([encode(processor, "<image>\nColour?", [image], "Final answer: red")], processor.tokenizer.pad_token_id)
+    loss = model(**batch).loss
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    loss.backward()
+    vision_grads = [p.grad for n, p in model.named_parameters() if "vision_tower" in n and p.grad is not None]
+    assert vision_grads and any(g.abs().sum() > 0 for g in vision_grads)
+
+
+def test_warmup_lowers_the_loss(synth_dir: Path) -> None:
+    from mpo.tiny_model import build_model
+
+    spec = TinyModelSpec()
+    tokenizer = build_tokenizer(spec, seed=0)
+    processor = build_processor(spec, tokenizer)
+    model = build_model(spec, tokenizer, seed=0)
+    losses = warmup(model, processor, warmup_examples(synth_dir), steps=12, seed=0, batch_size=4, warmup_steps=2)
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0
+
+
+def test_odd_patch_grid_is_rejected() -> None:
+    with pytest.raises(ValueError, match="even"):
+        _ = TinyModelSpec(image_size=210, patch_size=14).image_seq_length
