@@ -56,7 +56,8 @@ def _after_last_trigger(text: str) -> str | None:
     if position < 0:
         return None
     rest = text[position + len(trigger):].strip()
-    line = next((ln.strip() for ln in rest.splitlines() if ln.strip()), "")
+    # Split on "\n" only: the vectorised twin in mpo.pairs does the same.
+    line = next((ln.strip() for ln in rest.split("\n") if ln.strip()), "")
     boxed = last_boxed(line)
     return boxed if boxed is not None else line
 

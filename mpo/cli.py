@@ -73,6 +73,83 @@ def _build_tiny_model(out: Path, warmup_steps: int, seed: int, data: Path | None
 
 
 @app.command()
+def ingest(
+    meta: Annotated[Path, typer.Argument(help="InternVL meta.json, or a plain .jsonl / .parquet prompt file")],
+    out: Annotated[Path, typer.Option(help="Output folder: prompts/, quarantine.parquet, report.json")],
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad row, naming file, line and field")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for repeat_time < 1 subsampling")] = 0,
+) -> None:
+    """Normalise prompts into the prompts table; quarantine what cannot be used."""
+    from mpo.ingest import IngestError
+    from mpo.ingest import ingest as run_ingest
+
+    try:
+        report = run_ingest(meta, out, strict=strict, seed=seed)
+    except IngestError as error:
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    table = Table(title=f"ingested into {out}")
+    table.add_column("dataset")
+    table.add_column("prompts", justify="right")
+    for dataset, n in sorted(report.prompts.items()):
+        table.add_row(dataset, str(n))
+    console.print(table)
+    quarantined = ", ".join(f"{reason} {n}" for reason, n in sorted(report.quarantined.items())) or "none"
+    console.print(f"quarantined: {quarantined}")
+
+
+@app.command()
+def pairs(
+    samples: Annotated[Path, typer.Argument(help="Samples directory (Parquet shards)")],
+    out: Annotated[Path, typer.Option(help="Pairs directory: data/*.parquet, hard_prompts.parquet, report.json")],
+    pairs_per_prompt: Annotated[int, typer.Option(help="Cap on pairs per prompt and source")] = 15,
+    seed: Annotated[int, typer.Option(help="Seed of the pair draw")] = 0,
+    verify: Annotated[list[str] | None, typer.Option(help="DATASET=MODE (exact|choice|numeric|anls); repeatable")] = None,
+    default_verify: Annotated[str, typer.Option(help="Verifier for datasets not named by --verify")] = "exact",
+    max_repetition: Annotated[float, typer.Option(help="Drop responses with a larger share of repeated 4-grams")] = 0.3,
+    max_length_ratio: Annotated[float | None, typer.Option(help="Drop pairs with len(chosen)/len(rejected) above this")] = None,
+) -> None:
+    """Turn samples into preference pairs (correctness, format, DropoutNTP)."""
+    from mpo.pairs import PairingConfig, run_pairing
+
+    modes = {}
+    for item in verify or []:
+        dataset, sep, mode = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--verify takes DATASET=MODE, got {item!r}")
+        modes[dataset] = mode
+    config = PairingConfig(pairs_per_prompt=pairs_per_prompt, seed=seed, verify_modes=modes,
+                           default_verify_mode=default_verify, max_repetition=max_repetition,
+                           max_length_ratio=max_length_ratio)
+    report = run_pairing(samples, out, config)
+    table = Table(title=f"{report['pairs']} pairs in {out}")
+    for column in ("dataset", "prompts", "samples", "accuracy", "pairs", "filtered"):
+        table.add_column(column)
+    for dataset, stats in report["datasets"].items():
+        accuracy = stats.get("accuracy")
+        table.add_row(dataset, str(stats.get("prompts", 0)), str(stats.get("samples", 0)),
+                      "-" if accuracy is None else f"{accuracy:.1%}",
+                      ", ".join(f"{k} {v}" for k, v in stats.get("pairs", {}).items()),
+                      ", ".join(f"{k} {v}" for k, v in stats.get("filtered", {}).items()))
+    console.print(table)
+
+
+@app.command()
+def export(
+    pairs_dir: Annotated[Path, typer.Argument(help="Pairs directory written by `mpo pairs`")],
+    out: Annotated[Path, typer.Option(help="Output folder")],
+    format: Annotated[str, typer.Option(help="Target format")] = "internvl",
+) -> None:
+    """Export pairs for another trainer (InternVL's MPO JSONL + meta.json)."""
+    from mpo.export import FORMATS, export_internvl
+
+    if format not in FORMATS:
+        raise typer.BadParameter(f"unknown format {format!r}; known: {', '.join(FORMATS)}")
+    counts = export_internvl(pairs_dir, out)
+    console.print(f"exported {sum(counts.values())} pairs ({len(counts)} datasets) to {out / 'meta.json'}")
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes data, model and outputs")] = Path("demo-run"),
     count: Annotated[int, typer.Option(help="Prompts per synthetic dataset")] = 60,

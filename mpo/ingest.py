@@ -81,8 +81,7 @@ def sources_from_path(path: Path) -> list[DatasetSource]:
 def _raw_rows(source: DatasetSource) -> Iterator[tuple[int, Any]]:
     """(line number, parsed row or a _Reject) for every row of the annotation file."""
     if source.annotation.suffix == ".parquet":
-        for index, row in enumerate(pq.read_table(source.annotation).to_pylist(), 1):
-            yield index, row
+        yield from enumerate(pq.read_table(source.annotation).to_pylist(), 1)
         return
     with open(source.annotation, "rb") as handle:
         for number, raw in enumerate(handle, 1):
@@ -145,7 +144,7 @@ def _normalise(row: Any, source: DatasetSource, number: int) -> dict[str, Any]:
     digest = hashlib.sha256()
     for path in images:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    for part in (question, answer_text or "", chosen if kind == "open" else ""):
+    for part in (question, answer_text or "", chosen if kind == "open" and chosen else ""):
         digest.update(b"\x00" + part.encode("utf-8"))
     return {
         "prompt_id": digest.hexdigest()[:24],

@@ -26,3 +26,63 @@ def test_tiny_model_command_with_warmup(tmp_path: Path, synth_dir: Path) -> None
 def test_synth_rejects_bad_count(tmp_path: Path) -> None:
     result = runner.invoke(app, ["synth", str(tmp_path / "d"), "--count", "0"])
     assert result.exit_code != 0
+
+
+def test_ingest_command_reports_quarantine(tmp_path: Path, synth_dir: Path) -> None:
+    result = runner.invoke(app, ["ingest", str(synth_dir / "meta.json"), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "synth_count" in result.output and "quarantined: none" in result.output
+
+
+def test_ingest_strict_names_file_line_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok?", "answer": "1"}\n{"answer": "2"}\n')
+    result = runner.invoke(app, ["ingest", str(bad), "--out", str(tmp_path / "p"), "--strict"])
+    assert result.exit_code == 2
+    assert "bad.jsonl:2: field 'question'" in result.output.replace("\n", "")
+
+
+def test_pairs_and_export_commands_on_synth_data(tmp_path: Path, synth_dir: Path) -> None:
+    """The whole CPU path: synth -> ingest -> samples (from the worked solutions) -> pairs -> export."""
+    import pyarrow as pa
+
+    from mpo.ingest import ingest
+    from mpo.schemas import SAMPLES, read_dir, write_table
+
+    ingest(synth_dir / "meta.json", tmp_path / "prompts")
+    solutions = {}
+    for ann in (synth_dir / "annotations" / "train").glob("*.jsonl"):
+        for line in ann.read_text().splitlines():
+            row = json.loads(line)
+            solutions[row["question"], row.get("answer")] = row.get("solution")
+    rows = []
+    for prompt in read_dir(tmp_path / "prompts" / "prompts").to_pylist():
+        if prompt["kind"] != "closed":
+            continue
+        good = solutions[prompt["question"], prompt["answer"]]
+        wrong = good.rsplit("Final answer:", 1)[0] + "Final answer: X"
+        for index, response in enumerate([good, wrong, "I cannot tell."]):
+            rows.append({**{k: prompt[k] for k in ("prompt_id", "dataset", "images", "question", "answer")},
+                         "prompt_version": "en", "response": response, "finish_reason": "stop", "num_tokens": 9,
+                         "sample_index": index, "source": "correctness", "model": "tiny", "seed": 0})
+    write_table(pa.Table.from_pylist(rows), tmp_path / "samples" / "part-0.parquet", SAMPLES)
+
+    result = runner.invoke(app, ["pairs", str(tmp_path / "samples"), "--out", str(tmp_path / "pairs"),
+                                 "--verify", "synth_choice=choice", "--verify", "synth_count=numeric"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "pairs" / "report.json").read_text())
+    assert report["pairs_by_source"] == {"correctness": 40, "format": 40}
+    assert report["datasets"]["synth_count"]["accuracy"] == 1 / 3
+
+    result = runner.invoke(app, ["export", str(tmp_path / "pairs"), "--format", "internvl", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "x" / "meta.json").read_text())
+    assert set(meta) == {"synth_count", "synth_colour", "synth_compare", "synth_choice", "synth_arith"}
+    first = json.loads(Path(meta["synth_count"]["annotation"]).read_text().splitlines()[0])
+    assert set(first) == {"image", "question", "chosen", "rejected"}
+    assert (Path(meta["synth_count"]["root"]) / first["image"]).is_file()
+    assert first["question"].startswith("<image>\n")
+    assert sum(m["length"] for m in meta.values()) == 80
+
+    result = runner.invoke(app, ["export", str(tmp_path / "pairs"), "--format", "llava", "--out", str(tmp_path / "y")])
+    assert result.exit_code != 0

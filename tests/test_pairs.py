@@ -1,0 +1,154 @@
+"""Pairing rules on hand-made samples, the vectorised extractor's parity, and the output contract."""
+
+import json
+import random
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from mpo.answers import extract_answer
+from mpo.pairs import PairingConfig, extract_answers, make_pairs, run_pairing
+from mpo.schemas import SAMPLES, write_table
+
+
+def sample(prompt_id: str, index: int, response: str, answer: str | None = "2", *, dataset: str = "count",
+           finish: str = "stop", source: str = "correctness", chosen: str | None = None,
+           prefix: str | None = None, version: str = "en") -> dict:
+    return {"prompt_id": prompt_id, "dataset": dataset, "images": ["/img/a.png"], "question": "<image>\nHow many?",
+            "answer": answer, "prompt_version": version, "response": response, "finish_reason": finish,
+            "num_tokens": len(response.split()), "sample_index": index, "source": source, "model": "tiny",
+            "chosen": chosen, "prefix": prefix, "seed": 0, "sampling_config": "{}"}
+
+
+def frame(rows: list[dict]) -> pl.DataFrame:
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=SAMPLES))
+
+
+def test_cross_product_of_correct_and_wrong() -> None:
+    rows = [sample("p1", i, f"Reasoning {i}. Final answer: 2") for i in range(3)]
+    rows += [sample("p1", 3 + i, f"Reasoning {i}. Final answer: {v}") for i, v in enumerate(["3", "4"])]
+    result = make_pairs(frame(rows), PairingConfig())
+    assert result.pairs.height == 6
+    assert set(result.pairs["source"]) == {"correctness"}
+    assert set(result.pairs["chosen_answer"]) == {"2"} and set(result.pairs["rejected_answer"]) == {"3", "4"}
+    assert result.pairs["prompt"][0].startswith("<image>\nYour task is to answer the question below.")
+    assert result.pairs["pair_id"].n_unique() == 6
+
+
+def test_chosen_answer_contained_in_rejected_is_skipped() -> None:
+    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "Final answer: 12"), sample("p1", 2, "Final answer: 5")]
+    result = make_pairs(frame(rows), PairingConfig(verify_modes={"count": "numeric"}))
+    assert result.pairs["rejected_answer"].to_list() == ["5"]
+    assert result.report["datasets"]["count"]["filtered"]["answer_contained"] == 1
+
+
+def test_reference_bug_rejected_response_is_never_rewritten() -> None:
+    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "I see twelve.\nFinal answer: 12")]
+    config = PairingConfig(verify_modes={"count": "numeric"})
+    # Containment would skip 2-in-12; use gold 3 to keep the pair and look at its text.
+    rows = [sample("p1", 0, "Final answer: 3", "3"), sample("p1", 1, "I see twelve.\nFinal answer: 12", "3")]
+    pairs = make_pairs(frame(rows), config).pairs
+    assert pairs["rejected"].to_list() == ["I see twelve.\nFinal answer: 12"]
+
+
+def test_cap_is_deterministic_and_seeded() -> None:
+    rows = [sample("p1", i, f"Reason {i}. Final answer: 2") for i in range(6)]
+    rows += [sample("p1", 6 + i, f"Reason {i}. Final answer: 7") for i in range(6)]
+    a = make_pairs(frame(rows), PairingConfig(pairs_per_prompt=5)).pairs
+    b = make_pairs(frame(rows[::-1]), PairingConfig(pairs_per_prompt=5)).pairs
+    c = make_pairs(frame(rows), PairingConfig(pairs_per_prompt=5, seed=1)).pairs
+    assert a.height == 5 and a["pair_id"].to_list() == b["pair_id"].to_list()
+    assert set(a["pair_id"]) != set(c["pair_id"])
+    report = make_pairs(frame(rows), PairingConfig(pairs_per_prompt=5)).report
+    assert report["datasets"]["count"]["filtered"]["over_cap_correctness"] == 31
+
+
+def test_truncated_response_is_never_chosen() -> None:
+    rows = [sample("p1", 0, "Counting. Final answer: 2", finish="length"), sample("p1", 1, "Final answer: 2"),
+            sample("p1", 2, "Final answer: 9")]
+    result = make_pairs(frame(rows), PairingConfig())
+    assert result.pairs["chosen"].to_list() == ["Final answer: 2"] and result.pairs.height == 1
+    assert result.report["datasets"]["count"]["filtered"]["truncated_chosen"] == 1
+
+
+def test_repetitive_and_duplicate_responses_are_dropped() -> None:
+    loop = "I count one circle " * 20 + "Final answer: 9"
+    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "Final answer: 2"), sample("p1", 2, loop),
+            sample("p1", 3, "Final answer: 8")]
+    result = make_pairs(frame(rows), PairingConfig())
+    assert result.pairs["rejected"].to_list() == ["Final answer: 8"]
+    filtered = result.report["datasets"]["count"]["filtered"]
+    assert filtered["repetitive"] == 1 and filtered["duplicate_response"] == 1
+
+
+def test_format_failures_pair_with_correct_responses() -> None:
+    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "I am not sure"), sample("p1", 2, "Final answer: 4")]
+    result = make_pairs(frame(rows), PairingConfig())
+    by_source = dict(zip(result.pairs["source"], result.pairs["rejected"], strict=True))
+    assert by_source == {"correctness": "Final answer: 4", "format": "I am not sure"}
+    assert result.report["datasets"]["count"]["format_failures"] == 1
+
+
+def test_length_ratio_cap() -> None:
+    long = " ".join(f"step{i} looks at shape {i}." for i in range(12))
+    rows = [sample("p1", 0, long + " Final answer: 2"),
+            sample("p1", 1, "Final answer: 3")]
+    assert make_pairs(frame(rows), PairingConfig()).pairs.height == 1
+    result = make_pairs(frame(rows), PairingConfig(max_length_ratio=2.0))
+    assert result.pairs.height == 0 and result.report["datasets"]["count"]["filtered"]["length_ratio"] == 1
+
+
+def test_dropout_ntp_rows_become_pairs() -> None:
+    chosen = "The image shows two red circles on a white background."
+    rows = [
+        sample("d1", 0, " a blue square.", None, dataset="describe", source="dropout_ntp", chosen=chosen,
+               prefix="The image shows", version="sr0.5_wo_image"),
+        sample("d1", 1, "   ", None, dataset="describe", source="dropout_ntp", chosen=chosen, prefix="The image shows"),
+        sample("d1", 2, " two red circles on a white background.", None, dataset="describe", source="dropout_ntp",
+               chosen=chosen, prefix="The image shows"),
+    ]
+    result = make_pairs(frame(rows), PairingConfig())
+    assert result.pairs["rejected"].to_list() == ["The image shows a blue square."]
+    assert result.pairs["chosen"].to_list() == [chosen] and result.pairs["prompt"].to_list() == ["<image>\nHow many?"]
+    filtered = result.report["datasets"]["describe"]["filtered"]
+    assert filtered == {"empty_continuation": 1, "identical_to_chosen": 1}
+
+
+def test_report_and_hard_prompts() -> None:
+    rows = [sample("easy", i, "Final answer: 2") for i in range(2)]
+    rows += [sample("hard", i, f"Final answer: {5 + i}") for i in range(3)]
+    rows += [sample("mixed", 0, "Final answer: 2"), sample("mixed", 1, "Final answer: 3")]
+    result = make_pairs(frame(rows), PairingConfig())
+    stats = result.report["datasets"]["count"]
+    assert stats["prompts"] == 3 and stats["samples"] == 7
+    assert stats["accuracy"] == pytest.approx(3 / 7)
+    assert stats["all_correct_prompts"] == 1 and stats["all_wrong_prompts"] == 1
+    assert result.hard_prompts["prompt_id"].to_list() == ["hard"] and result.hard_prompts["samples"][0] == 3
+
+
+ALPHABET = ["Final answer:", "Final Answer:", "Answer:", "答案:", "答案：", "\\boxed{", "}", "{", "\n", " ", ".",
+            "。", "2", "red", "\t", "<think>", "</think>", "x"]
+
+
+def test_vectorised_extraction_matches_the_reference_function() -> None:
+    rng = random.Random(0)
+    responses = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
+    versions = [rng.choice(["en", "zh", "en_v2", "r1", "other"]) for _ in responses]
+    df = pl.DataFrame({"response": responses, "prompt_version": versions})
+    assert extract_answers(df).to_list() == [extract_answer(r, v) for r, v in zip(responses, versions, strict=True)]
+
+
+def test_run_pairing_writes_a_loadable_pairs_directory(tmp_path: Path) -> None:
+    rows = [sample(f"p{k}", i, f"Step {i}. Final answer: {2 if i % 2 else 3}") for k in range(4) for i in range(4)]
+    write_table(pa.Table.from_pylist(rows, schema=SAMPLES), tmp_path / "samples" / "shard-0.parquet")
+    report = run_pairing(tmp_path / "samples", tmp_path / "pairs", PairingConfig(shard_rows=5))
+    assert report["pairs"] == 16 and len(list((tmp_path / "pairs" / "data").glob("*.parquet"))) == 4
+    assert json.loads((tmp_path / "pairs" / "report.json").read_text())["pairs_by_source"] == {"correctness": 16}
+    datasets = pytest.importorskip("datasets")
+    loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "pairs" / "data"), split="train")
+    assert loaded.num_rows == 16 and {"prompt", "chosen", "rejected", "images"} <= set(loaded.column_names)
+    # A second run replaces the data; no stale shard survives.
+    run_pairing(tmp_path / "samples", tmp_path / "pairs", PairingConfig())
+    assert len(list((tmp_path / "pairs" / "data").glob("*.parquet"))) == 1
