@@ -10,10 +10,15 @@ Rules, per prompt:
 - everywhere: exact-duplicate responses and heavy n-gram repetition are dropped;
   optional length balancing caps len(chosen) / len(rejected).
 
-Answer extraction is vectorised for the trigger templates (``en``/``zh``) and falls
-back to ``mpo.answers.extract_answer`` for the rest; verification runs once per distinct
-(answer, gold, mode). The draw is a deterministic integer hash of (prompt, chosen index,
-rejected index, seed), so the same samples always give the same pairs.
+How it stays fast and small: answer extraction is vectorised for the trigger templates
+(``en``/``zh``, looking at the response's tail first) and falls back to
+``mpo.answers.extract_answer`` for the rest; verification runs once per distinct
+(answer, gold, mode); n-gram repetition works on hashed words; cross products carry
+only indices and answers, and response texts are joined back for the kept pairs only;
+``run_pairing`` works through the samples a few shards at a time (a prompt whose
+samples span shards is handled in a final chunk). The draw is a deterministic integer
+hash of (prompt, chosen index, rejected index, seed): the same samples always give the
+same pairs, in any order and any chunking.
 """
 
 from __future__ import annotations
@@ -27,16 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
 from mpo.io import atomic_write_text, publish_dir
-from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, conform, read_dir, write_table
+from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, conform, shard_files, write_table
 from mpo.templates import TEMPLATES, apply_template
 
 _MINSTD, _PRIME = 48271, 2_147_483_647
 _TRIGGER_REST = "(?s).*(?:" + "|".join(re.escape(t) for t in TRIGGERS) + ")(.*)$"
+_TAIL_CHARS = 256  # the last trigger nearly always stands in a response's last 256 characters
+_GRAM_WEIGHTS = (1, 3, 7, 13, 31, 61, 127, 251)  # n-gram hash = weighted sum of 40-bit word hashes
 FAST_TEMPLATES = ("en", "zh")
 
 
@@ -47,10 +54,11 @@ class PairingConfig(BaseModel):
     seed: int = Field(0, description="seed of the deterministic pair draw")
     verify_modes: dict[str, VerifyMode] = Field(default_factory=dict, description="verifier per dataset")
     default_verify_mode: VerifyMode = Field(VerifyMode.EXACT, description="verifier for datasets not listed")
-    repetition_ngram: int = Field(4, ge=1, description="n of the n-grams checked for repetition")
+    repetition_ngram: int = Field(4, ge=1, le=8, description="n of the n-grams checked for repetition")
     max_repetition: float = Field(0.3, ge=0, le=1, description="drop a response whose share of repeated n-grams exceeds this")
     max_length_ratio: float | None = Field(None, gt=0, description="drop pairs with len(chosen)/len(rejected) above this")
     shard_rows: int = Field(100_000, ge=1, description="rows per output Parquet shard")
+    chunk_rows: int = Field(250_000, ge=1, description="sample rows held in memory at once by run_pairing")
 
 
 @dataclass
@@ -63,24 +71,33 @@ class PairingResult:
 # ------------------------------------------------------------------ judging
 
 
+def _trigger_rest(responses: pl.DataFrame) -> pl.Series:
+    """Text after the last trigger, or null. The tail is searched first; only rows whose
+    tail holds no trigger are searched whole (the result is the same: the last trigger's
+    start lies in the tail whenever any trigger does)."""
+    rest = responses.select(pl.col("response").str.tail(_TAIL_CHARS).str.extract(_TRIGGER_REST, 1)).to_series()
+    retry = (rest.is_null() & (responses["response"].str.len_chars() > _TAIL_CHARS)).arg_true()
+    if retry.len():
+        whole = responses[retry].select(pl.col("response").str.extract(_TRIGGER_REST, 1)).to_series()
+        rest = rest.scatter(retry, whole)
+    return rest
+
+
 def extract_answers(df: pl.DataFrame) -> pl.Series:
     """``extract_answer(response, prompt_version)`` for every row, vectorised where possible."""
-    line = (
-        pl.col("response").str.extract(_TRIGGER_REST, 1)
-        .str.strip_chars().str.extract(r"^([^\n]*)", 1).str.strip_chars()
-    )
+    line = pl.col("_rest").str.strip_chars().str.extract(r"^([^\n]*)", 1).str.strip_chars()
     answer = line.str.strip_chars_end(".。").str.strip_chars()
-    fast = df.select(
+    fast = df.select("response", "prompt_version").with_columns(_rest=_trigger_rest(df)).select(
         answer=pl.when(answer == "").then(None).otherwise(answer),
         slow=~pl.col("prompt_version").is_in(FAST_TEMPLATES) | line.str.contains("\\boxed{", literal=True).fill_null(False),
     )
-    answers = fast["answer"].to_list()
-    slow_rows = fast["slow"].arg_true().to_list()
-    if slow_rows:
+    answers = fast["answer"]
+    slow_rows = fast["slow"].arg_true()
+    if slow_rows.len():
         responses, versions = df["response"], df["prompt_version"]
-        for i in slow_rows:
-            answers[i] = extract_answer(responses[i], versions[i])
-    return pl.Series("extracted", answers, dtype=pl.String)
+        values = [extract_answer(responses[i], versions[i]) for i in slow_rows.to_list()]
+        answers = answers.scatter(slow_rows, pl.Series(values, dtype=pl.String))
+    return answers.alias("extracted")
 
 
 def judge_samples(df: pl.DataFrame, config: PairingConfig) -> pl.DataFrame:
@@ -103,14 +120,29 @@ def judge_samples(df: pl.DataFrame, config: PairingConfig) -> pl.DataFrame:
     )
 
 
-def repetition(column: str, n: int) -> pl.Expr:
-    """Share of repeated word n-grams in ``column`` (0 for texts shorter than n words)."""
-    words = pl.col(column).str.split(" ")
-    grams = words.list.eval(
-        pl.concat_str([pl.element().shift(-k) for k in range(n)], separator=" ").drop_nulls()
-    )
-    total = grams.list.len()
-    return pl.when(total > 0).then(1 - grams.list.n_unique() / total).otherwise(0.0)
+def repetition(texts: pl.Series, n: int, slice_rows: int = 8192) -> pl.Series:
+    """Share of repeated word n-grams per text (words split on " "; 0 below n words).
+
+    Words are hashed to 40 bits and an n-gram is a weighted sum of its word hashes: equal
+    n-grams always match, distinct ones collide with negligible probability (~2**-40).
+    Texts are handled ``slice_rows`` at a time: the word table of a slice is what
+    sets the memory peak.
+    """
+    if texts.len() > slice_rows:
+        parts = [_repetition(texts.slice(start, slice_rows), n) for start in range(0, texts.len(), slice_rows)]
+        return pl.concat(parts)
+    return _repetition(texts, n)
+
+
+def _repetition(texts: pl.Series, n: int) -> pl.Series:
+    rows = pl.DataFrame({"_row": pl.arange(0, texts.len(), dtype=pl.UInt32, eager=True), "_w": texts.str.split(" ")})
+    words = rows.explode("_w").select("_row", _h=(pl.col("_w").hash(seed=0) % (1 << 40)).cast(pl.Int64))
+    gram = pl.sum_horizontal(pl.col("_h").shift(-k) * _GRAM_WEIGHTS[k] for k in range(n))
+    grams = words.with_columns(_g=gram, _same=pl.col("_row").shift(-(n - 1)) == pl.col("_row")).filter("_same")
+    stats = grams.group_by("_row").agg(_n=pl.len(), _u=pl.col("_g").n_unique())
+    share = rows.select("_row").join(stats, on="_row", how="left").sort("_row").select(
+        pl.when(pl.col("_n") > 0).then(1 - pl.col("_u") / pl.col("_n")).otherwise(0.0))
+    return share.to_series().alias("_rep")
 
 
 # ------------------------------------------------------------------ drawing
@@ -118,8 +150,7 @@ def repetition(column: str, n: int) -> pl.Expr:
 
 def prompt_seeds(prompt_ids: pl.Series, seed: int) -> pl.Expr:
     """A stable per-prompt integer (crc32), shifted by the run seed."""
-    unique = prompt_ids.unique().to_list()
-    mapping = {p: (zlib.crc32(p.encode()) + seed * 7919) % _PRIME for p in unique}
+    mapping = {p: (zlib.crc32(p.encode()) + seed * 7919) % _PRIME for p in prompt_ids.unique().to_list()}
     return pl.col("prompt_id").replace_strict(mapping, return_dtype=pl.Int64)
 
 
@@ -135,94 +166,99 @@ def cap_per_prompt(df: pl.DataFrame, first: str, second: str, cap: int) -> pl.Da
     return ranked.filter(pl.int_range(pl.len()).over("prompt_id") < cap).drop("_key")
 
 
-# ------------------------------------------------------------------ pairing
+# ------------------------------------------------------------------ pairing one chunk
+
+Counts = dict[str, dict[str, int]]  # dataset -> reason -> rows
 
 
-def _count(counter: dict[str, dict[str, int]], frame: pl.DataFrame, reason: str) -> None:
+def _count(counter: Counts, frame: pl.DataFrame, reason: str) -> None:
     for dataset, n in frame.group_by("dataset").len().iter_rows():
         counter.setdefault(dataset, {}).setdefault(reason, 0)
         counter[dataset][reason] += n
 
 
-def _split(df: pl.DataFrame, keep: pl.Expr, counter: dict[str, dict[str, int]], reason: str) -> pl.DataFrame:
+def _split(df: pl.DataFrame, keep: pl.Expr, counter: Counts, reason: str) -> pl.DataFrame:
     """Keep rows where ``keep`` holds; count the rest under ``reason``."""
     flagged = df.with_columns(_keep=keep.fill_null(False))
     _count(counter, flagged.filter(~pl.col("_keep")), reason)
     return flagged.filter(pl.col("_keep")).drop("_keep")
 
 
-def _dedup(df: pl.DataFrame, text: str, counter: dict[str, dict[str, int]]) -> pl.DataFrame:
+def _dedup(df: pl.DataFrame, text: str, counter: Counts) -> pl.DataFrame:
     """Keep one row per (prompt, text): a complete copy before a truncated one, then the first."""
     first = pl.int_range(pl.len()).over(["prompt_id", text]) == 0
     ordered = df.sort(["prompt_id", pl.col("finish_reason") == "length", "sample_index"])
     return _split(ordered, first, counter, "duplicate_response")
 
 
-def _cross(chosen: pl.DataFrame, rejected: pl.DataFrame) -> pl.DataFrame:
-    left = chosen.select("prompt_id", "dataset", "_pseed", "question", "prompt_version", "images", "answer", "model",
-                         c_idx="sample_index", chosen="response", chosen_answer="extracted")
-    right = rejected.select("prompt_id", r_idx="sample_index", rejected="response", rejected_answer="extracted")
-    return left.join(right, on="prompt_id", how="inner")
+def _cap_and_count(pairs: pl.DataFrame, first: str, second: str, source: str, config: PairingConfig,
+                   counter: Counts) -> pl.DataFrame:
+    if config.max_length_ratio is not None:
+        ratio = pl.col("_c_len") / pl.col("_r_len").clip(lower_bound=1)
+        pairs = _split(pairs, ratio <= config.max_length_ratio, counter, "length_ratio")
+    capped = cap_per_prompt(pairs, first, second, config.pairs_per_prompt)
+    over = pairs.height - capped.height
+    if over:
+        _count(counter, pairs.join(capped.select("prompt_id", first, second), on=["prompt_id", first, second],
+                                   how="anti"), f"over_cap_{source}")
+    return capped.with_columns(source=pl.lit(source))
 
 
-def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, filtered: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Counts) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Index-level pairs (prompt_id, c_idx, r_idx, answers, source) and the judged samples."""
     judged = judge_samples(samples, config)
-    usable = _dedup(judged, "response", filtered)
-    usable = _split(usable, pl.col("_rep") <= config.max_repetition, filtered, "repetitive")
+    lean = judged.select("prompt_id", "dataset", "prompt_version", "sample_index", "finish_reason", "response",
+                         "extracted", "verdict", "_rep", "_pseed", _len=pl.col("response").str.len_chars())
+    usable = _dedup(lean, "response", counter).drop("response")
+    usable = _split(usable, pl.col("_rep") <= config.max_repetition, counter, "repetitive")
     correct = usable.filter(pl.col("verdict") == Verdict.CORRECT.value)
-    chosen = _split(correct, pl.col("finish_reason") != "length", filtered, "truncated_chosen")
-    wrong = usable.filter(pl.col("verdict") == Verdict.WRONG.value)
-    failures = usable.filter(pl.col("verdict") == Verdict.FORMAT_FAILURE.value)
-
+    chosen = _split(correct, pl.col("finish_reason") != "length", counter, "truncated_chosen").select(
+        "prompt_id", "prompt_version", "dataset", "_pseed", c_idx="sample_index", chosen_answer="extracted", _c_len="_len")
     frames = []
-    for source, rejected, contained_check in (("correctness", wrong, True), ("format", failures, False)):
-        pairs = _cross(chosen, rejected)
-        if contained_check:
+    for source, verdict in (("correctness", Verdict.WRONG), ("format", Verdict.FORMAT_FAILURE)):
+        rejected = usable.filter(pl.col("verdict") == verdict.value).select(
+            "prompt_id", "prompt_version", r_idx="sample_index", rejected_answer="extracted", _r_len="_len")
+        pairs = chosen.join(rejected, on=["prompt_id", "prompt_version"], how="inner")
+        if source == "correctness":
             contained = pl.col("rejected_answer").str.to_lowercase().str.contains(
                 pl.col("chosen_answer").str.to_lowercase(), literal=True)
-            pairs = _split(pairs, ~contained, filtered, "answer_contained")
-        if config.max_length_ratio is not None:
-            ratio = pl.col("chosen").str.len_chars() / pl.col("rejected").str.len_chars().clip(lower_bound=1)
-            pairs = _split(pairs, ratio <= config.max_length_ratio, filtered, "length_ratio")
-        capped = cap_per_prompt(pairs, "c_idx", "r_idx", config.pairs_per_prompt)
-        _count(filtered, pairs.join(capped.select("prompt_id", "c_idx", "r_idx"), on=["prompt_id", "c_idx", "r_idx"],
-                                    how="anti"), f"over_cap_{source}")
-        frames.append(capped.with_columns(source=pl.lit(source)))
+            pairs = _split(pairs, ~contained, counter, "answer_contained")
+        frames.append(_cap_and_count(pairs, "c_idx", "r_idx", source, config, counter))
     return pl.concat(frames, how="diagonal_relaxed"), judged
 
 
-def _dropout_pairs(samples: pl.DataFrame, config: PairingConfig, filtered: dict) -> pl.DataFrame:
+def _dropout_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Counts) -> pl.DataFrame:
     rows = samples.with_columns(rejected=pl.col("prefix").fill_null("") + pl.col("response"))
-    rows = _split(rows, pl.col("response").str.strip_chars() != "", filtered, "empty_continuation")
-    rows = _split(rows, pl.col("rejected").str.strip_chars() != pl.col("chosen").str.strip_chars(), filtered,
+    rows = _split(rows, pl.col("response").str.strip_chars() != "", counter, "empty_continuation")
+    rows = _split(rows, pl.col("rejected").str.strip_chars() != pl.col("chosen").str.strip_chars(), counter,
                   "identical_to_chosen")
-    rows = _dedup(rows, "rejected", filtered)
-    rows = _split(rows, pl.col("_rep") <= config.max_repetition, filtered, "repetitive")
-    if config.max_length_ratio is not None:
-        ratio = pl.col("chosen").str.len_chars() / pl.col("rejected").str.len_chars().clip(lower_bound=1)
-        rows = _split(rows, ratio <= config.max_length_ratio, filtered, "length_ratio")
-    rows = rows.with_columns(_zero=pl.lit(0, dtype=pl.Int64))
-    capped = cap_per_prompt(rows, "sample_index", "_zero", config.pairs_per_prompt)
-    _count(filtered, rows.join(capped.select("prompt_id", "sample_index"), on=["prompt_id", "sample_index"], how="anti"),
-           "over_cap_dropout_ntp")
-    return capped.select(
-        "prompt_id", "dataset", "question", "prompt_version", "images", "answer", "model", "chosen", "rejected",
-        source=pl.lit("dropout_ntp"), chosen_answer=pl.lit(None, pl.String), rejected_answer=pl.lit(None, pl.String),
+    rows = _dedup(rows, "rejected", counter)
+    rows = _split(rows, pl.col("_rep") <= config.max_repetition, counter, "repetitive")
+    rows = rows.with_columns(_zero=pl.lit(0, dtype=pl.Int64), _c_len=pl.col("chosen").str.len_chars(),
+                             _r_len=pl.col("rejected").str.len_chars())
+    capped = _cap_and_count(rows, "sample_index", "_zero", "dropout_ntp", config, counter)
+    return capped.select("prompt_id", "prompt_version", "chosen", "rejected", "source", c_idx="sample_index",
+                         chosen_answer=pl.lit(None, pl.String), rejected_answer=pl.lit(None, pl.String))
+
+
+def _with_texts(index_pairs: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
+    """Join response texts and per-prompt lineage onto index-level correctness pairs."""
+    texts = samples.select("prompt_id", "sample_index", "response", "model")
+    return (
+        index_pairs
+        .join(texts.rename({"sample_index": "c_idx", "response": "chosen"}), on=["prompt_id", "c_idx"], how="left")
+        .join(texts.select("prompt_id", r_idx="sample_index", rejected="response"), on=["prompt_id", "r_idx"], how="left")
     )
 
 
-def _prompt_texts(pairs: pl.DataFrame) -> pl.DataFrame:
+def _prompt_column(pairs: pl.DataFrame) -> pl.DataFrame:
     """The question as the model saw it: templated for CoT samples, as is for DropoutNTP."""
     keys = pairs.select("question", "prompt_version", "source").unique()
-    mapping = {}
-    for question, version, source in keys.iter_rows():
-        templated = source != "dropout_ntp" and version in TEMPLATES
-        mapping[(question, version, source)] = apply_template(question, version) if templated else question
-    lookup = pl.DataFrame(
-        [{"question": q, "prompt_version": v, "source": s, "prompt": p} for (q, v, s), p in mapping.items()],
-        schema={"question": pl.String, "prompt_version": pl.String, "source": pl.String, "prompt": pl.String},
-    )
-    return lookup
+    prompts = [
+        apply_template(q, v) if s != "dropout_ntp" and v in TEMPLATES else q for q, v, s in keys.iter_rows()
+    ]
+    return pairs.join(keys.with_columns(prompt=pl.Series(prompts, dtype=pl.String)),
+                      on=["question", "prompt_version", "source"], how="left", nulls_equal=True)
 
 
 def _pair_ids(pairs: pl.DataFrame) -> pl.Series:
@@ -233,67 +269,141 @@ def _pair_ids(pairs: pl.DataFrame) -> pl.Series:
     return pl.Series("pair_id", ids, dtype=pl.String)
 
 
-def make_pairs(samples: pl.DataFrame, config: PairingConfig) -> PairingResult:
-    """Pure function: samples table in, pairs + hard prompts + report out."""
-    filtered: dict[str, dict[str, int]] = {}
+@dataclass
+class ChunkResult:
+    """What one chunk of samples yields; chunks combine by concatenation and addition."""
+
+    pairs: pl.DataFrame
+    prompt_stats: pl.DataFrame  # per prompt: samples, correct, format failures (null for open prompts)
+    filtered: Counts
+
+
+def pair_chunk(samples: pl.DataFrame, config: PairingConfig) -> ChunkResult:
+    """Pairs of every prompt in ``samples`` (which must hold all samples of its prompts)."""
+    counter: Counts = {}
     samples = samples.with_columns(_pseed=prompt_seeds(samples["prompt_id"], config.seed),
-                                   _rep=repetition("response", config.repetition_ngram))
+                                   _rep=repetition(samples["response"], config.repetition_ngram))
+    _count(counter, samples.filter(~pl.col("source").is_in(["correctness", "dropout_ntp"])), "unknown_source")
     correctness = samples.filter(pl.col("source") == "correctness")
     dropout = samples.filter(pl.col("source") == "dropout_ntp")
-    unknown = samples.filter(~pl.col("source").is_in(["correctness", "dropout_ntp"]))
-    _count(filtered, unknown, "unknown_source")
 
-    pair_frames, judged = _correctness_pairs(correctness, config, filtered)
-    pairs = pl.concat([pair_frames, _dropout_pairs(dropout, config, filtered)], how="diagonal_relaxed")
-    if pairs.height:
-        pairs = pairs.join(_prompt_texts(pairs), on=["question", "prompt_version", "source"], how="left")
-    else:
-        pairs = pairs.with_columns(prompt=pl.lit(None, pl.String))
-    pairs = pairs.with_columns(_pair_ids(pairs)).sort(["dataset", "prompt_id", "source", "pair_id"])
+    index_pairs, judged = _correctness_pairs(correctness, config, counter)
+    text_pairs = pl.concat([_with_texts(index_pairs, correctness), _dropout_pairs(dropout, config, counter)],
+                           how="diagonal_relaxed").drop("dataset", strict=False)
+    info = samples.group_by("prompt_id").agg(pl.col("dataset", "question", "images", "answer").first(),
+                                             pl.col("model").first().alias("_model"))
+    pairs = text_pairs.join(info, on="prompt_id", how="left").with_columns(model=pl.coalesce("model", "_model"))
+    pairs = _prompt_column(pairs) if pairs.height else pairs.with_columns(prompt=pl.lit(None, pl.String))
+    pairs = pairs.with_columns(_pair_ids(pairs)).select(PAIRS.names)
 
-    per_prompt = judged.group_by("prompt_id", "dataset", "question", "answer").agg(
-        samples=pl.len(), correct=(pl.col("verdict") == Verdict.CORRECT.value).sum(), images=pl.col("images").first())
-    hard = per_prompt.filter(pl.col("correct") == 0).sort("prompt_id")
-    report = _report(judged, dropout, per_prompt, pairs, filtered)
-    return PairingResult(pairs.select(PAIRS.names), hard.select(HARD_PROMPTS.names), report)
+    correct, failure = Verdict.CORRECT.value, Verdict.FORMAT_FAILURE.value
+    stats = pl.concat([
+        judged.group_by("prompt_id", "dataset").agg(
+            samples=pl.len(), correct=(pl.col("verdict") == correct).sum().cast(pl.Int64),
+            format_failures=(pl.col("verdict") == failure).sum().cast(pl.Int64)),
+        dropout.group_by("prompt_id", "dataset").agg(samples=pl.len(), correct=pl.lit(None, pl.Int64),
+                                                      format_failures=pl.lit(None, pl.Int64)),
+    ], how="vertical_relaxed").join(info.drop("_model"), on=["prompt_id", "dataset"], how="left")
+    return ChunkResult(pairs, stats, counter)
 
 
-def _report(judged: pl.DataFrame, dropout: pl.DataFrame, per_prompt: pl.DataFrame, pairs: pl.DataFrame,
-            filtered: dict[str, dict[str, int]]) -> dict[str, Any]:
+# ------------------------------------------------------------------ combining chunks
+
+
+def _merge_counts(parts: list[Counts]) -> Counts:
+    merged: Counts = {}
+    for part in parts:
+        for dataset, reasons in part.items():
+            for reason, n in reasons.items():
+                merged.setdefault(dataset, {}).setdefault(reason, 0)
+                merged[dataset][reason] += n
+    return merged
+
+
+def combine(chunks: list[ChunkResult]) -> PairingResult:
+    pairs = pl.concat([c.pairs for c in chunks]).sort(["dataset", "prompt_id", "source", "pair_id"])
+    stats = pl.concat([c.prompt_stats for c in chunks], how="vertical_relaxed")
+    filtered = _merge_counts([c.filtered for c in chunks])
+    closed = stats.filter(pl.col("correct").is_not_null())
+    hard = closed.filter(pl.col("correct") == 0).sort("prompt_id").select(HARD_PROMPTS.names)
+
     datasets: dict[str, dict[str, Any]] = {}
-    for (dataset,), frame in judged.group_by("dataset"):
-        verdicts = dict(frame.group_by("verdict").len().iter_rows())
-        datasets[str(dataset)] = {
-            "samples": frame.height,
-            "accuracy": verdicts.get(Verdict.CORRECT.value, 0) / frame.height,
-            "format_failures": verdicts.get(Verdict.FORMAT_FAILURE.value, 0),
-        }
-    for (dataset,), frame in per_prompt.group_by("dataset"):
-        datasets[str(dataset)].update(
-            prompts=frame.height,
-            all_correct_prompts=frame.filter(pl.col("correct") == pl.col("samples")).height,
-            all_wrong_prompts=frame.filter(pl.col("correct") == 0).height,
-        )
-    for (dataset,), frame in dropout.group_by("dataset"):
-        datasets.setdefault(str(dataset), {}).update(samples=frame.height, prompts=frame["prompt_id"].n_unique())
-    for dataset, source, n in pairs.group_by("dataset", "source").len().iter_rows():
+    summary = stats.group_by("dataset").agg(
+        prompts=pl.len(), samples=pl.col("samples").sum(), correct=pl.col("correct").sum(),
+        format_failures=pl.col("format_failures").sum(), closed=pl.col("correct").is_not_null().sum(),
+        all_correct_prompts=(pl.col("correct") == pl.col("samples")).sum(),
+        all_wrong_prompts=(pl.col("correct") == 0).sum())
+    for row in summary.sort("dataset").iter_rows(named=True):
+        entry: dict[str, Any] = {"prompts": row["prompts"], "samples": row["samples"]}
+        if row["closed"]:
+            entry.update(accuracy=row["correct"] / row["samples"], format_failures=row["format_failures"],
+                         all_correct_prompts=row["all_correct_prompts"], all_wrong_prompts=row["all_wrong_prompts"])
+        datasets[row["dataset"]] = entry
+    for dataset, source, n in pairs.group_by("dataset", "source").len().sort("dataset", "source").iter_rows():
         datasets.setdefault(dataset, {}).setdefault("pairs", {})[source] = n
     for dataset, reasons in filtered.items():
         datasets.setdefault(dataset, {})["filtered"] = dict(sorted(reasons.items()))
-    by_source = dict(pairs.group_by("source").len().sort("source").iter_rows())
-    return {"datasets": dict(sorted(datasets.items())), "pairs": pairs.height, "pairs_by_source": by_source}
+    report = {"datasets": dict(sorted(datasets.items())), "pairs": pairs.height,
+              "pairs_by_source": dict(pairs.group_by("source").len().sort("source").iter_rows())}
+    return PairingResult(pairs, hard, report)
 
 
-def read_samples(samples_dir: Path | str) -> pl.DataFrame:
-    table = read_dir(samples_dir, SAMPLES)
-    return pl.from_arrow(table)  # type: ignore[return-value]
+def make_pairs(samples: pl.DataFrame, config: PairingConfig) -> PairingResult:
+    """Pure function: samples table in, pairs + hard prompts + report out."""
+    return combine([pair_chunk(samples, config)])
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def _read(files: list[Path], prompt_filter: pl.Expr | None = None) -> pl.DataFrame:
+    """Read sample shards with polars' own reader (far leaner than going through Arrow),
+    adding any nullable contract column a shard lacks."""
+    schema = pl.from_arrow(SAMPLES.empty_table()).schema  # type: ignore[union-attr]
+    frames = []
+    for file in files:
+        frame = pl.read_parquet(file)
+        missing = [pl.lit(None, dtype).alias(name) for name, dtype in schema.items() if name not in frame.columns]
+        frame = frame.with_columns(missing).select([pl.col(n).cast(t) for n, t in schema.items()])
+        frames.append(frame.filter(prompt_filter) if prompt_filter is not None else frame)
+    return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
+
+
+def sample_chunks(samples_dir: Path | str, chunk_rows: int) -> list[tuple[list[Path], pl.Expr | None]]:
+    """Groups of shard files to pair together, each holding whole prompts.
+
+    A prompt whose samples lie in several shards (a refresh, a re-sharded run) is left out
+    of the per-file groups and handled in one last group read from every shard."""
+    files = shard_files(samples_dir)
+    if not files:
+        raise FileNotFoundError(f"no sample shards (*.parquet) in {samples_dir}")
+    ids = [pq.read_table(f, columns=["prompt_id", "source"]) for f in files]
+    owners = pl.concat([pl.from_arrow(t).select("prompt_id").unique().with_columns(_f=pl.lit(i))  # type: ignore[union-attr]
+                        for i, t in enumerate(ids)])
+    spanning = owners.group_by("prompt_id").len().filter(pl.col("len") > 1)["prompt_id"]
+    keep = ~pl.col("prompt_id").is_in(spanning.implode()) if spanning.len() else None
+    groups: list[tuple[list[Path], pl.Expr | None]] = []
+    current: list[Path] = []
+    rows = 0
+    for file, table in zip(files, ids, strict=True):
+        current.append(file)
+        rows += table.num_rows
+        if rows >= chunk_rows:
+            groups.append((current, keep))
+            current, rows = [], 0
+    if current:
+        groups.append((current, keep))
+    if spanning.len():
+        groups.append((files, pl.col("prompt_id").is_in(spanning.implode())))
+    return groups
 
 
 def run_pairing(samples_dir: Path | str, out: Path | str, config: PairingConfig | None = None) -> dict[str, Any]:
     """``mpo pairs``: read a samples directory, write ``out/data/*.parquet`` (the pairs),
     ``out/hard_prompts.parquet`` and ``out/report.json``; return the report."""
     config = config or PairingConfig()
-    result = make_pairs(read_samples(samples_dir), config)
+    chunks = [pair_chunk(_read(files, keep), config) for files, keep in sample_chunks(samples_dir, config.chunk_rows)]
+    result = combine(chunks)
     out = Path(out)
 
     def write_shards(folder: Path) -> None:
@@ -302,7 +412,7 @@ def run_pairing(samples_dir: Path | str, out: Path | str, config: PairingConfig 
             write_table(table.slice(start, config.shard_rows), folder / f"part-{index:05d}.parquet")
 
     publish_dir(out / "data", write_shards)
-    write_table(pa.Table.from_pylist(result.hard_prompts.to_dicts(), schema=HARD_PROMPTS), out / "hard_prompts.parquet")
+    write_table(result.hard_prompts.to_arrow(), out / "hard_prompts.parquet", HARD_PROMPTS)
     report = dict(result.report, config=json.loads(config.model_dump_json()))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report

@@ -134,7 +134,8 @@ ALPHABET = ["Final answer:", "Final Answer:", "Answer:", "答案:", "答案：",
 
 def test_vectorised_extraction_matches_the_reference_function() -> None:
     rng = random.Random(0)
-    responses = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
+    filler = ["lorem ipsum " * rng.randint(1, 40) for _ in range(5)]  # pushes triggers out of the tail window
+    responses = ["".join(rng.choice(ALPHABET + filler) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
     versions = [rng.choice(["en", "zh", "en_v2", "r1", "other"]) for _ in responses]
     df = pl.DataFrame({"response": responses, "prompt_version": versions})
     assert extract_answers(df).to_list() == [extract_answer(r, v) for r, v in zip(responses, versions, strict=True)]
@@ -152,3 +153,36 @@ def test_run_pairing_writes_a_loadable_pairs_directory(tmp_path: Path) -> None:
     # A second run replaces the data; no stale shard survives.
     run_pairing(tmp_path / "samples", tmp_path / "pairs", PairingConfig())
     assert len(list((tmp_path / "pairs" / "data").glob("*.parquet"))) == 1
+
+
+def test_hashed_repetition_equals_exact_ngram_count() -> None:
+    from mpo.pairs import repetition
+
+    rng = random.Random(1)
+    texts = [" ".join(rng.choices(["a", "b", "c", "dd", ""], k=rng.randint(0, 30))) for _ in range(500)]
+
+    def exact(text: str) -> float:
+        words = text.split(" ")
+        grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+        return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+    got = repetition(pl.Series(texts), 4).to_list()
+    assert got == pytest.approx([exact(t) for t in texts])
+
+
+def test_chunks_and_prompts_spanning_shards_give_the_same_pairs(tmp_path: Path) -> None:
+    rows = [sample(f"p{k}", i, f"Step {k} {i}. Final answer: {2 if (i + k) % 3 else 5}") for k in range(6) for i in range(6)]
+    # p0..p5 in three shards; p1 and p4 have samples in two shards each.
+    def shard_of(r: dict) -> int:
+        k, i = int(r["prompt_id"][1]), r["sample_index"]
+        return 1 if (k == 1 and i >= 4) else 0 if (k == 4 and i == 0) else k // 2
+
+    shards = [[r for r in rows if shard_of(r) == s] for s in range(3)]
+    assert sum(map(len, shards)) == len(rows)
+    for index, shard in enumerate(shards):
+        write_table(pa.Table.from_pylist(shard, schema=SAMPLES), tmp_path / "s" / f"part-{index}.parquet")
+    report = run_pairing(tmp_path / "s", tmp_path / "out", PairingConfig(chunk_rows=1))
+    expected = make_pairs(frame(rows), PairingConfig())
+    got = pl.read_parquet(tmp_path / "out" / "data" / "*.parquet")
+    assert got["pair_id"].to_list() == expected.pairs["pair_id"].to_list()
+    assert report["datasets"] == expected.report["datasets"]
