@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 # Nothing in this project may reach a model hub; fail fast instead of hanging on the network.
@@ -132,6 +132,47 @@ def pairs(
                       ", ".join(f"{k} {v}" for k, v in stats.get("pairs", {}).items()),
                       ", ".join(f"{k} {v}" for k, v in stats.get("filtered", {}).items()))
     console.print(table)
+
+
+@app.command()
+def sample(
+    prompts: Annotated[Path, typer.Option(help="`mpo ingest` output folder (or its prompts/ table)")],
+    model: Annotated[str, typer.Option(help="Model folder (or hub id where a hub is reachable)")],
+    out: Annotated[Path, typer.Option(help="Samples root: one <stage>-<config hash>/ folder per stage")],
+    engine: Annotated[str, typer.Option(help="transformers | vllm | lmdeploy")] = "transformers",
+    stage: Annotated[str, typer.Option(help="correctness | dropout_ntp | both")] = "both",
+    n: Annotated[int, typer.Option(help="Samples per closed prompt")] = 32,
+    temperature: Annotated[float, typer.Option()] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per response")] = 4096,
+    prompts_per_shard: Annotated[int, typer.Option(help="Prompts per shard, the unit of resume")] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    trust_remote_code: Annotated[bool, typer.Option(help="Needed by original (non -hf) InternVL checkpoints")] = False,
+) -> None:
+    """Sample CoT responses (correctness) and DropoutNTP continuations; resumes finished shards."""
+    from mpo.engines import load_engine
+    from mpo.sampling import STAGES, SamplingConfig, run_stage
+
+    stages = STAGES if stage == "both" else (stage,)
+    if any(s not in STAGES for s in stages):
+        raise typer.BadParameter(f"--stage must be one of {', '.join(STAGES)} or both")
+    config = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, prompts_per_shard=prompts_per_shard,
+                            seed=seed)
+    prompts_dir = prompts / "prompts" if (prompts / "prompts").is_dir() else prompts
+    sampler = load_engine(engine, model, trust_remote_code=trust_remote_code)
+    try:
+        for name in stages:
+            with Progress(TextColumn(name), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),
+                          TimeElapsedColumn(), console=console) as progress:
+                task = progress.add_task(name, total=None)
+
+                def advance(done: int, total: int, _skipped: bool, task: TaskID = task) -> None:
+                    progress.update(task, completed=done, total=total)
+
+                report = run_stage(name, prompts_dir, sampler, out, config, on_shard=advance)
+            console.print(f"{name}: {report.shards} shards ({report.skipped} already done), "
+                          f"{report.samples_written} samples written to {report.out_dir}")
+    finally:
+        sampler.close()
 
 
 @app.command()

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
 from mpo.io import atomic_write_text, publish_dir
-from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, conform, shard_files, write_table
+from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, shard_files, write_table
 from mpo.templates import TEMPLATES, apply_template
 
 _MINSTD, _PRIME = 48271, 2_147_483_647
@@ -58,7 +58,7 @@ class PairingConfig(BaseModel):
     max_repetition: float = Field(0.3, ge=0, le=1, description="drop a response whose share of repeated n-grams exceeds this")
     max_length_ratio: float | None = Field(None, gt=0, description="drop pairs with len(chosen)/len(rejected) above this")
     shard_rows: int = Field(100_000, ge=1, description="rows per output Parquet shard")
-    chunk_rows: int = Field(250_000, ge=1, description="sample rows held in memory at once by run_pairing")
+    chunk_rows: int = Field(100_000, ge=1, description="sample rows held in memory at once by run_pairing")
 
 
 @dataclass
@@ -320,15 +320,13 @@ def _merge_counts(parts: list[Counts]) -> Counts:
     return merged
 
 
-def combine(chunks: list[ChunkResult]) -> PairingResult:
-    pairs = pl.concat([c.pairs for c in chunks]).sort(["dataset", "prompt_id", "source", "pair_id"])
-    stats = pl.concat([c.prompt_stats for c in chunks], how="vertical_relaxed")
-    filtered = _merge_counts([c.filtered for c in chunks])
-    closed = stats.filter(pl.col("correct").is_not_null())
+def summarize(prompt_stats: pl.DataFrame, pair_counts: pl.DataFrame, filtered: Counts) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Hard prompts and the report, from per-prompt statistics, pair counts per
+    (dataset, source) and drop counts (all additive over chunks)."""
+    closed = prompt_stats.filter(pl.col("correct").is_not_null())
     hard = closed.filter(pl.col("correct") == 0).sort("prompt_id").select(HARD_PROMPTS.names)
-
     datasets: dict[str, dict[str, Any]] = {}
-    summary = stats.group_by("dataset").agg(
+    summary = prompt_stats.group_by("dataset").agg(
         prompts=pl.len(), samples=pl.col("samples").sum(), correct=pl.col("correct").sum(),
         format_failures=pl.col("format_failures").sum(), closed=pl.col("correct").is_not_null().sum(),
         all_correct_prompts=(pl.col("correct") == pl.col("samples")).sum(),
@@ -339,18 +337,26 @@ def combine(chunks: list[ChunkResult]) -> PairingResult:
             entry.update(accuracy=row["correct"] / row["samples"], format_failures=row["format_failures"],
                          all_correct_prompts=row["all_correct_prompts"], all_wrong_prompts=row["all_wrong_prompts"])
         datasets[row["dataset"]] = entry
-    for dataset, source, n in pairs.group_by("dataset", "source").len().sort("dataset", "source").iter_rows():
+    totals = pair_counts.group_by("dataset", "source").agg(pl.col("len").sum()).sort("dataset", "source")
+    for dataset, source, n in totals.iter_rows():
         datasets.setdefault(dataset, {}).setdefault("pairs", {})[source] = n
     for dataset, reasons in filtered.items():
         datasets.setdefault(dataset, {})["filtered"] = dict(sorted(reasons.items()))
-    report = {"datasets": dict(sorted(datasets.items())), "pairs": pairs.height,
-              "pairs_by_source": dict(pairs.group_by("source").len().sort("source").iter_rows())}
-    return PairingResult(pairs, hard, report)
+    by_source = totals.group_by("source").agg(pl.col("len").sum()).sort("source")
+    report = {"datasets": dict(sorted(datasets.items())), "pairs": int(totals["len"].sum()),
+              "pairs_by_source": dict(by_source.iter_rows())}
+    return hard, report
+
+
+def _pair_counts(pairs: pl.DataFrame) -> pl.DataFrame:
+    return pairs.group_by("dataset", "source").len().with_columns(pl.col("len").cast(pl.Int64))
 
 
 def make_pairs(samples: pl.DataFrame, config: PairingConfig) -> PairingResult:
     """Pure function: samples table in, pairs + hard prompts + report out."""
-    return combine([pair_chunk(samples, config)])
+    chunk = pair_chunk(samples, config)
+    hard, report = summarize(chunk.prompt_stats, _pair_counts(chunk.pairs), chunk.filtered)
+    return PairingResult(chunk.pairs.sort(["dataset", "prompt_id", "source", "pair_id"]), hard, report)
 
 
 # ------------------------------------------------------------------ the stage
@@ -400,19 +406,31 @@ def sample_chunks(samples_dir: Path | str, chunk_rows: int) -> list[tuple[list[P
 
 def run_pairing(samples_dir: Path | str, out: Path | str, config: PairingConfig | None = None) -> dict[str, Any]:
     """``mpo pairs``: read a samples directory, write ``out/data/*.parquet`` (the pairs),
-    ``out/hard_prompts.parquet`` and ``out/report.json``; return the report."""
+    ``out/hard_prompts.parquet`` and ``out/report.json``; return the report.
+
+    Chunks are paired one after the other and their pairs written as they come, so
+    memory holds one chunk, never the whole output."""
     config = config or PairingConfig()
-    chunks = [pair_chunk(_read(files, keep), config) for files, keep in sample_chunks(samples_dir, config.chunk_rows)]
-    result = combine(chunks)
-    out = Path(out)
+    stats, counts, filtered = [], [], []
 
     def write_shards(folder: Path) -> None:
-        table = conform(result.pairs.to_arrow(), PAIRS)
-        for index, start in enumerate(range(0, max(table.num_rows, 1), config.shard_rows)):
-            write_table(table.slice(start, config.shard_rows), folder / f"part-{index:05d}.parquet")
+        index = 0
+        for files, keep in sample_chunks(samples_dir, config.chunk_rows):
+            chunk = pair_chunk(_read(files, keep), config)
+            pairs = chunk.pairs.sort(["dataset", "prompt_id", "source", "pair_id"])
+            for start in range(0, pairs.height, config.shard_rows):
+                write_table(pairs.slice(start, config.shard_rows).to_arrow(), folder / f"part-{index:05d}.parquet", PAIRS)
+                index += 1
+            stats.append(chunk.prompt_stats)
+            counts.append(_pair_counts(chunk.pairs))
+            filtered.append(chunk.filtered)
+        if index == 0:  # an empty but valid pairs table
+            write_table(PAIRS.empty_table(), folder / "part-00000.parquet")
 
+    out = Path(out)
     publish_dir(out / "data", write_shards)
-    write_table(result.hard_prompts.to_arrow(), out / "hard_prompts.parquet", HARD_PROMPTS)
-    report = dict(result.report, config=json.loads(config.model_dump_json()))
+    hard, report = summarize(pl.concat(stats, how="vertical_relaxed"), pl.concat(counts), _merge_counts(filtered))
+    write_table(hard.to_arrow(), out / "hard_prompts.parquet", HARD_PROMPTS)
+    report = dict(report, config=json.loads(config.model_dump_json()))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report

@@ -171,11 +171,6 @@ def build_model(spec: TinyModelSpec, tokenizer: Any, seed: int) -> Any:
     return model
 
 
-def image_token_ids(tokenizer: Any) -> list[int]:
-    """Ids a generator must never emit (a tiny model samples them otherwise)."""
-    return [tokenizer.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT, VIDEO)]
-
-
 @dataclass(frozen=True)
 class WarmupExample:
     question: str

@@ -37,3 +37,22 @@ def tiny_model(tiny_model_dir: Path):
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def prompts_dir(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`mpo ingest` of the synthetic train split: 40 closed and 8 open prompts."""
+    from mpo.ingest import ingest
+
+    out = tmp_path_factory.mktemp("ingested")
+    ingest(synth_dir / "meta.json", out)
+    return out / "prompts"
+
+
+@pytest.fixture(scope="session")
+def hf_engine(tiny_model_dir: Path):
+    from mpo.engines.hf import TransformersEngine
+
+    engine = TransformersEngine(str(tiny_model_dir))
+    yield engine
+    engine.close()

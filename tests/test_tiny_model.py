@@ -7,14 +7,8 @@ import torch
 from PIL import Image
 
 from mpo.chat import collate, conversation, encode, render_prompt
-from mpo.tiny_model import (
-    TinyModelSpec,
-    build_processor,
-    build_tokenizer,
-    image_token_ids,
-    warmup,
-    warmup_examples,
-)
+from mpo.engines.hf import special_image_token_ids
+from mpo.tiny_model import TinyModelSpec, build_processor, build_tokenizer, warmup, warmup_examples
 
 
 def test_loads_offline_with_auto_classes(tiny_model, tiny_model_dir: Path) -> None:
@@ -32,15 +26,16 @@ def test_loads_offline_with_auto_classes(tiny_model, tiny_model_dir: Path) -> No
 
 def test_generates_from_an_image_without_image_tokens(tiny_model, synth_dir: Path) -> None:
     model, processor = tiny_model
+    assert len(special_image_token_ids(processor)) == 4  # <img>, </img>, <IMG_CONTEXT>, <video>
     image = Image.open(next((synth_dir / "images" / "synth_count").glob("*.png"))).convert("RGB")
     prompt = render_prompt(processor, conversation("<image>\nHow many circles?", 1))
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     torch.manual_seed(0)
     out = model.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=True, num_return_sequences=4,
-                         suppress_tokens=image_token_ids(processor.tokenizer))
+                         suppress_tokens=special_image_token_ids(processor))
     new = out[:, inputs["input_ids"].shape[1]:]
     assert new.shape == (4, 24)
-    assert not torch.isin(new, torch.tensor(image_token_ids(processor.tokenizer))).any()
+    assert not torch.isin(new, torch.tensor(special_image_token_ids(processor))).any()
 
 
 def test_forward_backward_reaches_the_vision_tower(tiny_model_dir: Path) -> None:

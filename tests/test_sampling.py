@@ -1,0 +1,127 @@
+"""Sampling stages on the tiny model: the transformers engine, both stages, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from mpo.engines.base import GenerationRequest, SamplingParams
+from mpo.sampling import (
+    SamplingConfig,
+    parse_variant,
+    prefix_by_tokens,
+    request_seed,
+    run_stage,
+    strided_shards,
+)
+from mpo.schemas import SAMPLES, read_dir
+
+
+def test_engine_returns_n_reproducible_completions(hf_engine, synth_dir: Path) -> None:
+    image = str(next((synth_dir / "images" / "synth_count").glob("*.png")))
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=12)
+    request = GenerationRequest("r", "<image>\nHow many circles?", (image,), params=params, seed=7)
+    first, again = hf_engine.generate([request, request])
+    other = hf_engine.generate([GenerationRequest("r", "<image>\nHow many circles?", (image,), params=params, seed=8)])[0]
+    assert len(first) == 3 and first == again and first != other
+    for completion in first:
+        assert completion.finish_reason in ("stop", "length") and 1 <= completion.num_tokens <= 12
+        assert "<IMG_CONTEXT>" not in completion.text and "<|im_end|>" not in completion.text
+    assert any(c.finish_reason == "length" and c.num_tokens == 12 for c in first + other)
+
+
+def test_engine_continues_an_assistant_prefix(hf_engine) -> None:
+    request = GenerationRequest("r", "Describe a square.", assistant_prefix="The image shows",
+                                params=SamplingParams(n=1, temperature=0, max_tokens=6))
+    prompt = hf_engine.processor.tokenizer.decode(hf_engine.encode_prompt(request)["input_ids"][0])
+    assert prompt.endswith("<|im_start|>assistant\nThe image shows")
+    assert len(hf_engine.generate([request])[0]) == 1
+
+
+def test_greedy_with_n_above_one_is_refused(hf_engine) -> None:
+    with pytest.raises(ValueError, match="greedy"):
+        hf_engine.generate([GenerationRequest("r", "q", params=SamplingParams(n=2, temperature=0, max_tokens=2))])
+
+
+def test_variants_and_token_prefixes(hf_engine) -> None:
+    assert parse_variant("sr0.5_wo_image") == (0.5, False)
+    assert parse_variant("sr0.0_with_image") == (0.0, True)
+    with pytest.raises(ValueError, match="variant"):
+        parse_variant("sr2_wo_image")
+    tokenizer = hf_engine.tokenizer
+    text = "The image shows two red circles and one blue square."
+    prefix = prefix_by_tokens(text, 0.5, tokenizer)
+    assert text.startswith(prefix) and 0 < len(prefix) < len(text)
+    assert prefix_by_tokens("图中有两个红色的圆形", 0.5, tokenizer)  # space-splitting would give ""
+    assert prefix_by_tokens(text, 0.0, tokenizer) == ""
+
+
+def test_request_seeds_are_spaced_by_n() -> None:
+    config = SamplingConfig()
+    seeds = sorted(request_seed(config, f"p{i}", 32) for i in range(2000))
+    assert min(b - a for a, b in zip(seeds, seeds[1:], strict=False)) >= 32
+
+
+def test_strided_shards_cover_every_prompt_once(prompts_dir: Path) -> None:
+    prompts = pl.from_arrow(read_dir(prompts_dir))
+    shards = strided_shards(prompts, 7)
+    assert len(shards) == 7 and sum(s.height for s in shards) == prompts.height
+    assert pl.concat(shards)["prompt_id"].n_unique() == prompts.height
+    assert all(s["dataset"].n_unique() > 1 for s in shards)
+
+
+def test_correctness_stage_writes_samples_and_resumes(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
+    config = SamplingConfig(n=2, max_tokens=8, prompts_per_shard=16, temperature=1.0)
+    report = run_stage("correctness", prompts_dir, hf_engine, tmp_path, config)
+    assert report.shards == 3 and report.skipped == 0 and report.samples_written == 80
+    samples = pl.from_arrow(read_dir(report.out_dir, SAMPLES))
+    assert samples.height == 80 and samples.select("prompt_id", "sample_index").n_unique() == 80
+    assert set(samples["source"]) == {"correctness"} and set(samples["prompt_version"]) == {"en"}
+    assert samples["answer"].null_count() == 0 and samples["model"][0] == hf_engine.model_id
+    mtimes = {p: p.stat().st_mtime_ns for p in report.out_dir.glob("*.parquet")}
+    again = run_stage("correctness", prompts_dir, hf_engine, tmp_path, config)
+    assert again.skipped == 3 and again.samples_written == 0
+    assert {p: p.stat().st_mtime_ns for p in report.out_dir.glob("*.parquet")} == mtimes
+    changed = run_stage("correctness", prompts_dir, hf_engine, tmp_path, config.model_copy(update={"n": 1}))
+    assert changed.out_dir != report.out_dir and changed.samples_written == 40
+
+
+def test_dropout_stage_rows(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
+    config = SamplingConfig(dropout_max_tokens=6, dropout_variants=["sr0.5_wo_image", "sr0.0_with_image"])
+    report = run_stage("dropout_ntp", prompts_dir, hf_engine, tmp_path, config)
+    samples = pl.from_arrow(read_dir(report.out_dir, SAMPLES))
+    assert samples.height == 16 and samples.select("prompt_id", "sample_index").n_unique() == 16
+    half = samples.filter(pl.col("prompt_version") == "sr0.5_wo_image")
+    assert all(c.startswith(p) and p for c, p in zip(half["chosen"], half["prefix"], strict=True))
+    assert set(samples.filter(pl.col("prompt_version") == "sr0.0_with_image")["prefix"]) == {""}
+    assert samples["answer"].null_count() == 16 and all(len(i) == 1 for i in samples["images"])
+
+
+def test_killed_stage_resumes_exactly(tiny_model_dir: Path, prompts_dir: Path, tmp_path: Path) -> None:
+    """Kill `mpo sample` after its first shard lands; the re-run keeps finished shards and
+    ends with every (prompt, sample_index) exactly once."""
+    command = [sys.executable, "-m", "mpo.cli", "sample", "--prompts", str(prompts_dir), "--model", str(tiny_model_dir),
+               "--out", str(tmp_path), "--stage", "correctness", "--n", "2", "--max-tokens", "24",
+               "--prompts-per-shard", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(tmp_path.glob("correctness-*/shard-*.parquet")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in tmp_path.glob("correctness-*/shard-*.parquet")}
+    assert 1 <= len(finished) < 20, "the kill should land mid-stage"
+    assert not list(tmp_path.glob("correctness-*/shard-*.parquet.tmp"))
+
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.glob("correctness-*/shard-*.parquet")}
+    assert len(after) == 20 and all(after[p] == t for p, t in finished.items())
+    samples = pl.from_arrow(read_dir(next(tmp_path.glob("correctness-*")), SAMPLES))
+    assert samples.height == 80 and samples.select("prompt_id", "sample_index").n_unique() == 80
+    assert not [p for p in next(tmp_path.glob("correctness-*")).iterdir() if p.name.startswith(".")]
