@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -100,7 +101,7 @@ def ingest(
 
 @app.command()
 def pairs(
-    samples: Annotated[Path, typer.Argument(help="Samples directory (Parquet shards)")],
+    samples: Annotated[list[Path], typer.Argument(help="Samples directories (Parquet shards), e.g. both stages'")],
     out: Annotated[Path, typer.Option(help="Pairs directory: data/*.parquet, hard_prompts.parquet, report.json")],
     pairs_per_prompt: Annotated[int, typer.Option(help="Cap on pairs per prompt and source")] = 15,
     seed: Annotated[int, typer.Option(help="Seed of the pair draw")] = 0,
@@ -195,9 +196,10 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes data, model and outputs")] = Path("demo-run"),
     count: Annotated[int, typer.Option(help="Prompts per synthetic dataset")] = 60,
     warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 300,
+    sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 8,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """The main job, end to end on the tiny offline model."""
+    """The main job, end to end on the tiny offline model (re-runs resume finished work)."""
     from mpo.synth import generate
 
     timings: dict[str, float] = {}
@@ -210,11 +212,58 @@ def demo(
 
     start = time.perf_counter()
     model_dir = workdir / "model-start"
-    model = _build_tiny_model(model_dir, warmup_steps, seed, data)
+    built = model_dir / "tiny_model.json"
+    previous = json.loads(built.read_text()) if built.exists() else {}
+    if previous.get("warmup_steps") == warmup_steps and previous.get("seed") == seed:
+        model = previous  # same recipe: keep it, so finished sampling shards stay valid
+    else:
+        model = _build_tiny_model(model_dir, warmup_steps, seed, data)
     timings["tiny model + warm-up"] = time.perf_counter() - start
     console.print(f"[bold]2. tiny model[/bold] in {model_dir}: {model['parameters']:,} parameters, "
                   f"warm-up {warmup_steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
                   f"{model['last_loss'] or float('nan'):.3f}")
+
+    start = time.perf_counter()
+    from mpo.ingest import ingest as run_ingest
+
+    ingested = run_ingest(data / "meta.json", workdir / "ingested")
+    timings["ingest"] = time.perf_counter() - start
+    console.print(f"[bold]3. ingest[/bold]: {sum(ingested.prompts.values())} prompts "
+                  f"({dict(ingested.kinds)}), {sum(ingested.quarantined.values())} quarantined")
+
+    from mpo.engines.hf import TransformersEngine
+    from mpo.pairs import PairingConfig, run_pairing
+    from mpo.sampling import STAGES, SamplingConfig, run_stage
+    from mpo.synth import VERIFY_MODES
+
+    sampling = SamplingConfig(n=sample_n, temperature=1.0, max_tokens=48, prompts_per_shard=32, dropout_max_tokens=32,
+                              seed=seed)
+    engine = TransformersEngine(str(model_dir))
+    sample_dirs = []
+    try:
+        for stage in STAGES:
+            start = time.perf_counter()
+            report = run_stage(stage, workdir / "ingested" / "prompts", engine, workdir / "samples", sampling)
+            sample_dirs.append(report.out_dir)
+            timings[f"sampling: {stage}"] = time.perf_counter() - start
+            console.print(f"[bold]4. sampling {stage}[/bold]: {report.samples_written} new samples, "
+                          f"{report.skipped}/{report.shards} shards already done")
+    finally:
+        engine.close()
+
+    start = time.perf_counter()
+    pairs_report = run_pairing(sample_dirs, workdir / "pairs", PairingConfig(verify_modes=VERIFY_MODES))
+    timings["pairs"] = time.perf_counter() - start
+    console.print(f"[bold]5. pairs[/bold] in {workdir / 'pairs'}: {pairs_report['pairs']} "
+                  f"({pairs_report['pairs_by_source']})")
+    accuracy = Table(title="sampled accuracy of the starting model (train prompts)")
+    for column in ("dataset", "accuracy", "all wrong", "pairs"):
+        accuracy.add_column(column)
+    for dataset, stats in pairs_report["datasets"].items():
+        if "accuracy" in stats:
+            accuracy.add_row(dataset, f"{stats['accuracy']:.1%}", f"{stats['all_wrong_prompts']}/{stats['prompts']}",
+                             str(sum(stats.get("pairs", {}).values())))
+    console.print(accuracy)
 
     table = Table(title="time per stage")
     table.add_column("stage")

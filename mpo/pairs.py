@@ -375,14 +375,19 @@ def _read(files: list[Path], prompt_filter: pl.Expr | None = None) -> pl.DataFra
     return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
 
 
-def sample_chunks(samples_dir: Path | str, chunk_rows: int) -> list[tuple[list[Path], pl.Expr | None]]:
-    """Groups of shard files to pair together, each holding whole prompts.
+SamplesDirs = Path | str | list[Path] | list[str]
+
+
+def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int) -> list[tuple[list[Path], pl.Expr | None]]:
+    """Groups of shard files (from one or several sample folders) to pair together, each
+    holding whole prompts.
 
     A prompt whose samples lie in several shards (a refresh, a re-sharded run) is left out
     of the per-file groups and handled in one last group read from every shard."""
-    files = shard_files(samples_dir)
+    folders = samples_dirs if isinstance(samples_dirs, list) else [samples_dirs]
+    files = [f for folder in folders for f in shard_files(folder)]
     if not files:
-        raise FileNotFoundError(f"no sample shards (*.parquet) in {samples_dir}")
+        raise FileNotFoundError(f"no sample shards (*.parquet) in {', '.join(map(str, folders))}")
     ids = [pq.read_table(f, columns=["prompt_id", "source"]) for f in files]
     owners = pl.concat([pl.from_arrow(t).select("prompt_id").unique().with_columns(_f=pl.lit(i))  # type: ignore[union-attr]
                         for i, t in enumerate(ids)])
@@ -404,8 +409,8 @@ def sample_chunks(samples_dir: Path | str, chunk_rows: int) -> list[tuple[list[P
     return groups
 
 
-def run_pairing(samples_dir: Path | str, out: Path | str, config: PairingConfig | None = None) -> dict[str, Any]:
-    """``mpo pairs``: read a samples directory, write ``out/data/*.parquet`` (the pairs),
+def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig | None = None) -> dict[str, Any]:
+    """``mpo pairs``: read one or several samples directories, write ``out/data/*.parquet`` (the pairs),
     ``out/hard_prompts.parquet`` and ``out/report.json``; return the report.
 
     Chunks are paired one after the other and their pairs written as they come, so

@@ -256,6 +256,9 @@ TASKS: dict[str, Callable[[random.Random], Row]] = {
     "synth_describe": describe_task,
 }
 CLOSED_DATASETS = tuple(name for name in TASKS if name != "synth_describe")
+# How each closed dataset's answers are verified (mpo.answers.VerifyMode values).
+VERIFY_MODES = {"synth_count": "numeric", "synth_arith": "numeric", "synth_choice": "choice",
+                "synth_colour": "exact", "synth_compare": "exact"}
 OPEN_DATASETS = ("synth_describe",)
 
 
