@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
@@ -171,10 +170,14 @@ def cap_per_prompt(df: pl.DataFrame, first: str, second: str, cap: int) -> pl.Da
 Counts = dict[str, dict[str, int]]  # dataset -> reason -> rows
 
 
+def _add(counter: Counts, dataset: str, reason: str, n: int) -> None:
+    reasons = counter.setdefault(dataset, {})
+    reasons[reason] = reasons.get(reason, 0) + n
+
+
 def _count(counter: Counts, frame: pl.DataFrame, reason: str) -> None:
     for dataset, n in frame.group_by("dataset").len().iter_rows():
-        counter.setdefault(dataset, {}).setdefault(reason, 0)
-        counter[dataset][reason] += n
+        _add(counter, dataset, reason, n)
 
 
 def _split(df: pl.DataFrame, keep: pl.Expr, counter: Counts, reason: str) -> pl.DataFrame:
@@ -193,6 +196,7 @@ def _dedup(df: pl.DataFrame, text: str, counter: Counts) -> pl.DataFrame:
 
 def _cap_and_count(pairs: pl.DataFrame, first: str, second: str, source: str, config: PairingConfig,
                    counter: Counts) -> pl.DataFrame:
+    """Apply the optional length-ratio filter, then the per-prompt cap, counting both."""
     if config.max_length_ratio is not None:
         ratio = pl.col("_c_len") / pl.col("_r_len").clip(lower_bound=1)
         pairs = _split(pairs, ratio <= config.max_length_ratio, counter, "length_ratio")
@@ -315,8 +319,7 @@ def _merge_counts(parts: list[Counts]) -> Counts:
     for part in parts:
         for dataset, reasons in part.items():
             for reason, n in reasons.items():
-                merged.setdefault(dataset, {}).setdefault(reason, 0)
-                merged[dataset][reason] += n
+                _add(merged, dataset, reason, n)
     return merged
 
 
@@ -388,9 +391,8 @@ def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int) -> list[tuple[list
     files = [f for folder in folders for f in shard_files(folder)]
     if not files:
         raise FileNotFoundError(f"no sample shards (*.parquet) in {', '.join(map(str, folders))}")
-    ids = [pq.read_table(f, columns=["prompt_id", "source"]) for f in files]
-    owners = pl.concat([pl.from_arrow(t).select("prompt_id").unique().with_columns(_f=pl.lit(i))  # type: ignore[union-attr]
-                        for i, t in enumerate(ids)])
+    ids = [pl.read_parquet(f, columns=["prompt_id"]) for f in files]
+    owners = pl.concat([frame.unique() for frame in ids])
     spanning = owners.group_by("prompt_id").len().filter(pl.col("len") > 1)["prompt_id"]
     keep = ~pl.col("prompt_id").is_in(spanning.implode()) if spanning.len() else None
     groups: list[tuple[list[Path], pl.Expr | None]] = []
@@ -398,7 +400,7 @@ def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int) -> list[tuple[list
     rows = 0
     for file, table in zip(files, ids, strict=True):
         current.append(file)
-        rows += table.num_rows
+        rows += table.height
         if rows >= chunk_rows:
             groups.append((current, keep))
             current, rows = [], 0

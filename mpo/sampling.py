@@ -158,8 +158,7 @@ def _dropout_requests(shard: pl.DataFrame, config: SamplingConfig, tokenizer: An
     return out
 
 
-def _sample_rows(stage: str, planned: list[tuple[dict, GenerationRequest, dict]], engine: Engine,
-                 config: SamplingConfig) -> list[dict[str, Any]]:
+def _sample_rows(stage: str, planned: list[tuple[dict, GenerationRequest, dict]], engine: Engine) -> list[dict[str, Any]]:
     completions = engine.generate([request for _, request, _ in planned])
     rows = []
     for (prompt, request, extra), outputs in zip(planned, completions, strict=True):
@@ -203,7 +202,7 @@ def run_stage(stage: str, prompts_dir: Path | str, engine: Engine, out: Path | s
         else:
             planned = (_correctness_requests(shard, config) if stage == "correctness"
                        else _dropout_requests(shard, config, engine.tokenizer))
-            rows = _sample_rows(stage, planned, engine, config)
+            rows = _sample_rows(stage, planned, engine)
             write_table(pa.Table.from_pylist(rows, schema=SAMPLES), out_dir / name)
             written += len(rows)
         if on_shard:
