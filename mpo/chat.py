@@ -20,6 +20,12 @@ from mpo.templates import IMAGE_PLACEHOLDER
 Message = dict[str, Any]
 
 
+def load_rgb(path: str) -> Image.Image:
+    """Read an image file fully into memory as RGB (the file is closed on return)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def user_content(question: str, num_images: int) -> list[dict[str, str]]:
     """Split ``question`` on ``<image>`` placeholders into chat content items.
 

@@ -317,3 +317,47 @@ def generate(out: Path, count: int, seed: int = 0, heldout_fraction: float = 0.2
         name = "meta.json" if split == "train" else f"meta_{split}.json"
         atomic_write_text(out / name, json.dumps(meta, indent=2) + "\n")
     return summary
+
+
+def solution_pairs(synth_dir: Path, out: Path, split: str = "train", seed: int = 0,
+                   template: str = "en") -> Path:
+    """Gold preference pairs straight from the synthetic annotations, for tests and benchmarks.
+
+    chosen = the worked solution; rejected = the same solution whose final line names
+    another answer of the same dataset (a fluent response with the wrong conclusion, the
+    kind of pair correctness sampling yields). Written as a pairs directory
+    (``out/data/part-00000.parquet``, the ``PAIRS`` contract), without sampling a model.
+    """
+    import hashlib
+
+    import pyarrow as pa
+
+    from mpo.schemas import PAIRS, write_table
+    from mpo.templates import apply_template
+
+    meta_name = "meta.json" if split == "train" else f"meta_{split}.json"
+    meta = json.loads((Path(synth_dir) / meta_name).read_text())
+    rows: list[dict[str, object]] = []
+    for dataset, entry in meta.items():
+        annotated = [json.loads(line) for line in Path(entry["annotation"]).read_text().splitlines()]
+        closed = [row for row in annotated if "solution" in row]
+        answers = sorted({str(row["answer"]) for row in closed})
+        rng = random.Random(f"{seed}/{dataset}/pairs")
+        for row in closed:
+            wrong = rng.choice([a for a in answers if a != str(row["answer"])] or [str(row["answer"]) + "0"])
+            body = str(row["solution"]).rsplit("Final answer:", 1)[0]
+            rejected = f"{body}Final answer: {wrong}"
+            prompt = apply_template(str(row["question"]), template)
+            prompt_id = hashlib.sha256(f"{dataset}\0{row['image']}\0{row['question']}".encode()).hexdigest()[:16]
+            rows.append({
+                "pair_id": hashlib.sha256(f"{prompt_id}\0{row['solution']}\0{rejected}".encode()).hexdigest()[:16],
+                "prompt_id": prompt_id, "dataset": dataset, "source": "correctness", "prompt": prompt,
+                "chosen": row["solution"], "rejected": rejected,
+                "images": [str(Path(entry["root"]) / str(row["image"]))],
+                "answer": str(row["answer"]), "chosen_answer": str(row["answer"]), "rejected_answer": wrong,
+                "model": "synthetic",
+            })
+    if not rows:
+        raise ValueError(f"{synth_dir}: no closed prompts in the {split} split")
+    write_table(pa.Table.from_pylist(rows, schema=PAIRS), Path(out) / "data" / "part-00000.parquet", PAIRS)
+    return Path(out)

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
-from mpo.chat import conversation, render_prompt
+from mpo.chat import conversation, load_rgb, render_prompt
 from mpo.engines.base import Completion, GenerationRequest
 
 _IMAGE_TOKEN_ATTRS = ("image_token_id", "start_image_token_id", "end_image_token_id", "video_token_id",
@@ -31,11 +30,6 @@ def special_image_token_ids(processor: Any) -> list[int]:
             if isinstance(value, int):
                 ids.add(value)
     return sorted(ids)
-
-
-def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 class TransformersEngine:

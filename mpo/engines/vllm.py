@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mpo.chat import conversation
+from mpo.chat import conversation, load_rgb
 from mpo.engines.base import Completion, GenerationRequest, SamplingParams
-from mpo.engines.hf import load_rgb
 
 STOP_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|end|>")
 

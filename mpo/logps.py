@@ -1,0 +1,128 @@
+"""Log-probabilities of chosen and rejected responses under a VLM, for training and the reference.
+
+Two things make this cheaper than the usual DPO forward:
+
+- **One vision pass per pair.** The image features of a pair are computed once and
+  scattered into the token embeddings of both its chosen and its rejected sequence
+  (InternVL, TRL and ms-swift run the vision tower on duplicated pixel values instead).
+  ``vision_pass="repeat"`` keeps that standard path, for models whose forward cannot take
+  ``inputs_embeds`` with image features already in place, and for comparison.
+- **No full logits.** Only the hidden states at response positions go through the LM
+  head, a chunk of tokens at a time; under autograd each chunk is recomputed in the
+  backward pass (activation checkpointing), so at most one chunk × vocabulary of logits
+  lives at any moment instead of batch × sequence × vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mpo.pair_data import PairBatch
+
+VISION_PASSES = ("shared", "repeat")
+
+
+def load_vlm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``AutoModelForImageTextToText`` + ``AutoProcessor`` from a local directory (offline)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return model.to(device), processor
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model inside DDP / peft wrappers (LoRA layers stay injected)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def image_token_id(model: Any) -> int:
+    config = unwrap(model).config
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"{type(unwrap(model)).__name__}: config names no image token id")
+
+
+def image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected image features as (image tokens in order, hidden)."""
+    out = unwrap(model).get_image_features(pixel_values=pixel_values)
+    features = getattr(out, "pooler_output", None)
+    if features is None:
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in out]) if isinstance(out, (list, tuple)) else out
+    return features.reshape(-1, features.shape[-1])
+
+
+def response_logps(hidden: torch.Tensor, lm_head: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                   chunk_tokens: int = 1024) -> torch.Tensor:
+    """Per-sequence sum of log π(token) over response tokens, logits built a chunk at a time."""
+    target_mask = response_mask[:, 1:]
+    states = hidden[:, :-1][target_mask]  # (N, H): the position before each response token
+    targets = input_ids[:, 1:][target_mask]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
+
+    def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h).float()
+        return logits.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+
+    recompute = torch.is_grad_enabled() and states.requires_grad
+    parts = []
+    for start in range(0, states.shape[0], chunk_tokens):
+        h, t = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        parts.append(checkpoint(chunk_logps, h, t, use_reentrant=False) if recompute else chunk_logps(h, t))
+    token_logps = torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return sums.index_add(0, rows, token_logps)
+
+
+class PairLogps(nn.Module):
+    """Wraps a VLM: ``forward(batch tensors) -> (2B,)`` response log-prob sums.
+
+    An ``nn.Module`` so that DDP/FSDP wrap it whole and see every parameter used.
+    """
+
+    def __init__(self, model: nn.Module, vision_pass: str = "shared", chunk_tokens: int = 1024) -> None:
+        super().__init__()
+        if vision_pass not in VISION_PASSES:
+            raise ValueError(f"vision_pass must be one of {VISION_PASSES}, got {vision_pass!r}")
+        self.model = model
+        self.vision_pass = vision_pass
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        hf = unwrap(self.model)
+        base = hf.base_model
+        if pixel_values is not None and self.vision_pass == "repeat":
+            hidden = base(input_ids=input_ids, pixel_values=torch.cat([pixel_values, pixel_values]),
+                          attention_mask=attention_mask, use_cache=False).last_hidden_state
+        else:
+            embeds = hf.get_input_embeddings()(input_ids)
+            if pixel_values is not None:
+                features = image_features(hf, pixel_values).to(embeds.dtype)
+                image_positions = (input_ids == image_token_id(hf)).unsqueeze(-1)
+                embeds = embeds.masked_scatter(image_positions, torch.cat([features, features]))
+            hidden = base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return response_logps(hidden, hf.get_output_embeddings(), input_ids, response_mask, self.chunk_tokens)
+
+    def batch_logps(self, batch: PairBatch) -> torch.Tensor:
+        return self(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values)
+
+
+def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B,) -> chosen (B,), rejected (B,)."""
+    chosen, rejected = logps.chunk(2)
+    return chosen, rejected

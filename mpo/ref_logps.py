@@ -1,0 +1,130 @@
+"""Reference log-probs as their own step: one pass of the frozen reference writes them into the pairs.
+
+``mpo ref-logps --pairs DIR --model DIR`` adds ``ref_chosen_logp`` and
+``ref_rejected_logp`` (float64, sums over response tokens) to every shard of the pairs
+table, so training holds only the policy in memory. Each shard is rewritten atomically
+with the spec it was computed under (reference model, max_length) in its Parquet
+metadata; a re-run skips shards whose spec matches, so a killed run resumes. A pair
+whose prompt does not fit ``max_length`` gets nulls there (the trainer skips and counts
+such pairs the same way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mpo.logps import PairLogps, load_vlm, split_pairs
+from mpo.pair_data import REF_COLUMNS, EncodedPair, PairTable, PairTooLong, collate_pairs
+from mpo.schemas import shard_files, write_table
+
+SPEC_KEY = b"mpo.ref_logps"
+
+
+def model_fingerprint(model_dir: Path | str) -> str:
+    """Cheap identity of a saved model: its config plus the names and sizes of its weight files."""
+    root = Path(model_dir)
+    digest = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").exists() else b"")
+    for path in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def reference_spec(model_dir: Path | str, max_length: int) -> dict[str, Any]:
+    return {"model": str(Path(model_dir).resolve()), "fingerprint": model_fingerprint(model_dir),
+            "max_length": max_length}
+
+
+def shard_spec(path: Path) -> dict[str, Any] | None:
+    """The reference spec a shard's log-probs were computed under, or None."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(SPEC_KEY)
+    return json.loads(raw) if raw else None
+
+
+@dataclass
+class RefLogpsReport:
+    shards: int = 0
+    skipped_shards: int = 0
+    pairs: int = 0
+    too_long: int = 0
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def pair_logps(forward: PairLogps, processor: Any, pairs: PairTable, rows: list[int], max_length: int,
+               batch_size: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(len(rows), 2) chosen/rejected log-prob sums (NaN for pairs too long), and how many were too long."""
+    out = torch.full((len(rows), 2), float("nan"), dtype=torch.float64)
+    pad_id = processor.tokenizer.pad_token_id
+    dtype = next(forward.parameters()).dtype
+    too_long = 0
+    for start in range(0, len(rows), batch_size):
+        encoded: list[tuple[int, EncodedPair]] = []
+        for position in range(start, min(start + batch_size, len(rows))):
+            try:
+                encoded.append((position, pairs.encode(processor, rows[position], max_length)))
+            except PairTooLong:
+                too_long += 1
+        if not encoded:
+            continue
+        batch = collate_pairs([e for _, e in encoded], pad_id).to(device, dtype)
+        chosen, rejected = split_pairs(forward.batch_logps(batch))
+        positions = torch.tensor([p for p, _ in encoded])
+        out[positions, 0] = chosen.double().cpu()
+        out[positions, 1] = rejected.double().cpu()
+    return out, too_long
+
+
+def compute_reference_logps(pairs_dir: Path | str, model_dir: Path | str, max_length: int = 2048,
+                            batch_size: int = 8, device: str | None = None, vision_pass: str = "shared",
+                            on_shard: Callable[[Path, int], None] | None = None) -> RefLogpsReport:
+    """Write reference log-probs into every shard of ``pairs_dir``; skip shards already done."""
+    data = Path(pairs_dir)
+    data = data / "data" if (data / "data").is_dir() else data
+    files = shard_files(data)
+    if not files:
+        raise FileNotFoundError(f"{data}: no pairs shards")
+    spec = reference_spec(model_dir, max_length)
+    report = RefLogpsReport(spec=spec)
+    pending = [f for f in files if shard_spec(f) != spec]
+    report.skipped_shards = len(files) - len(pending)
+    if not pending:
+        return report
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, processor = load_vlm(model_dir, torch_device)
+    forward = PairLogps(model.eval(), vision_pass)
+    for path in pending:
+        table = pq.read_table(path)
+        pairs = PairTable(table.drop_columns([c for c in REF_COLUMNS if c in table.column_names]), str(path))
+        logps, too_long = pair_logps(forward, processor, pairs, list(range(len(pairs))), max_length, batch_size,
+                                     torch_device)
+        values = logps.numpy()
+        out = pairs.table
+        for index, name in enumerate(REF_COLUMNS):
+            column = pa.array(values[:, index], type=pa.float64(), mask=torch.isnan(logps[:, index]).numpy())
+            out = out.append_column(name, column)
+        metadata = dict(out.schema.metadata or {})
+        metadata[SPEC_KEY] = json.dumps(spec, sort_keys=True).encode()
+        write_table(out.replace_schema_metadata(metadata), path)
+        report.shards += 1
+        report.pairs += len(pairs)
+        report.too_long += too_long
+        if on_shard:
+            on_shard(path, len(pairs))
+    return report
+
+
+def reference_specs(pairs_dir: Path | str) -> list[dict[str, Any] | None]:
+    """The spec of every shard (None where no reference log-probs were written)."""
+    data = Path(pairs_dir)
+    data = data / "data" if (data / "data").is_dir() else data
+    return [shard_spec(f) for f in shard_files(data)]

@@ -1,0 +1,475 @@
+"""The MPO trainer: torch + transformers, single process or under ``torchrun`` (DDP).
+
+What it does, per optimizer step: ``grad_accum`` micro-batches of ``batch_size`` pairs
+(chosen and rejected in one forward, one vision pass per pair, chunked log-probs),
+the MPO loss against reference log-probs read from the pairs table (``mpo ref-logps``)
+or computed online, AdamW (weight decay 0.05 on matrices) with linear warm-up then
+cosine decay, gradient clipping.
+
+Everything a resumed run needs is in each checkpoint: weights in HF format (the LoRA
+adapter when training one), the processor, and ``trainer_state.pt`` with the optimizer,
+scheduler, BCO reward shift δ, data position and every RNG state (one file per rank).
+Re-running the same command resumes from the newest checkpoint; on CPU, N steps
+straight and N/2 + resume + N/2 give the same weights. ``metrics.jsonl`` gets one line
+per optimizer step (and one per evaluation), trimmed back to the checkpoint on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from mpo import distributed
+from mpo.io import atomic_write_text, publish_dir
+from mpo.logps import VISION_PASSES, PairLogps, load_vlm, split_pairs, unwrap
+from mpo.loss import MPOLossConfig, MPOLossOutput, RewardShift, mpo_loss
+from mpo.pair_data import PairBatch, PairTable, PairTooLong, collate_pairs
+from mpo.ref_logps import pair_logps, reference_specs
+
+VISION_MODULES = ("vision_tower", "vision_model", "visual")
+PROJECTOR_MODULES = ("multi_modal_projector", "mm_projector", "connector", "merger")
+STATE_FILE = "trainer_state.pt"
+
+
+class LoraSettings(BaseModel):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field("all-linear", description="peft target_modules")
+
+
+class TrainConfig(BaseModel):
+    """Every knob of ``mpo train``; defaults follow the MPO paper where it says."""
+
+    loss: MPOLossConfig = Field(default_factory=MPOLossConfig)
+    learning_rate: float = Field(5e-6, gt=0, description="peak lr (paper 5e-6; InternVL2.5 used 1e-6)")
+    weight_decay: float = Field(0.05, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of steps with linear warm-up")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(4, ge=1, description="pairs per micro-batch per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_length: int = Field(2048, ge=8, description="tokens per sequence; responses are cut at the end")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    reference: Literal["precomputed", "online"] = Field(
+        "precomputed", description="read ref log-probs from the pairs (mpo ref-logps) or compute them each step")
+    ref_model: str | None = Field(None, description="online reference model dir (default: the starting model)")
+    vision_pass: Literal["shared", "repeat"] = Field("shared", description="one vision pass per pair, or two")
+    logp_chunk_tokens: int = Field(1024, ge=1, description="response tokens per LM-head chunk")
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    lora: LoraSettings | None = None
+    gradient_checkpointing: bool = False
+    bf16: bool | None = Field(None, description="bf16 autocast; default on with CUDA")
+    seed: int = 0
+    save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (always at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="evaluate held-out pairs every N steps (and at the end)")
+    device: str | None = None
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    final_model: Path
+    metrics_file: Path
+    first: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, float] = field(default_factory=dict)
+    skipped_too_long: int = 0
+    resumed_from: int = 0
+
+
+# --- model set-up ---------------------------------------------------------------------------------
+
+
+def _find_module(model: Any, names: tuple[str, ...], what: str) -> torch.nn.Module:
+    for holder in (model, getattr(model, "model", None)):
+        for name in names:
+            module = getattr(holder, name, None) if holder is not None else None
+            if isinstance(module, torch.nn.Module):
+                return module
+    raise ValueError(f"{type(model).__name__} has no {what} (looked for {', '.join(names)})")
+
+
+def prepare_policy(model: Any, config: TrainConfig, adapter_dir: Path | None = None) -> Any:
+    """Apply LoRA / freezing / gradient checkpointing; returns the model to train."""
+    if config.lora is not None:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        else:
+            model = get_peft_model(model, LoraConfig(
+                r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                target_modules=config.lora.target_modules, task_type=None))
+    hf = unwrap(model)
+    if config.freeze_vision:
+        _find_module(hf, VISION_MODULES, "vision tower").requires_grad_(False)
+    if config.freeze_projector:
+        _find_module(hf, PROJECTOR_MODULES, "projector").requires_grad_(False)
+    if config.gradient_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_optimizer(model: Any, config: TrainConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW, weight decay on matrices only; linear warm-up then cosine to zero."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: check the freeze and LoRA options")
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.adam_betas)
+    warmup = int(math.ceil(config.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- data order -----------------------------------------------------------------------------------
+
+
+def epoch_rows(size: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This rank's pair indices for an epoch: a seeded shuffle, padded so every rank gets as many."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_rank = math.ceil(size / world)
+    order += order[: per_rank * world - size]
+    return order[rank::world]
+
+
+def micro_batches(rows: list[int], batch_size: int) -> list[list[int]]:
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    root = out / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists()) if root.is_dir() else []
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro: int = 0  # micro-batches done in this epoch
+
+
+def save_checkpoint(out: Path, model: Any, processor: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    shift: RewardShift, position: Position, config: TrainConfig, info: distributed.DistInfo) -> Path:
+    """Write ``out/checkpoints/step-N`` atomically: rank 0 saves weights and state, each rank its RNG."""
+    final = out / "checkpoints" / f"step-{position.step:06d}"
+    staging = out / "checkpoints" / f".staging-{position.step:06d}"
+    if info.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier()
+    torch.save(_rng_state(), staging / f"rng-rank{info.rank}.pt")
+    distributed.barrier()
+    if info.is_main:
+        def fill(tmp: Path) -> None:
+            for item in staging.iterdir():
+                item.rename(tmp / item.name)
+            unwrap_peft(model).save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            torch.save({"position": position.__dict__, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "shift": shift.state_dict(),
+                        "config": config.model_dump(mode="json"), "world_size": info.world_size}, tmp / STATE_FILE)
+
+        publish_dir(final, fill)
+        staging.rmdir()
+        for old in checkpoints(out)[:-config.keep_checkpoints]:
+            shutil.rmtree(old)
+    distributed.barrier()
+    return final
+
+
+def unwrap_peft(model: Any) -> Any:
+    """The model to ``save_pretrained``: the peft model (adapter only) or the transformers model."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            kept = []
+            if path.exists() and resume_step > 0:
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path | str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+class _Reference:
+    """Where reference log-probs come from: the pairs table, or a frozen model run each batch."""
+
+    def __init__(self, config: TrainConfig, pairs: PairTable, model_dir: Path, policy: Any,
+                 device: torch.device) -> None:
+        self.online = config.reference == "online"
+        self.pairs = pairs
+        self.forward: PairLogps | None = None
+        self.adapter_off = False
+        if not self.online:
+            if pairs.ref is None:
+                raise ValueError(f"{pairs.source}: no reference log-probs; run `mpo ref-logps --pairs ... "
+                                 f"--model {model_dir}` first, or train with --reference online")
+            lengths = {s["max_length"] for s in reference_specs(pairs.source) if s}
+            if lengths != {config.max_length}:
+                raise ValueError(f"{pairs.source}: reference log-probs were computed with max_length "
+                                 f"{sorted(lengths)}, training uses {config.max_length}; re-run `mpo ref-logps`")
+        elif config.lora is not None and config.ref_model is None:
+            self.forward, self.adapter_off = PairLogps(policy, config.vision_pass, config.logp_chunk_tokens), True
+        else:
+            ref_model, _ = load_vlm(config.ref_model or model_dir, device)
+            self.forward = PairLogps(ref_model.eval().requires_grad_(False), config.vision_pass,
+                                     config.logp_chunk_tokens)
+
+    @torch.no_grad()
+    def logps(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.online:
+            assert self.pairs.ref is not None
+            ref = self.pairs.ref[batch.rows]
+            if torch.isnan(ref).any():
+                bad = [self.pairs.pair_ids[r] for r, v in zip(batch.rows, ref, strict=True) if torch.isnan(v).any()]
+                raise ValueError(f"{self.pairs.source}: pair {bad[0]} has no reference log-probs; re-run "
+                                 "`mpo ref-logps` with the same --max-length")
+            return ref[:, 0], ref[:, 1]
+        assert self.forward is not None
+        context = self.forward.model.disable_adapter() if self.adapter_off else nullcontext()
+        with context:
+            return split_pairs(self.forward.batch_logps(batch).double())
+
+
+def _encode_batch(pairs: PairTable, processor: Any, rows: list[int], config: TrainConfig) -> tuple[PairBatch | None, int]:
+    encoded, too_long = [], 0
+    for row in rows:
+        try:
+            encoded.append(pairs.encode(processor, row, config.max_length))
+        except PairTooLong:
+            too_long += 1
+    if not encoded:
+        return None, too_long
+    return collate_pairs(encoded, processor.tokenizer.pad_token_id), too_long
+
+
+def evaluate(forward: PairLogps, reference: _Reference, pairs: PairTable, processor: Any, config: TrainConfig,
+             shift: RewardShift, device: torch.device) -> dict[str, float]:
+    """Loss terms and reward accuracy on held-out pairs; δ is read, never updated."""
+    was_training = forward.training
+    forward.eval()
+    outputs: list[MPOLossOutput] = []
+    weights: list[int] = []
+    dtype = next(forward.parameters()).dtype
+    with torch.no_grad():
+        for rows in micro_batches(list(range(len(pairs))), config.batch_size):
+            batch, _ = _encode_batch(pairs, processor, rows, config)
+            if batch is None:
+                continue
+            batch = batch.to(device, dtype)
+            ref_c, ref_r = reference.logps(batch)
+            chosen, rejected = split_pairs(forward.batch_logps(batch))
+            outputs.append(mpo_loss(chosen, rejected, ref_c.to(device), ref_r.to(device),
+                                    batch.response_tokens()[: batch.pairs], config.loss, shift, update_shift=False))
+            weights.append(batch.pairs)
+    forward.train(was_training)
+    if not outputs:
+        return {}
+    total = sum(weights)
+    keys = outputs[0].metrics().keys()
+    return {k: sum(o.metrics()[k] * w for o, w in zip(outputs, weights, strict=True)) / total for k in keys} | {
+        "pairs": float(total)}
+
+
+def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config: TrainConfig | None = None,
+          eval_pairs: Path | str | None = None, stop_after: int | None = None,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train with MPO on ``pairs_dir`` starting from ``model_dir``; resume from ``out`` if it holds checkpoints.
+
+    ``stop_after`` ends the run (with a checkpoint) after that many steps in total, as
+    a kill would, to train in slices; the next call resumes.
+    """
+    config = config or TrainConfig()
+    out, model_dir = Path(out), Path(model_dir)
+    info = distributed.setup(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    pairs = PairTable.read(pairs_dir)
+    if len(pairs) == 0:
+        raise ValueError(f"{pairs_dir}: no pairs to train on")
+    held_out = PairTable.read(eval_pairs) if eval_pairs is not None else None
+
+    resume_from = checkpoints(out)[-1] if checkpoints(out) else None
+    model, processor = load_vlm(model_dir if resume_from is None or config.lora else resume_from, "cpu")
+    model = prepare_policy(model, config, adapter_dir=resume_from if config.lora else None).to(info.device)
+    model.train()
+    forward: Any = PairLogps(model, config.vision_pass, config.logp_chunk_tokens)
+    module = forward
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Text-only pairs leave the vision tower unused in their step.
+        text_only = any(not images for images in pairs.images)
+        module = DistributedDataParallel(forward, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                         find_unused_parameters=text_only)
+    reference = _Reference(config, pairs, model_dir, model, info.device)
+    eval_reference = _Reference(config, held_out, model_dir, model, info.device) if held_out is not None else None
+
+    batches_per_epoch = math.ceil(math.ceil(len(pairs) / info.world_size) / config.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    optimizer, scheduler = build_optimizer(model, config, total_steps)
+    shift = RewardShift(config.loss.delta_mode, config.loss.delta_momentum)
+    position = Position()
+    if resume_from is not None:
+        state = torch.load(resume_from / STATE_FILE, weights_only=False)
+        if state["world_size"] != info.world_size:
+            raise ValueError(f"{resume_from} was written by {state['world_size']} processes, this run has "
+                             f"{info.world_size}; resume with the same number")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        shift.load_state_dict(state["shift"])
+        position = Position(**state["position"])
+        _set_rng_state(torch.load(resume_from / f"rng-rank{info.rank}.pt", weights_only=False))
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / "metrics.jsonl", position.step, info.is_main)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
+        config.bf16 if config.bf16 is not None else info.device.type == "cuda") else nullcontext()
+    result = TrainResult(out, position.step, out / "final", log.path, resumed_from=position.step)
+
+    def batches() -> Iterator[list[int]]:
+        while True:
+            rows = micro_batches(epoch_rows(len(pairs), config.seed, position.epoch, info.rank, info.world_size),
+                                 config.batch_size)
+            while position.micro < len(rows):
+                yield rows[position.micro]
+                position.micro += 1
+            position.epoch, position.micro = position.epoch + 1, 0
+
+    stream = batches()
+    end = min(total_steps, stop_after) if stop_after else total_steps
+    while position.step < end:
+        started = time.perf_counter()
+        step_metrics: list[dict[str, float]] = []
+        tokens = 0
+        for micro in range(config.grad_accum):
+            batch, too_long = _encode_batch(pairs, processor, next(stream), config)
+            result.skipped_too_long += too_long
+            if batch is None:
+                continue
+            batch = batch.to(info.device)
+            ref_c, ref_r = reference.logps(batch)
+            sync = micro == config.grad_accum - 1 or not info.enabled
+            with (nullcontext() if sync else module.no_sync()), autocast:
+                logps = module(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values)
+                chosen, rejected = split_pairs(logps.float())
+                output = mpo_loss(chosen, rejected, ref_c.to(info.device), ref_r.to(info.device),
+                                  batch.response_tokens()[: batch.pairs], config.loss, shift)
+                (output.loss / config.grad_accum).backward()
+            step_metrics.append(output.metrics())
+            tokens += int(batch.attention_mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        position.step += 1
+        keys = list(step_metrics[0]) if step_metrics else []
+        averaged = distributed.mean_across_ranks(torch.tensor(
+            [sum(m[k] for m in step_metrics) / len(step_metrics) for k in keys] + [float(tokens)], dtype=torch.float64))
+        elapsed = time.perf_counter() - started
+        record: dict[str, Any] = {"step": position.step, "epoch": position.epoch, "lr": lr,
+                                  "grad_norm": float(grad_norm), **dict(zip(keys, averaged[:-1].tolist(), strict=True)),
+                                  "tokens_per_s": float(averaged[-1]) * info.world_size / elapsed}
+        log.write(record)
+        if on_step:
+            on_step(record)
+        if not result.first:
+            result.first = record
+        result.last = record
+        done = position.step >= end
+        if held_out is not None and eval_reference is not None and (
+                done or (config.eval_every and position.step % config.eval_every == 0)):
+            result.evaluation = evaluate(forward, eval_reference, held_out, processor, config, shift, info.device)
+            log.write({"step": position.step, "split": "eval", **result.evaluation})
+        if done or (config.save_every and position.step % config.save_every == 0):
+            save_checkpoint(out, model, processor, optimizer, scheduler, shift, position, config, info)
+    result.steps = position.step
+    if position.step >= total_steps:
+        _save_final(out / "final", model, processor, config, info)
+    distributed.barrier()
+    return result
+
+
+def _save_final(final: Path, model: Any, processor: Any, config: TrainConfig, info: distributed.DistInfo) -> None:
+    """The trained model in plain HF format (LoRA merged) for sampling and evaluation stages."""
+    if not info.is_main:
+        return
+    to_save = unwrap_peft(model)
+    if config.lora is not None:
+        to_save = to_save.merge_and_unload()
+
+    def fill(tmp: Path) -> None:
+        to_save.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    publish_dir(final, fill)
+
+
+__all__ = ["VISION_PASSES", "LoraSettings", "TrainConfig", "TrainResult", "checkpoints", "evaluate",
+           "read_metrics", "train"]
