@@ -191,6 +191,92 @@ def export(
     console.print(f"exported {sum(counts.values())} pairs ({len(counts)} datasets) to {out / 'meta.json'}")
 
 
+@app.command("ref-logps")
+def ref_logps(
+    pairs: Annotated[Path, typer.Option(help="Pairs directory (`mpo pairs` output); its shards are rewritten")],
+    model: Annotated[Path, typer.Option(help="Reference model folder (usually the starting policy)")],
+    max_length: Annotated[int, typer.Option(help="Must equal the trainer's --max-length")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Pairs per forward")] = 8,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when present)")] = None,
+) -> None:
+    """Write the frozen reference's log-probs into the pairs (ref_chosen_logp, ref_rejected_logp)."""
+    from mpo.ref_logps import compute_reference_logps
+
+    with Progress(TextColumn("reference log-probs"), BarColumn(), TextColumn("{task.completed} pairs"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("ref", total=None)
+        report = compute_reference_logps(pairs, model, max_length=max_length, batch_size=batch_size, device=device,
+                                         on_shard=lambda _path, rows: progress.advance(task, rows))
+    console.print(f"reference log-probs: {report.pairs} pairs in {report.shards} shards written, "
+                  f"{report.skipped_shards} shards already done, {report.too_long} pairs too long for "
+                  f"max_length {max_length}")
+
+
+@app.command()
+def train(
+    pairs: Annotated[Path, typer.Option(help="Pairs directory (with reference log-probs unless --reference online)")],
+    model: Annotated[Path, typer.Option(help="Starting model folder (HF format)")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, final/, metrics.jsonl; re-running resumes")],
+    config: Annotated[Path | None, typer.Option(help="YAML with TrainConfig fields; options below override it")] = None,
+    eval_pairs: Annotated[Path | None, typer.Option(help="Held-out pairs for reward accuracy")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 5e-6)")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch)")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per micro-batch per process")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per sequence")] = None,
+    beta: Annotated[float | None, typer.Option(help="β of DPO and BCO (default 0.1)")] = None,
+    reference: Annotated[str | None, typer.Option(help="precomputed | online")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="Train a LoRA adapter of this rank instead of all weights")] = None,
+    freeze_vision: Annotated[bool | None, typer.Option("--freeze-vision/--train-vision")] = None,
+    freeze_projector: Annotated[bool | None, typer.Option("--freeze-projector/--train-projector")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    stop_after: Annotated[int | None, typer.Option(help="Stop (with a checkpoint) after N steps; re-run to go on")] = None,
+) -> None:
+    """Train with MPO (0.8·DPO + 0.2·BCO + 1.0·SFT). Works under `torchrun` (DDP)."""
+    from mpo.train import LoraSettings, TrainConfig
+    from mpo.train import train as run_train
+
+    base = _load_yaml(config) if config else {}
+    overrides = {"learning_rate": learning_rate, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size,
+                 "grad_accum": grad_accum, "max_length": max_length, "reference": reference,
+                 "freeze_vision": freeze_vision, "freeze_projector": freeze_projector,
+                 "gradient_checkpointing": gradient_checkpointing, "save_every": save_every, "seed": seed}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if beta is not None:
+        base.setdefault("loss", {})["beta"] = beta
+    if lora_r is not None:
+        base["lora"] = LoraSettings(r=lora_r, alpha=2 * lora_r).model_dump()
+    settings = TrainConfig.model_validate(base)
+    main = os.environ.get("RANK", "0") == "0"
+    with Progress(TextColumn("MPO"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+                  disable=not main) as progress:
+        task = progress.add_task("train", total=settings.max_steps, status="")
+
+        def show(record: dict) -> None:
+            progress.update(task, completed=record["step"], status=(
+                f"loss {record['loss']:.3f} margin {record['reward_margin']:+.3f} acc {record['reward_accuracy']:.2f}"))
+
+        result = run_train(pairs, model, out, settings, eval_pairs=eval_pairs, stop_after=stop_after, on_step=show)
+    if main:
+        console.print(f"trained {result.steps} steps (resumed at {result.resumed_from}); metrics in "
+                      f"{result.metrics_file}" + (f"; model in {result.final_model}" if result.final_model.exists() else ""))
+        if result.evaluation:
+            console.print("held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in result.evaluation.items()))
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    loaded = yaml.safe_load(path.read_text())
+    if not isinstance(loaded, dict):
+        raise typer.BadParameter(f"{path}: expected a mapping of config fields")
+    return loaded
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes data, model and outputs")] = Path("demo-run"),

@@ -34,7 +34,8 @@ def load_vlm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    model: Any = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype,
+                                                             trust_remote_code=trust_remote_code)
     processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model.to(device), processor
 

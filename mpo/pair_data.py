@@ -101,6 +101,19 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> PairBatch:
     return PairBatch([p.row for p in pairs], input_ids, attention, response, torch.cat(pixels) if pixels else None)
 
 
+def encode_batch(pairs: PairTable, processor: Any, rows: list[int], max_length: int) -> tuple[PairBatch | None, int]:
+    """Encode and collate ``rows``, leaving out (and counting) pairs too long to fit."""
+    encoded, too_long = [], 0
+    for row in rows:
+        try:
+            encoded.append(pairs.encode(processor, row, max_length))
+        except PairTooLong:
+            too_long += 1
+    if not encoded:
+        return None, too_long
+    return collate_pairs(encoded, processor.tokenizer.pad_token_id), too_long
+
+
 class PairTable:
     """The columns training needs from a pairs directory, in memory (text and paths only)."""
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mpo.logps import PairLogps, load_vlm, split_pairs
-from mpo.pair_data import REF_COLUMNS, EncodedPair, PairTable, PairTooLong, collate_pairs
+from mpo.pair_data import REF_COLUMNS, PairTable, encode_batch
 from mpo.schemas import shard_files, write_table
 
 SPEC_KEY = b"mpo.ref_logps"
@@ -60,27 +60,21 @@ class RefLogpsReport:
 
 
 @torch.no_grad()
-def pair_logps(forward: PairLogps, processor: Any, pairs: PairTable, rows: list[int], max_length: int,
-               batch_size: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """(len(rows), 2) chosen/rejected log-prob sums (NaN for pairs too long), and how many were too long."""
-    out = torch.full((len(rows), 2), float("nan"), dtype=torch.float64)
-    pad_id = processor.tokenizer.pad_token_id
+def pair_logps(forward: PairLogps, processor: Any, pairs: PairTable, max_length: int, batch_size: int,
+               device: torch.device) -> tuple[torch.Tensor, int]:
+    """(len(pairs), 2) chosen/rejected log-prob sums (NaN for pairs too long), and how many were too long."""
+    out = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64)
     dtype = next(forward.parameters()).dtype
     too_long = 0
-    for start in range(0, len(rows), batch_size):
-        encoded: list[tuple[int, EncodedPair]] = []
-        for position in range(start, min(start + batch_size, len(rows))):
-            try:
-                encoded.append((position, pairs.encode(processor, rows[position], max_length)))
-            except PairTooLong:
-                too_long += 1
-        if not encoded:
+    for start in range(0, len(pairs), batch_size):
+        batch, skipped = encode_batch(pairs, processor, list(range(start, min(start + batch_size, len(pairs)))),
+                                      max_length)
+        too_long += skipped
+        if batch is None:
             continue
-        batch = collate_pairs([e for _, e in encoded], pad_id).to(device, dtype)
-        chosen, rejected = split_pairs(forward.batch_logps(batch))
-        positions = torch.tensor([p for p, _ in encoded])
-        out[positions, 0] = chosen.double().cpu()
-        out[positions, 1] = rejected.double().cpu()
+        chosen, rejected = split_pairs(forward.batch_logps(batch.to(device, dtype)))
+        out[batch.rows, 0] = chosen.double().cpu()
+        out[batch.rows, 1] = rejected.double().cpu()
     return out, too_long
 
 
@@ -105,8 +99,7 @@ def compute_reference_logps(pairs_dir: Path | str, model_dir: Path | str, max_le
     for path in pending:
         table = pq.read_table(path)
         pairs = PairTable(table.drop_columns([c for c in REF_COLUMNS if c in table.column_names]), str(path))
-        logps, too_long = pair_logps(forward, processor, pairs, list(range(len(pairs))), max_length, batch_size,
-                                     torch_device)
+        logps, too_long = pair_logps(forward, processor, pairs, max_length, batch_size, torch_device)
         values = logps.numpy()
         out = pairs.table
         for index, name in enumerate(REF_COLUMNS):

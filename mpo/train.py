@@ -34,8 +34,8 @@ from mpo import distributed
 from mpo.io import atomic_write_text, publish_dir
 from mpo.logps import VISION_PASSES, PairLogps, load_vlm, split_pairs, unwrap
 from mpo.loss import MPOLossConfig, MPOLossOutput, RewardShift, mpo_loss
-from mpo.pair_data import PairBatch, PairTable, PairTooLong, collate_pairs
-from mpo.ref_logps import pair_logps, reference_specs
+from mpo.pair_data import PairBatch, PairTable, encode_batch
+from mpo.ref_logps import reference_specs
 
 VISION_MODULES = ("vision_tower", "vision_model", "visual")
 PROJECTOR_MODULES = ("multi_modal_projector", "mm_projector", "connector", "merger")
@@ -290,21 +290,10 @@ class _Reference:
                                  "`mpo ref-logps` with the same --max-length")
             return ref[:, 0], ref[:, 1]
         assert self.forward is not None
-        context = self.forward.model.disable_adapter() if self.adapter_off else nullcontext()
+        peft_model: Any = self.forward.model
+        context = peft_model.disable_adapter() if self.adapter_off else nullcontext()
         with context:
             return split_pairs(self.forward.batch_logps(batch).double())
-
-
-def _encode_batch(pairs: PairTable, processor: Any, rows: list[int], config: TrainConfig) -> tuple[PairBatch | None, int]:
-    encoded, too_long = [], 0
-    for row in rows:
-        try:
-            encoded.append(pairs.encode(processor, row, config.max_length))
-        except PairTooLong:
-            too_long += 1
-    if not encoded:
-        return None, too_long
-    return collate_pairs(encoded, processor.tokenizer.pad_token_id), too_long
 
 
 def evaluate(forward: PairLogps, reference: _Reference, pairs: PairTable, processor: Any, config: TrainConfig,
@@ -317,7 +306,7 @@ def evaluate(forward: PairLogps, reference: _Reference, pairs: PairTable, proces
     dtype = next(forward.parameters()).dtype
     with torch.no_grad():
         for rows in micro_batches(list(range(len(pairs))), config.batch_size):
-            batch, _ = _encode_batch(pairs, processor, rows, config)
+            batch, _ = encode_batch(pairs, processor, rows, config.max_length)
             if batch is None:
                 continue
             batch = batch.to(device, dtype)
@@ -407,7 +396,7 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
         step_metrics: list[dict[str, float]] = []
         tokens = 0
         for micro in range(config.grad_accum):
-            batch, too_long = _encode_batch(pairs, processor, next(stream), config)
+            batch, too_long = encode_batch(pairs, processor, next(stream), config.max_length)
             result.skipped_too_long += too_long
             if batch is None:
                 continue
@@ -435,7 +424,8 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
         elapsed = time.perf_counter() - started
         record: dict[str, Any] = {"step": position.step, "epoch": position.epoch, "lr": lr,
                                   "grad_norm": float(grad_norm), **dict(zip(keys, averaged[:-1].tolist(), strict=True)),
-                                  "tokens_per_s": float(averaged[-1]) * info.world_size / elapsed}
+                                  "tokens_per_s": float(averaged[-1]) * info.world_size / elapsed,
+                                  "delta": shift.value}  # this rank's δ (in sync: it is all-reduced)
         log.write(record)
         if on_step:
             on_step(record)

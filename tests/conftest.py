@@ -56,3 +56,24 @@ def hf_engine(tiny_model_dir: Path):
     engine = TransformersEngine(str(tiny_model_dir))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def gold_pairs_dir(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Pairs from the synthetic train split (40 pairs: solution vs. a wrong final answer), no ref log-probs."""
+    from mpo.synth import solution_pairs
+
+    return solution_pairs(synth_dir, tmp_path_factory.mktemp("gold-pairs"))
+
+
+@pytest.fixture(scope="session")
+def ref_pairs_dir(gold_pairs_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The gold pairs with the random tiny model's reference log-probs (max_length 512). Copy before changing."""
+    import shutil
+
+    from mpo.ref_logps import compute_reference_logps
+
+    out = tmp_path_factory.mktemp("ref-pairs") / "pairs"
+    shutil.copytree(gold_pairs_dir, out)
+    compute_reference_logps(out, tiny_model_dir, max_length=512)
+    return out
