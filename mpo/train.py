@@ -385,8 +385,8 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
             rows = micro_batches(epoch_rows(len(pairs), config.seed, position.epoch, info.rank, info.world_size),
                                  config.batch_size)
             while position.micro < len(rows):
-                yield rows[position.micro]
-                position.micro += 1
+                position.micro += 1  # counted when handed out, so a checkpoint never replays it
+                yield rows[position.micro - 1]
             position.epoch, position.micro = position.epoch + 1, 0
 
     stream = batches()
