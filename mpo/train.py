@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from mpo import distributed
+from mpo import distributed, parallel
 from mpo.io import atomic_write_text, publish_dir
 from mpo.logps import VISION_PASSES, PairLogps, load_vlm, split_pairs, unwrap
 from mpo.loss import MPOLossConfig, MPOLossOutput, RewardShift, mpo_loss
@@ -77,7 +77,15 @@ class TrainConfig(BaseModel):
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (always at the end)")
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int | None = Field(None, ge=1, description="evaluate held-out pairs every N steps (and at the end)")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: DDP (full model per process) or FSDP2 (sharded; no LoRA)")
     device: str | None = None
+
+    @model_validator(mode="after")
+    def _lora_is_ddp_only(self) -> TrainConfig:
+        if self.lora is not None and self.parallel == "fsdp":
+            raise ValueError("LoRA adapters train with parallel='ddp' (they are small); FSDP is for full fine-tuning")
+        return self
 
 
 @dataclass
@@ -190,10 +198,12 @@ class Position:
     micro: int = 0  # micro-batches done in this epoch
 
 
-def save_checkpoint(out: Path, model: Any, processor: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+def save_checkpoint(out: Path, forward: PairLogps, processor: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     shift: RewardShift, position: Position, config: TrainConfig, info: distributed.DistInfo) -> Path:
     """Write ``out/checkpoints/step-N`` atomically: rank 0 saves weights and state, each rank its RNG."""
     final = out / "checkpoints" / f"step-{position.step:06d}"
+    optimizer_state = parallel.optimizer_state(forward, optimizer)  # collectives first, on every rank
+    model_state = parallel.full_model_state(forward)
     staging = out / "checkpoints" / f".staging-{position.step:06d}"
     if info.is_main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -205,9 +215,9 @@ def save_checkpoint(out: Path, model: Any, processor: Any, optimizer: torch.opti
         def fill(tmp: Path) -> None:
             for item in staging.iterdir():
                 item.rename(tmp / item.name)
-            unwrap_peft(model).save_pretrained(tmp)
+            _save_model(tmp, forward, model_state)
             processor.save_pretrained(tmp)
-            torch.save({"position": position.__dict__, "optimizer": optimizer.state_dict(),
+            torch.save({"position": position.__dict__, "optimizer": optimizer_state,
                         "scheduler": scheduler.state_dict(), "shift": shift.state_dict(),
                         "config": config.model_dump(mode="json"), "world_size": info.world_size}, tmp / STATE_FILE)
 
@@ -217,6 +227,25 @@ def save_checkpoint(out: Path, model: Any, processor: Any, optimizer: torch.opti
             shutil.rmtree(old)
     distributed.barrier()
     return final
+
+
+def _save_model(directory: Path, forward: PairLogps, full_state: dict[str, Any] | None,
+                merge_lora: bool = False) -> None:
+    """HF ``save_pretrained`` of the policy; from the gathered full state when it is sharded."""
+    model = unwrap_peft(forward.model)
+    if merge_lora:
+        model = model.merge_and_unload()
+    if full_state is None:
+        model.save_pretrained(directory)
+    else:
+        state = {k.removeprefix("model."): v for k, v in full_state.items()}
+        # The gathered state lists tied weights (lm_head = embeddings) twice; save them once, as HF does.
+        named = dict(model.named_parameters(remove_duplicate=False))
+        tied = getattr(model, "_tied_weights_keys", None)
+        for target, source in (tied.items() if isinstance(tied, dict) else []):
+            if target in named and source in named and named[target] is named[source]:
+                state.pop(target, None)
+        model.save_pretrained(directory, state_dict=state)
 
 
 def unwrap_peft(model: Any) -> Any:
@@ -349,12 +378,9 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
     forward: Any = PairLogps(model, config.vision_pass, config.logp_chunk_tokens)
     module = forward
     if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
         # Text-only pairs leave the vision tower unused in their step.
         text_only = any(not images for images in pairs.images)
-        module = DistributedDataParallel(forward, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                                         find_unused_parameters=text_only)
+        module = parallel.wrap(forward, config.parallel, info.device, find_unused_parameters=text_only)
     reference = _Reference(config, pairs, model_dir, model, info.device)
     eval_reference = _Reference(config, held_out, model_dir, model, info.device) if held_out is not None else None
 
@@ -369,7 +395,7 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
         if state["world_size"] != info.world_size:
             raise ValueError(f"{resume_from} was written by {state['world_size']} processes, this run has "
                              f"{info.world_size}; resume with the same number")
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state(forward, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         shift.load_state_dict(state["shift"])
         position = Position(**state["position"])
@@ -403,7 +429,7 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
             batch = batch.to(info.device)
             ref_c, ref_r = reference.logps(batch)
             sync = micro == config.grad_accum - 1 or not info.enabled
-            with (nullcontext() if sync else module.no_sync()), autocast:
+            with parallel.gradient_sync(module, sync), autocast:
                 logps = module(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values)
                 chosen, rejected = split_pairs(logps.float())
                 output = mpo_loss(chosen, rejected, ref_c.to(info.device), ref_r.to(info.device),
@@ -411,8 +437,7 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
                 (output.loss / config.grad_accum).backward()
             step_metrics.append(output.metrics())
             tokens += int(batch.attention_mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm or float("inf"))
+        grad_norm = parallel.clip_gradients([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -420,10 +445,11 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
         position.step += 1
         keys = list(step_metrics[0]) if step_metrics else []
         averaged = distributed.mean_across_ranks(torch.tensor(
-            [sum(m[k] for m in step_metrics) / len(step_metrics) for k in keys] + [float(tokens)], dtype=torch.float64))
+            [sum(m[k] for m in step_metrics) / max(1, len(step_metrics)) for k in keys] + [float(tokens)],
+            dtype=torch.float64))
         elapsed = time.perf_counter() - started
         record: dict[str, Any] = {"step": position.step, "epoch": position.epoch, "lr": lr,
-                                  "grad_norm": float(grad_norm), **dict(zip(keys, averaged[:-1].tolist(), strict=True)),
+                                  "grad_norm": grad_norm, **dict(zip(keys, averaged[:-1].tolist(), strict=True)),
                                   "tokens_per_s": float(averaged[-1]) * info.world_size / elapsed,
                                   "delta": shift.value}  # this rank's δ (in sync: it is all-reduced)
         log.write(record)
@@ -438,24 +464,23 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
             result.evaluation = evaluate(forward, eval_reference, held_out, processor, config, shift, info.device)
             log.write({"step": position.step, "split": "eval", **result.evaluation})
         if done or (config.save_every and position.step % config.save_every == 0):
-            save_checkpoint(out, model, processor, optimizer, scheduler, shift, position, config, info)
+            save_checkpoint(out, forward, processor, optimizer, scheduler, shift, position, config, info)
     result.steps = position.step
     if position.step >= total_steps:
-        _save_final(out / "final", model, processor, config, info)
+        _save_final(out / "final", forward, processor, config, info)
     distributed.barrier()
     return result
 
 
-def _save_final(final: Path, model: Any, processor: Any, config: TrainConfig, info: distributed.DistInfo) -> None:
+def _save_final(final: Path, forward: PairLogps, processor: Any, config: TrainConfig,
+                info: distributed.DistInfo) -> None:
     """The trained model in plain HF format (LoRA merged) for sampling and evaluation stages."""
+    full_state = parallel.full_model_state(forward)  # a collective when sharded
     if not info.is_main:
         return
-    to_save = unwrap_peft(model)
-    if config.lora is not None:
-        to_save = to_save.merge_and_unload()
 
     def fill(tmp: Path) -> None:
-        to_save.save_pretrained(tmp)
+        _save_model(tmp, forward, full_state, merge_lora=config.lora is not None)
         processor.save_pretrained(tmp)
 
     publish_dir(final, fill)
