@@ -62,8 +62,9 @@ class TinyModelSpec:
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 384
-    vocab_size: int = 2048
+    vocab_size: int = 2048  # BPE vocabulary the tokenizer is trained to (at most)
     max_position_embeddings: int = 2048
+    model_vocab_size: int | None = None  # pad the embedding table past the tokenizer (timing a real vocab)
 
     @property
     def image_seq_length(self) -> int:
@@ -149,7 +150,7 @@ def build_model(spec: TinyModelSpec, tokenizer: Any, seed: int) -> Any:
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": len(tokenizer),
+            "vocab_size": max(len(tokenizer), spec.model_vocab_size or 0),
             "hidden_size": spec.text_hidden,
             "num_hidden_layers": spec.text_layers,
             "num_attention_heads": spec.text_heads,
