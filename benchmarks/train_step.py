@@ -85,7 +85,8 @@ def child_ours(workdir: Path, args: argparse.Namespace, reference: str) -> dict[
 
 def child_trl(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     import torch
-    from datasets import Dataset, Image as ImageFeature
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 

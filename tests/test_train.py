@@ -160,3 +160,11 @@ def test_cli_ref_logps_and_train(gold_pairs_dir: Path, tiny_model_dir: Path, tmp
     assert "trained 2 steps" in done.output
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
     assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_steps(ref_pairs_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain = train(ref_pairs_dir, tiny_model_dir, tmp_path / "plain", TrainConfig(max_steps=2, **FAST))
+    checkpointed = train(ref_pairs_dir, tiny_model_dir, tmp_path / "ckpt",
+                         TrainConfig(max_steps=2, gradient_checkpointing=True, **FAST))
+    for key in ("loss", "grad_norm", "reward_margin"):
+        assert checkpointed.last[key] == pytest.approx(plain.last[key], rel=1e-4, abs=1e-6)
