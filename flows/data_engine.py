@@ -1,0 +1,156 @@
+"""The data engine flow: ingest -> {correctness, DropoutNTP} in parallel -> pairs -> reference
+log-probs -> MPO training (and an optional SFT baseline) -> evaluation -> report.
+
+Run it embedded (``mpo run CONFIG.yaml``: Prefect's ephemeral API, no server), from a
+deployment (``prefect.yaml``), or watch it in the UI by pointing ``PREFECT_API_URL`` at a
+server. Stage outputs live under ``config.workdir``; every stage resumes from what is
+already there, so a retry or a re-run with the same config redoes nothing finished.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+from prefect.logging import get_run_logger
+
+from mpo.config import PipelineConfig
+from mpo.evaluate import overall
+from mpo.sampling import STAGES
+from tasks.stages import (
+    evaluate_model,
+    ingest_prompts,
+    make_pairs,
+    reference_logps,
+    sample_stage,
+    train_policy,
+    with_stage_policy,
+)
+
+
+def _sft_only(config: PipelineConfig) -> Any:
+    loss = config.training.loss.model_copy(update={"dpo_weight": 0.0, "bco_weight": 0.0, "sft_weight": 1.0})
+    return config.training.model_copy(update={"loss": loss})
+
+
+@flow(name="mpo-data-engine", log_prints=True)
+def data_engine(config: PipelineConfig) -> dict[str, Any]:
+    """The whole DAG on one config; returns the run summary (also published as artifacts)."""
+    logger = get_run_logger()
+    work = Path(config.workdir)
+    stages = config.stages
+    timings: dict[str, float] = {}
+    summary: dict[str, Any] = {"workdir": str(work)}
+
+    started = time.perf_counter()
+    ingest = with_stage_policy(ingest_prompts, stages.ingest)
+    prompts = ingest(str(config.train_data), str(work / "ingested"), config.strict_ingest)
+    heldout = ingest(str(config.heldout_data), str(work / "heldout"), config.strict_ingest) \
+        if config.evaluate and config.heldout_data else None
+    timings["ingest"] = time.perf_counter() - started
+    summary["ingest"] = prompts
+
+    started = time.perf_counter()
+    sample = with_stage_policy(sample_stage, stages.sampling)
+    futures = [sample.submit(stage, prompts["prompts_dir"], prompts["version"], config.model, config.engine,
+                             config.engine_options, config.sampling, str(work / "samples")) for stage in STAGES]
+    sampled = [f.result() for f in futures]
+    timings["sampling"] = time.perf_counter() - started
+    summary["sampling"] = sampled
+
+    started = time.perf_counter()
+    pairs_version = config.fingerprint("pairing") + "-" + "-".join(Path(s["samples_dir"]).name[-8:] for s in sampled)
+    pairs_dir = work / "pairs" / pairs_version
+    pairs = with_stage_policy(make_pairs, stages.pairs)([s["samples_dir"] for s in sampled], str(pairs_dir),
+                                                        config.pairing)
+    timings["pairs"] = time.perf_counter() - started
+    summary["pairs"] = pairs["report"]
+    emit_event(event="mpo.pairs.ready", resource={"prefect.resource.id": f"mpo.pairs.{pairs_version}"},
+               payload={"pairs_dir": str(pairs_dir), "pairs": pairs["report"]["pairs"]})
+
+    models = {"start": config.model}
+    if config.train:
+        started = time.perf_counter()
+        with_stage_policy(reference_logps, stages.ref_logps)(str(pairs_dir), config.model, config.training.max_length)
+        timings["reference log-probs"] = time.perf_counter() - started
+        train = with_stage_policy(train_policy, stages.train)
+        started = time.perf_counter()
+        trained = train(str(pairs_dir), config.model, str(work / "train" / pairs_version / "mpo"), config.training)
+        timings["MPO training"] = time.perf_counter() - started
+        models["mpo"] = trained["final_model"]
+        summary["training"] = trained
+        _training_curves(trained["metrics_file"])
+        if config.sft_baseline:
+            started = time.perf_counter()
+            baseline = train(str(pairs_dir), config.model, str(work / "train" / pairs_version / "sft"),
+                             _sft_only(config))
+            timings["SFT baseline"] = time.perf_counter() - started
+            models["sft"] = baseline["final_model"]
+
+    if heldout is not None:
+        started = time.perf_counter()
+        evaluate = with_stage_policy(evaluate_model, stages.evaluate)
+        summary["evaluation"] = {
+            name: evaluate(model, heldout["prompts_dir"], str(work / "eval"), config.engine, config.engine_options,
+                           config.sampling, config.pairing, config.eval_max_tokens)
+            for name, model in models.items()
+        }
+        timings["evaluation"] = time.perf_counter() - started
+    summary["timings"] = timings
+    _publish_summary(summary)
+    logger.info("data engine done: %s pairs; %s", pairs["report"]["pairs"],
+                {k: round(v, 1) for k, v in timings.items()})
+    return summary
+
+
+def _training_curves(metrics_file: str) -> None:
+    from mpo.train import read_metrics
+
+    records = [r for r in read_metrics(metrics_file) if r.get("split") != "eval"]
+    stride = max(1, len(records) // 50)
+    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
+             if k in ("step", "loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "delta", "lr")}
+            for r in records[::stride]]
+    create_table_artifact(key="mpo-training-curves", table=rows, description="MPO training: loss terms and rewards")
+
+
+def _publish_summary(summary: dict[str, Any]) -> None:
+    """Markdown run summary + a table of pairs per source and dataset."""
+    pairs = summary["pairs"]
+    create_table_artifact(key="mpo-pairs-per-source", description="preference pairs per dataset and source", table=[
+        {"dataset": d, **{s: stats.get("pairs", {}).get(s, 0) for s in ("correctness", "format", "dropout_ntp")}}
+        for d, stats in pairs["datasets"].items()])
+    create_markdown_artifact(key="mpo-run-summary", markdown=render_summary(summary),
+                             description="MPO data engine run summary")
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    lines = ["# MPO data engine run", "", f"Work dir: `{summary['workdir']}`", ""]
+    ingest = summary["ingest"]
+    lines += ["## Inputs", f"{ingest['total_prompts']} prompts, {ingest['total_quarantined']} quarantined"]
+    lines += [f"- {reason}: {count}" for reason, count in sorted(ingest["quarantined"].items())]
+    pairs = summary["pairs"]
+    lines += ["", "## Pairs", f"{pairs['pairs']} pairs: "
+              + ", ".join(f"{k} {v}" for k, v in pairs["pairs_by_source"].items()), "",
+              "| dataset | sampled accuracy | pairs |", "| --- | ---: | ---: |"]
+    for dataset, stats in pairs["datasets"].items():
+        accuracy = stats.get("accuracy")
+        lines.append(f"| {dataset} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
+                     f"{sum(stats.get('pairs', {}).values())} |")
+    if "evaluation" in summary:
+        evaluation = summary["evaluation"]
+        names = list(evaluation)
+        datasets = sorted({d for table in evaluation.values() for d in table})
+        lines += ["", "## Held-out accuracy (greedy)", "| dataset | " + " | ".join(names) + " |",
+                  "| --- |" + " ---: |" * len(names)]
+        for dataset in datasets:
+            cells = [f"{evaluation[n][dataset]['accuracy']:.1%}" if dataset in evaluation[n] else "-" for n in names]
+            lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+        lines.append("| **mean** | " + " | ".join(f"**{overall(evaluation[n]):.1%}**" for n in names) + " |")
+    lines += ["", "## Time per stage", "| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary["timings"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""One pydantic config for the whole pipeline, loadable from YAML.
+
+The same object is the Prefect flow's parameter (the UI renders it as a form), the body
+of ``mpo run CONFIG.yaml``, and what each stage reads its settings from. Stage configs
+are the library's own (``SamplingConfig``, ``PairingConfig``, ``TrainConfig``), so a
+field means the same thing on the command line, in YAML and in the UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+
+from mpo.pairs import PairingConfig
+from mpo.sampling import SamplingConfig
+from mpo.train import TrainConfig
+
+
+class StagePolicy(BaseModel):
+    """How the orchestrator runs one stage: retries with backoff and jitter, tags for concurrency limits."""
+
+    retries: int = Field(2, ge=0, description="retries after a failure that is not a bad-input error")
+    retry_delay_seconds: float = Field(10.0, ge=0, description="first retry delay; doubles each retry")
+    retry_jitter_factor: float = Field(0.2, ge=0, description="random spread of each delay (0.2 = ±20%)")
+    tags: list[str] = Field(default_factory=list, description="task tags, e.g. 'gpu' for a concurrency limit")
+
+    def delays(self) -> list[float]:
+        return [self.retry_delay_seconds * 2**i for i in range(self.retries)]
+
+
+def _gpu_policy() -> StagePolicy:
+    return StagePolicy(tags=["gpu"])
+
+
+class StagePolicies(BaseModel):
+    ingest: StagePolicy = Field(default_factory=lambda: StagePolicy(retries=0))
+    sampling: StagePolicy = Field(default_factory=_gpu_policy)
+    pairs: StagePolicy = Field(default_factory=StagePolicy)
+    ref_logps: StagePolicy = Field(default_factory=_gpu_policy)
+    train: StagePolicy = Field(default_factory=_gpu_policy)
+    evaluate: StagePolicy = Field(default_factory=_gpu_policy)
+
+
+class PipelineConfig(BaseModel):
+    """The data engine: ingest -> sampling (both stages) -> pairs -> reference log-probs -> MPO -> evaluation."""
+
+    workdir: Path = Field(Path("mpo-run"), description="every stage's output goes under here")
+    train_data: Path = Field(..., description="prompts to sample: InternVL meta.json, .jsonl or .parquet")
+    heldout_data: Path | None = Field(None, description="held-out prompts for evaluation (same formats)")
+    model: str = Field(..., description="starting policy (and reference) model folder")
+    engine: str = Field("transformers", description="sampling engine: transformers | vllm | lmdeploy")
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="passed to the engine")
+    strict_ingest: bool = Field(False, description="stop at the first bad input row instead of quarantining")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    pairing: PairingConfig = Field(default_factory=PairingConfig)
+    training: TrainConfig = Field(default_factory=TrainConfig)
+    train: bool = Field(True, description="train on the new pairs (a data refresh may only make data)")
+    sft_baseline: bool = Field(False, description="also train an SFT-only model on the same chosen responses")
+    evaluate: bool = Field(True, description="greedy held-out accuracy before and after training")
+    eval_max_tokens: int = Field(256, ge=1, description="new tokens per greedy evaluation answer")
+    stages: StagePolicies = Field(default_factory=StagePolicies)
+
+    @classmethod
+    def from_yaml(cls, path: Path | str) -> PipelineConfig:
+        """Load a config; relative paths in it are resolved against the YAML file's folder."""
+        path = Path(path)
+        loaded = yaml.safe_load(path.read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of PipelineConfig fields")
+        config = cls.model_validate(loaded)
+        base = path.resolve().parent
+        updates: dict[str, Any] = {}
+        for name in ("workdir", "train_data", "heldout_data"):
+            value = getattr(config, name)
+            if value is not None and not Path(value).is_absolute():
+                updates[name] = base / value
+        if not Path(config.model).is_absolute() and (base / config.model).exists():
+            updates["model"] = str(base / config.model)
+        return config.model_copy(update=updates)
+
+    def fingerprint(self, *parts: str) -> str:
+        """Short hash of named sections of this config, for cache keys and folder names."""
+        data = self.model_dump(mode="json")
+        chosen = {p: data[p] for p in parts} if parts else data
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:12]
