@@ -15,6 +15,7 @@ Two things make this cheaper than the usual DPO forward:
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,27 @@ from mpo.pair_data import PairBatch
 VISION_PASSES = ("shared", "repeat")
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def load_vlm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """``AutoModelForImageTextToText`` + ``AutoProcessor`` from a local directory (offline)."""
+    """``AutoModelForImageTextToText`` + ``AutoProcessor`` from a local directory (offline).
+
+    Loads are serialised in a process: transformers initialises weights under global
+    patches of torch (meta device), and two threads loading at once (two pipeline stages
+    on a thread-pool task runner) were seen to break each other ("Cannot copy out of meta
+    tensor").
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model: Any = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype,
-                                                             trust_remote_code=trust_remote_code)
-    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return model.to(device), processor
+    with _LOAD_LOCK:
+        model: Any = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype,
+                                                                 trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return model.to(device), processor
 
 
 def unwrap(model: Any) -> Any:

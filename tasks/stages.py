@@ -10,12 +10,14 @@ or a new run with the same config picks up where the last one stopped.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from mpo.config import StagePolicy
@@ -25,6 +27,14 @@ from mpo.train import TrainConfig
 
 BAD_INPUT = (ValueError, FileNotFoundError, KeyError, TypeError)
 STAGE_CACHE = INPUTS + TASK_SOURCE  # no run id: a new run with the same inputs reuses the result
+
+
+def _logger() -> Any:
+    """The run logger inside a flow or task run; a plain logger when a task body is called with ``.fn``."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("mpo.tasks")
 
 
 def retry_unless_bad_input(_task: Task[Any, Any], _task_run: Any, state: Any) -> bool:
@@ -38,8 +48,11 @@ def retry_unless_bad_input(_task: Task[Any, Any], _task_run: Any, state: Any) ->
     return True
 
 
-def with_stage_policy(stage_task: Task[Any, Any], policy: StagePolicy, **options: Any) -> Task[Any, Any]:
-    """The task with this stage's retries, backoff delays, jitter and tags from the pipeline config."""
+def with_stage_policy(stage_task: Task[Any, Any], policy: StagePolicy, **options: Any) -> Any:
+    """The task with this stage's retries, backoff delays, jitter and tags from the pipeline config.
+
+    Typed ``Any``: Prefect's overloads make a synchronous call look like a coroutine to mypy.
+    """
     return stage_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays() or 0,
                                    retry_jitter_factor=policy.retry_jitter_factor, tags=set(policy.tags),
                                    retry_condition_fn=retry_unless_bad_input, **options)
@@ -58,7 +71,7 @@ def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any
     prompts_dir = Path(out) / "prompts"
     table = pl.from_arrow(read_dir(prompts_dir, PROMPTS))
     assert isinstance(table, pl.DataFrame)
-    get_run_logger().info("ingested %s prompts from %s, %s quarantined", table.height, source,
+    _logger().info("ingested %s prompts from %s, %s quarantined", table.height, source,
                           report.as_dict()["total_quarantined"])
     return {"prompts_dir": str(prompts_dir), "version": prompts_version(table), **report.as_dict()}
 
@@ -73,8 +86,8 @@ def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str,
     from mpo.engines import load_engine
     from mpo.sampling import run_stage
 
-    logger = get_run_logger()
-    progress = create_progress_artifact(progress=0.0, key=None, description=f"{stage} sampling: shards done")
+    logger = _logger()
+    progress: Any = create_progress_artifact(progress=0.0, key=None, description=f"{stage} sampling: shards done")
 
     def advance(done: int, total: int, skipped: bool) -> None:
         update_progress_artifact(progress, progress=100.0 * done / max(1, total))
@@ -95,7 +108,7 @@ def make_pairs(samples_dirs: list[str], out: str, pairing: PairingConfig) -> dic
     from mpo.pairs import run_pairing
 
     report = run_pairing([Path(d) for d in samples_dirs], Path(out), pairing)
-    get_run_logger().info("%s pairs: %s", report["pairs"], report["pairs_by_source"])
+    _logger().info("%s pairs: %s", report["pairs"], report["pairs_by_source"])
     return {"pairs_dir": out, "report": report}
 
 
@@ -105,7 +118,7 @@ def reference_logps(pairs_dir: str, model: str, max_length: int) -> dict[str, An
     from mpo.ref_logps import compute_reference_logps
 
     report = compute_reference_logps(pairs_dir, model, max_length=max_length)
-    get_run_logger().info("reference log-probs: %s shards written, %s already done, %s pairs too long",
+    _logger().info("reference log-probs: %s shards written, %s already done, %s pairs too long",
                           report.shards, report.skipped_shards, report.too_long)
     return {"pairs_dir": pairs_dir, "shards": report.shards, "skipped_shards": report.skipped_shards,
             "too_long": report.too_long}
@@ -117,7 +130,7 @@ def train_policy(pairs_dir: str, model: str, out: str, training: TrainConfig,
     """MPO training; resumes from the newest checkpoint in ``out``."""
     from mpo.train import train
 
-    logger = get_run_logger()
+    logger = _logger()
 
     def log_step(record: dict[str, Any]) -> None:
         if record["step"] == 1 or record["step"] % 10 == 0:

@@ -77,3 +77,16 @@ def ref_pairs_dir(gold_pairs_dir: Path, tiny_model_dir: Path, tmp_path_factory: 
     shutil.copytree(gold_pairs_dir, out)
     compute_reference_logps(out, tiny_model_dir, max_length=512)
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect test harness (temporary database and API server) for the whole session.
+
+    Its start was measured at 18-24 s on 2 cores: the default timeout is raised to 120 s.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -36,15 +36,12 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model: str, device: str | None = None, trust_remote_code: bool = False) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from mpo.logps import load_vlm
 
         self.model_id = str(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        loaded: Any = AutoModelForImageTextToText.from_pretrained(
-            self.model_id, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.model: Any = loaded.to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
+        loaded, self.processor = load_vlm(self.model_id, self.device, trust_remote_code=trust_remote_code)
+        self.model: Any = loaded.eval()
         self.tokenizer = tokenizer = self.processor.tokenizer
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),

@@ -1,0 +1,145 @@
+"""The Prefect DAG on a real (ephemeral test) API: end to end, bad input, resume, retries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from prefect import flow, task
+
+from mpo.config import PipelineConfig, StagePolicies, StagePolicy
+from mpo.pairs import PairingConfig
+from mpo.sampling import SamplingConfig
+from mpo.synth import VERIFY_MODES, generate
+from mpo.train import TrainConfig
+from tasks.stages import ingest_prompts, retry_unless_bad_input, with_stage_policy
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+NO_RETRIES = StagePolicies(**{name: StagePolicy(retries=0) for name in StagePolicies.model_fields})
+
+
+def tiny_config(data: Path, model: Path, workdir: Path, **overrides) -> PipelineConfig:
+    fields = dict(
+        workdir=workdir, train_data=data / "meta.json", heldout_data=data / "meta_heldout.json", model=str(model),
+        sampling=SamplingConfig(n=2, max_tokens=12, dropout_max_tokens=8, prompts_per_shard=8),
+        pairing=PairingConfig(verify_modes=VERIFY_MODES),
+        training=TrainConfig(max_steps=2, batch_size=4, max_length=512, learning_rate=1e-4),
+        eval_max_tokens=12, stages=NO_RETRIES,
+    )
+    return PipelineConfig(**{**fields, **overrides})
+
+
+def shard_stats(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("*/shard-*.parquet"))}
+
+
+def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from prefect.artifacts import Artifact
+
+    from flows.data_engine import data_engine
+
+    data = tmp_path / "data"
+    generate(data, count=10, seed=0)
+    (data / "images" / "synth_count" / "train_00000.png").write_bytes(b"not a png")  # corrupt image
+    with (data / "annotations" / "train" / "synth_colour.jsonl").open("a") as handle:
+        handle.write('{"image": "x.png", "question": \n')  # malformed line
+    config = tiny_config(data, tiny_model_dir, tmp_path / "run", sft_baseline=True)
+
+    summary = data_engine(config)
+
+    assert summary["ingest"]["quarantined"] == {"corrupt_image": 1, "malformed_json": 1}
+    assert summary["ingest"]["total_prompts"] == 47
+    assert [s["stage"] for s in summary["sampling"]] == ["correctness", "dropout_ntp"]
+    pairs_dir = Path(summary["training"]["final_model"]).parents[1]
+    assert summary["pairs"]["pairs"] > 0 and summary["training"]["steps"] == 2
+    assert set(summary["evaluation"]) == {"start", "mpo", "sft"}
+    assert set(summary["evaluation"]["start"]) == {"synth_arith", "synth_choice", "synth_colour", "synth_compare",
+                                                   "synth_count"}
+    assert pairs_dir.is_dir()
+    keys = ["mpo-run-summary", "mpo-pairs-per-source", "mpo-training-curves"]
+    artifacts = {key: Artifact.get(key) for key in keys}
+    assert all(artifacts.values())
+    markdown = artifacts["mpo-run-summary"].data
+    assert "corrupt_image: 1" in markdown and "malformed_json: 1" in markdown
+    assert "Held-out accuracy" in markdown
+
+
+def test_a_failed_shard_resumes_without_recomputing_or_duplicating(tiny_model_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import mpo.sampling
+    from flows.data_engine import data_engine
+
+    data = tmp_path / "data"
+    generate(data, count=10, seed=0)
+    config = tiny_config(data, tiny_model_dir, tmp_path / "run", train=False, evaluate=False)
+    real = mpo.sampling._sample_rows
+    calls = {"correctness": 0}
+
+    def flaky(stage, planned, engine):
+        if stage == "correctness":
+            calls["correctness"] += 1
+            if calls["correctness"] == 3:
+                raise RuntimeError("worker lost (injected)")
+        return real(stage, planned, engine)
+
+    monkeypatch.setattr(mpo.sampling, "_sample_rows", flaky)
+    state = data_engine(config, return_state=True)
+    assert state.is_failed()
+    before = shard_stats(tmp_path / "run" / "samples")
+    correctness_before = [n for n in before if n.startswith("shard-")]
+    assert len(correctness_before) >= 2 + 1  # two correctness shards + the DropoutNTP shard made it
+
+    summary = data_engine(config)
+    after = shard_stats(tmp_path / "run" / "samples")
+    for name, stat in before.items():
+        assert after[name] == stat, f"{name} was recomputed"
+    correctness = next(s for s in summary["sampling"] if s["stage"] == "correctness")
+    assert correctness["skipped_shards"] == 2 and correctness["shards"] == 5
+    samples = pl.read_parquet(Path(correctness["samples_dir"]) / "*.parquet")
+    assert samples.height == 40 * 2
+    assert samples.select("prompt_id", "sample_index").n_unique() == samples.height
+
+
+def test_bad_input_is_not_retried_but_transient_failures_are() -> None:
+    attempts = {"bad": 0, "transient": 0}
+
+    @task
+    def fails(kind: str) -> None:
+        attempts[kind] += 1
+        raise ValueError("bad row") if kind == "bad" else RuntimeError("flaky")
+
+    @flow
+    def run(kind: str) -> None:
+        with_stage_policy(fails, StagePolicy(retries=2, retry_delay_seconds=0, retry_jitter_factor=0))(kind)
+
+    assert run("bad", return_state=True).is_failed()
+    assert run("transient", return_state=True).is_failed()
+    assert attempts == {"bad": 1, "transient": 3}
+
+
+def test_stage_policy_sets_backoff_and_tags() -> None:
+    policy = StagePolicy(retries=3, retry_delay_seconds=5, retry_jitter_factor=0.5, tags=["gpu"])
+    configured = with_stage_policy(ingest_prompts, policy)
+    assert configured.retries == 3
+    assert configured.retry_delay_seconds == [5, 10, 20]
+    assert configured.retry_jitter_factor == 0.5
+    assert configured.tags == {"gpu"}
+    assert configured.retry_condition_fn is retry_unless_bad_input
+
+
+def test_ingest_task_body(synth_dir: Path, tmp_path: Path) -> None:
+    result = ingest_prompts.fn(str(synth_dir / "meta.json"), str(tmp_path / "ingested"))
+    assert result["total_prompts"] == 48 and len(result["version"]) >= 8
+    assert json.loads((tmp_path / "ingested" / "report.json").read_text())["total_prompts"] == 48
+
+
+def test_config_loads_from_yaml_with_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text(
+        "workdir: run\ntrain_data: data/meta.json\nmodel: /models/x\nsampling:\n  n: 4\ntraining:\n  max_steps: 3\n")
+    config = PipelineConfig.from_yaml(tmp_path / "cfg.yaml")
+    assert config.workdir == tmp_path / "run" and config.train_data == tmp_path / "data" / "meta.json"
+    assert config.sampling.n == 4 and config.training.max_steps == 3
+    assert config.stages.sampling.tags == ["gpu"]
