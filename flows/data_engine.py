@@ -21,6 +21,7 @@ from prefect.logging import get_run_logger
 from mpo.config import PipelineConfig
 from mpo.evaluate import overall
 from mpo.sampling import STAGES
+from mpo.train import TrainConfig
 from tasks.stages import (
     evaluate_model,
     ingest_prompts,
@@ -32,9 +33,27 @@ from tasks.stages import (
 )
 
 
-def _sft_only(config: PipelineConfig) -> Any:
+def _sft_only(config: PipelineConfig) -> TrainConfig:
     loss = config.training.loss.model_copy(update={"dpo_weight": 0.0, "bco_weight": 0.0, "sft_weight": 1.0})
     return config.training.model_copy(update={"loss": loss})
+
+
+def sample_prompts(config: PipelineConfig, prompts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Both sampling stages at once (each loads its engine once and loops over its shards)."""
+    sample = with_stage_policy(sample_stage, config.stages.sampling)
+    futures = [sample.submit(stage, prompts["prompts_dir"], prompts["version"], config.model, config.engine,
+                             config.engine_options, config.sampling, str(Path(config.workdir) / "samples"))
+               for stage in STAGES]
+    return [f.result() for f in futures]
+
+
+def train_on_pairs(config: PipelineConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
+    """Train in a folder per (pairs version, model, training config): a changed config trains afresh."""
+    key = config.model_copy(update={"training": training}).fingerprint("training", "model")
+    out = Path(config.workdir) / "train" / Path(pairs_dir).name / f"{name}-{key}"
+    result: dict[str, Any] = with_stage_policy(train_policy, config.stages.train)(pairs_dir, config.model, str(out),
+                                                                                  training)
+    return result
 
 
 @flow(name="mpo-data-engine", log_prints=True)
@@ -55,10 +74,7 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     summary["ingest"] = prompts
 
     started = time.perf_counter()
-    sample = with_stage_policy(sample_stage, stages.sampling)
-    futures = [sample.submit(stage, prompts["prompts_dir"], prompts["version"], config.model, config.engine,
-                             config.engine_options, config.sampling, str(work / "samples")) for stage in STAGES]
-    sampled = [f.result() for f in futures]
+    sampled = sample_prompts(config, prompts)
     timings["sampling"] = time.perf_counter() - started
     summary["sampling"] = sampled
 
@@ -77,19 +93,16 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
         started = time.perf_counter()
         with_stage_policy(reference_logps, stages.ref_logps)(str(pairs_dir), config.model, config.training.max_length)
         timings["reference log-probs"] = time.perf_counter() - started
-        train = with_stage_policy(train_policy, stages.train)
         started = time.perf_counter()
-        trained = train(str(pairs_dir), config.model, str(work / "train" / pairs_version / "mpo"), config.training)
+        trained = train_on_pairs(config, str(pairs_dir), config.training, "mpo")
         timings["MPO training"] = time.perf_counter() - started
         models["mpo"] = trained["final_model"]
         summary["training"] = trained
         _training_curves(trained["metrics_file"])
         if config.sft_baseline:
             started = time.perf_counter()
-            baseline = train(str(pairs_dir), config.model, str(work / "train" / pairs_version / "sft"),
-                             _sft_only(config))
+            models["sft"] = train_on_pairs(config, str(pairs_dir), _sft_only(config), "sft")["final_model"]
             timings["SFT baseline"] = time.perf_counter() - started
-            models["sft"] = baseline["final_model"]
 
     if heldout is not None:
         started = time.perf_counter()

@@ -313,80 +313,57 @@ def demo(
     count: Annotated[int, typer.Option(help="Prompts per synthetic dataset")] = 60,
     warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 300,
     sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 8,
+    train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 150,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 1e-3,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """The main job, end to end on the tiny offline model (re-runs resume finished work)."""
-    from mpo.synth import generate
+    """The main job: synthetic data -> tiny model with a warm-up -> the whole DAG, embedded.
 
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+    Prints held-out accuracy of the starting model, the MPO model and an SFT-only
+    baseline trained on the same chosen responses, the pairs made and time per stage.
+    A re-run reuses the data, the model and every finished stage.
+    """
+    from mpo.config import PipelineConfig
+    from mpo.loss import MPOLossConfig
+    from mpo.pairs import PairingConfig
+    from mpo.sampling import SamplingConfig
+    from mpo.synth import VERIFY_MODES, generate
+    from mpo.train import TrainConfig
+
+    started = time.perf_counter()
     data = workdir / "data"
     summary = generate(data, count=count, seed=seed)
-    timings["synthetic data"] = time.perf_counter() - start
-    console.print(f"[bold]1. synthetic data[/bold] in {data}: "
+    console.print(f"[bold]synthetic data[/bold] in {data}: "
                   + ", ".join(f"{split} {sum(counts.values())} prompts" for split, counts in summary.items()))
-
-    start = time.perf_counter()
     model_dir = workdir / "model-start"
     built = model_dir / "tiny_model.json"
     previous = json.loads(built.read_text()) if built.exists() else {}
     if previous.get("warmup_steps") == warmup_steps and previous.get("seed") == seed:
-        model = previous  # same recipe: keep it, so finished sampling shards stay valid
+        model = previous  # same recipe: keep it, so finished stages stay valid
     else:
         model = _build_tiny_model(model_dir, warmup_steps, seed, data)
-    timings["tiny model + warm-up"] = time.perf_counter() - start
-    console.print(f"[bold]2. tiny model[/bold] in {model_dir}: {model['parameters']:,} parameters, "
-                  f"warm-up {warmup_steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
-                  f"{model['last_loss'] or float('nan'):.3f}")
+    prepared = time.perf_counter() - started
+    console.print(f"[bold]tiny model[/bold] in {model_dir}: {model['parameters']:,} parameters, warm-up "
+                  f"{warmup_steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
+                  f"{model['last_loss'] or float('nan'):.3f} ({prepared:.0f} s with the data)")
 
-    start = time.perf_counter()
-    from mpo.ingest import ingest as run_ingest
+    config = PipelineConfig(
+        workdir=workdir.resolve(), train_data=(data / "meta.json").resolve(),
+        heldout_data=(data / "meta_heldout.json").resolve(), model=str(model_dir.resolve()),
+        sampling=SamplingConfig(n=sample_n, temperature=1.0, max_tokens=48, prompts_per_shard=32,
+                                dropout_max_tokens=32, seed=seed),
+        pairing=PairingConfig(verify_modes=VERIFY_MODES),
+        training=TrainConfig(learning_rate=learning_rate, max_steps=train_steps, batch_size=8, max_length=512,
+                             warmup_ratio=0.1, seed=seed, save_every=50, loss=MPOLossConfig()),
+        sft_baseline=True, eval_max_tokens=48,
+    )
+    result = _run_flow(config)
+    from rich.markdown import Markdown
 
-    ingested = run_ingest(data / "meta.json", workdir / "ingested")
-    timings["ingest"] = time.perf_counter() - start
-    console.print(f"[bold]3. ingest[/bold]: {sum(ingested.prompts.values())} prompts "
-                  f"({dict(ingested.kinds)}), {sum(ingested.quarantined.values())} quarantined")
+    from flows.data_engine import render_summary
 
-    from mpo.engines.hf import TransformersEngine
-    from mpo.pairs import PairingConfig, run_pairing
-    from mpo.sampling import STAGES, SamplingConfig, run_stage
-    from mpo.synth import VERIFY_MODES
-
-    sampling = SamplingConfig(n=sample_n, temperature=1.0, max_tokens=48, prompts_per_shard=32, dropout_max_tokens=32,
-                              seed=seed)
-    engine = TransformersEngine(str(model_dir))
-    sample_dirs = []
-    try:
-        for stage in STAGES:
-            start = time.perf_counter()
-            report = run_stage(stage, workdir / "ingested" / "prompts", engine, workdir / "samples", sampling)
-            sample_dirs.append(report.out_dir)
-            timings[f"sampling: {stage}"] = time.perf_counter() - start
-            console.print(f"[bold]4. sampling {stage}[/bold]: {report.samples_written} new samples, "
-                          f"{report.skipped}/{report.shards} shards already done")
-    finally:
-        engine.close()
-
-    start = time.perf_counter()
-    pairs_report = run_pairing(sample_dirs, workdir / "pairs", PairingConfig(verify_modes=VERIFY_MODES))
-    timings["pairs"] = time.perf_counter() - start
-    console.print(f"[bold]5. pairs[/bold] in {workdir / 'pairs'}: {pairs_report['pairs']} "
-                  f"({pairs_report['pairs_by_source']})")
-    accuracy = Table(title="sampled accuracy of the starting model (train prompts)")
-    for column in ("dataset", "accuracy", "all wrong", "pairs"):
-        accuracy.add_column(column)
-    for dataset, stats in pairs_report["datasets"].items():
-        if "accuracy" in stats:
-            accuracy.add_row(dataset, f"{stats['accuracy']:.1%}", f"{stats['all_wrong_prompts']}/{stats['prompts']}",
-                             str(sum(stats.get("pairs", {}).values())))
-    console.print(accuracy)
-
-    table = Table(title="time per stage")
-    table.add_column("stage")
-    table.add_column("seconds", justify="right")
-    for stage, seconds in timings.items():
-        table.add_row(stage, f"{seconds:.1f}")
-    console.print(table)
+    console.print(Markdown(render_summary(result)))
+    console.print(f"total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":  # pragma: no cover
