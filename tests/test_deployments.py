@@ -1,0 +1,69 @@
+"""prefect.yaml deploys on a real local server, and a deployment runs to completion through a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(args: list[str], env: dict[str, str], timeout: int = 300) -> str:
+    done = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+@pytest.mark.timeout(900)
+def test_deploy_all_and_run_one_deployment_through_a_worker(synth_dir: Path, tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MPO_REPO_DIR": str(ROOT), "MPO_WORKDIR": str(tmp_path / "run"),
+           "MPO_TRAIN_DATA": str(synth_dir / "meta.json"), "MPO_MODEL": str(tiny_model_dir), "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "local Prefect server did not start in 120 s"
+                time.sleep(1)
+        for pool in ("cpu", "gpu"):
+            run(["work-pool", "create", pool, "--type", "process"], env)
+        deployed = run(["--no-prompt", "deploy", "--all"], env)
+        for name in ("mpo-data-engine/data-engine", "mpo-sampling/sampling", "mpo-training/training"):
+            assert name in deployed or name.split("/")[1] in deployed
+        listing = run(["deployment", "ls"], env)
+        assert "data-engine" in listing and "sampling" in listing and "training" in listing
+
+        config = {"workdir": str(tmp_path / "run"), "train_data": str(synth_dir / "meta.json"),
+                  "model": str(tiny_model_dir), "train": False,
+                  "sampling": {"n": 2, "max_tokens": 8, "dropout_max_tokens": 8, "prompts_per_shard": 16}}
+        run(["deployment", "run", "mpo-data-engine/data-engine", "--params", json.dumps({"config": config})], env)
+        worker = run(["worker", "start", "--pool", "cpu", "--run-once"], env, timeout=600)
+        assert "Finished in state Completed()" in worker
+        assert list((tmp_path / "run" / "pairs").glob("*/data/*.parquet"))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
