@@ -120,6 +120,25 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
+def task_runner(config: PipelineConfig) -> Any:
+    """The task runner the config asks for (Dask needs the `dask` extra: prefect-dask + distributed)."""
+    if config.task_runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner()
+    from prefect_dask import DaskTaskRunner
+
+    if config.dask_address:
+        return DaskTaskRunner(address=config.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_workers, "processes": config.dask_processes,
+                                          "threads_per_worker": 1})
+
+
+def run_pipeline(config: PipelineConfig, **options: Any) -> Any:
+    """Run ``data_engine`` with the configured task runner (what ``mpo run`` and ``mpo demo`` call)."""
+    return data_engine.with_options(task_runner=task_runner(config))(config, **options)
+
+
 def _training_curves(metrics_file: str) -> None:
     from mpo.train import read_metrics
 

@@ -301,9 +301,9 @@ def _run_flow(settings: Any) -> dict:
     # Measured: the ephemeral API takes 20-32 s to start on 2 cores; the default 20 s timeout is too short.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.data_engine import data_engine
+    from flows.data_engine import run_pipeline
 
-    summary: dict = data_engine(settings)
+    summary: dict = run_pipeline(settings)
     return summary
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field
@@ -64,6 +64,11 @@ class PipelineConfig(BaseModel):
     evaluate: bool = Field(True, description="greedy held-out accuracy before and after training")
     eval_max_tokens: int = Field(256, ge=1, description="new tokens per greedy evaluation answer")
     stages: StagePolicies = Field(default_factory=StagePolicies)
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="where submitted stages run: a thread pool, or a Dask cluster (`dask` extra)")
+    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")
+    dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster when no address is given")
+    dask_processes: bool = Field(True, description="local Dask workers as processes (False: threads)")
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> PipelineConfig:

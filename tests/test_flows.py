@@ -143,3 +143,22 @@ def test_config_loads_from_yaml_with_relative_paths(tmp_path: Path) -> None:
     assert config.workdir == tmp_path / "run" and config.train_data == tmp_path / "data" / "meta.json"
     assert config.sampling.n == 4 and config.training.max_steps == 3
     assert config.stages.sampling.tags == ["gpu"]
+
+
+@pytest.mark.timeout(600)
+def test_dask_task_runner_on_a_two_worker_local_cluster(tiny_model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("prefect_dask")
+    from prefect_dask import DaskTaskRunner
+
+    from flows.data_engine import run_pipeline, task_runner
+
+    data = tmp_path / "data"
+    generate(data, count=10, seed=0)
+    config = tiny_config(data, tiny_model_dir, tmp_path / "run", train=False, evaluate=False, task_runner="dask",
+                         dask_workers=2, dask_processes=False)
+    runner = task_runner(config)
+    assert isinstance(runner, DaskTaskRunner)
+    summary = run_pipeline(config)
+    assert {s["stage"] for s in summary["sampling"]} == {"correctness", "dropout_ntp"}
+    assert sum(s["samples_written"] for s in summary["sampling"]) == 40 * 2 + 8
+    assert summary["pairs"]["pairs"] > 0
