@@ -9,6 +9,7 @@ already there, so a retry or a re-run with the same config redoes nothing finish
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,26 @@ def _sft_only(config: PipelineConfig) -> TrainConfig:
     return config.training.model_copy(update={"loss": loss})
 
 
+def result_storage(config: PipelineConfig) -> dict[str, Any]:
+    """Task options that persist cached results where the config says (a folder or a block slug)."""
+    if config.result_storage is None:
+        return {}
+    if re.fullmatch(r"[a-z0-9-]+/[A-Za-z0-9_-]+", config.result_storage) and not Path(config.result_storage).exists():
+        return {"result_storage": config.result_storage}  # a saved block: "<block-type>/<block-name>"
+    import hashlib
+
+    from prefect.filesystems import LocalFileSystem
+
+    # Prefect takes result storage only as a saved block: save one per folder, named by its path.
+    folder = str(Path(config.result_storage).resolve())
+    name = "mpo-results-" + hashlib.sha256(folder.encode()).hexdigest()[:12]
+    LocalFileSystem(basepath=folder).save(name, overwrite=True)
+    return {"result_storage": f"local-file-system/{name}"}
+
+
 def sample_prompts(config: PipelineConfig, prompts: dict[str, Any]) -> list[dict[str, Any]]:
     """Both sampling stages at once (each loads its engine once and loops over its shards)."""
-    sample = with_stage_policy(sample_stage, config.stages.sampling)
+    sample = with_stage_policy(sample_stage, config.stages.sampling, **result_storage(config))
     futures = [sample.submit(stage, prompts["prompts_dir"], prompts["version"], config.model, config.engine,
                              config.engine_options, config.sampling, str(Path(config.workdir) / "samples"))
                for stage in STAGES]
@@ -81,8 +99,8 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     started = time.perf_counter()
     pairs_version = config.fingerprint("pairing") + "-" + "-".join(Path(s["samples_dir"]).name[-8:] for s in sampled)
     pairs_dir = work / "pairs" / pairs_version
-    pairs = with_stage_policy(make_pairs, stages.pairs)([s["samples_dir"] for s in sampled], str(pairs_dir),
-                                                        config.pairing)
+    make = with_stage_policy(make_pairs, stages.pairs, **result_storage(config))
+    pairs = make([s["samples_dir"] for s in sampled], str(pairs_dir), config.pairing)
     timings["pairs"] = time.perf_counter() - started
     summary["pairs"] = pairs["report"]
     emit_event(event="mpo.pairs.ready", resource={"prefect.resource.id": f"mpo.pairs.{pairs_version}"},

@@ -64,6 +64,9 @@ class PipelineConfig(BaseModel):
     evaluate: bool = Field(True, description="greedy held-out accuracy before and after training")
     eval_max_tokens: int = Field(256, ge=1, description="new tokens per greedy evaluation answer")
     stages: StagePolicies = Field(default_factory=StagePolicies)
+    result_storage: str | None = Field(
+        None, description="where cached stage results persist: a local folder, or a storage block slug such as "
+                          "'s3-bucket/mpo-results' (default: Prefect's local storage)")
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="where submitted stages run: a thread pool, or a Dask cluster (`dask` extra)")
     dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")

@@ -74,7 +74,8 @@ def test_a_failed_shard_resumes_without_recomputing_or_duplicating(tiny_model_di
 
     data = tmp_path / "data"
     generate(data, count=10, seed=0)
-    config = tiny_config(data, tiny_model_dir, tmp_path / "run", train=False, evaluate=False)
+    config = tiny_config(data, tiny_model_dir, tmp_path / "run", train=False, evaluate=False,
+                         result_storage=str(tmp_path / "results"))
     real = mpo.sampling._sample_rows
     calls = {"correctness": 0}
 
@@ -101,6 +102,7 @@ def test_a_failed_shard_resumes_without_recomputing_or_duplicating(tiny_model_di
     samples = pl.read_parquet(Path(correctness["samples_dir"]) / "*.parquet")
     assert samples.height == 40 * 2
     assert samples.select("prompt_id", "sample_index").n_unique() == samples.height
+    assert len(list((tmp_path / "results").iterdir())) >= 3  # cached results of 2 sampling stages + pairs
 
 
 def test_bad_input_is_not_retried_but_transient_failures_are() -> None:
