@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -72,8 +73,6 @@ def child_ours(workdir: Path, args: argparse.Namespace, reference: str) -> dict[
     config = TrainConfig(batch_size=args.batch, max_steps=args.steps, max_length=args.max_length,
                          reference=reference, device=args.device, learning_rate=1e-5, seed=0)
     out = workdir / f"ours-{reference}"
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()

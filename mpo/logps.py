@@ -52,9 +52,10 @@ def load_vlm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
 
 
 def unwrap(model: Any) -> Any:
-    """The transformers model inside DDP / peft wrappers (LoRA layers stay injected)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
+    """The transformers model inside a peft wrapper (LoRA layers stay injected).
+
+    DDP wraps ``PairLogps`` itself, never the model it holds, so there is no ``.module`` to peel.
+    """
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model

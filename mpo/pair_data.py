@@ -53,9 +53,9 @@ class PairBatch:
     def pairs(self) -> int:
         return len(self.rows)
 
-    def response_tokens(self) -> torch.Tensor:
-        """(2B,) number of response tokens per sequence."""
-        return self.response_mask.sum(dim=1)
+    def chosen_tokens(self) -> torch.Tensor:
+        """(B,) number of response tokens of each chosen sequence."""
+        return self.response_mask[: self.pairs].sum(dim=1)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PairBatch:
         pixels = self.pixel_values
@@ -114,6 +114,12 @@ def encode_batch(pairs: PairTable, processor: Any, rows: list[int], max_length: 
     return collate_pairs(encoded, processor.tokenizer.pad_token_id), too_long
 
 
+def pairs_data_dir(pairs_dir: Path | str) -> Path:
+    """The shard folder of a pairs directory: ``PAIRS_DIR/data`` (``mpo pairs``), or the folder itself."""
+    path = Path(pairs_dir)
+    return path / "data" if (path / "data").is_dir() else path
+
+
 class PairTable:
     """The columns training needs from a pairs directory, in memory (text and paths only)."""
 
@@ -134,9 +140,7 @@ class PairTable:
     @classmethod
     def read(cls, pairs_dir: Path | str) -> PairTable:
         """Read ``PAIRS_DIR/data`` (or a directory of shards itself)."""
-        data = Path(pairs_dir)
-        if (data / "data").is_dir():
-            data = data / "data"
+        data = pairs_data_dir(pairs_dir)
         table = read_dir(data)
         missing = [c for c in ("pair_id", "prompt", "chosen", "rejected", "images") if c not in table.column_names]
         if missing:
@@ -149,6 +153,3 @@ class PairTable:
     def encode(self, processor: Any, row: int, max_length: int) -> EncodedPair:
         return encode_pair(processor, row, self.prompts[row], self.images[row], self.chosen[row],
                            self.rejected[row], max_length)
-
-    def has_images(self) -> bool:
-        return any(self.images)

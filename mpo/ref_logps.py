@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mpo.logps import PairLogps, load_vlm, split_pairs
-from mpo.pair_data import REF_COLUMNS, PairTable, encode_batch
+from mpo.pair_data import REF_COLUMNS, PairTable, encode_batch, pairs_data_dir
 from mpo.schemas import shard_files, write_table
 
 SPEC_KEY = b"mpo.ref_logps"
@@ -82,8 +82,7 @@ def compute_reference_logps(pairs_dir: Path | str, model_dir: Path | str, max_le
                             batch_size: int = 8, device: str | None = None, vision_pass: str = "shared",
                             on_shard: Callable[[Path, int], None] | None = None) -> RefLogpsReport:
     """Write reference log-probs into every shard of ``pairs_dir``; skip shards already done."""
-    data = Path(pairs_dir)
-    data = data / "data" if (data / "data").is_dir() else data
+    data = pairs_data_dir(pairs_dir)
     files = shard_files(data)
     if not files:
         raise FileNotFoundError(f"{data}: no pairs shards")
@@ -118,6 +117,4 @@ def compute_reference_logps(pairs_dir: Path | str, model_dir: Path | str, max_le
 
 def reference_specs(pairs_dir: Path | str) -> list[dict[str, Any] | None]:
     """The spec of every shard (None where no reference log-probs were written)."""
-    data = Path(pairs_dir)
-    data = data / "data" if (data / "data").is_dir() else data
-    return [shard_spec(f) for f in shard_files(data)]
+    return [shard_spec(f) for f in shard_files(pairs_data_dir(pairs_dir))]

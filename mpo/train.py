@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from mpo import distributed, parallel
 from mpo.io import atomic_write_text, publish_dir
-from mpo.logps import VISION_PASSES, PairLogps, load_vlm, split_pairs, unwrap
+from mpo.logps import PairLogps, load_vlm, split_pairs, unwrap
 from mpo.loss import MPOLossConfig, MPOLossOutput, RewardShift, mpo_loss
 from mpo.pair_data import PairBatch, PairTable, encode_batch
 from mpo.ref_logps import reference_specs
@@ -232,7 +232,7 @@ def save_checkpoint(out: Path, forward: PairLogps, processor: Any, optimizer: to
 def _save_model(directory: Path, forward: PairLogps, full_state: dict[str, Any] | None,
                 merge_lora: bool = False) -> None:
     """HF ``save_pretrained`` of the policy; from the gathered full state when it is sharded."""
-    model = unwrap_peft(forward.model)
+    model: Any = forward.model  # the peft model (saves the adapter only) or the transformers model
     if merge_lora:
         model = model.merge_and_unload()
     if full_state is None:
@@ -246,13 +246,6 @@ def _save_model(directory: Path, forward: PairLogps, full_state: dict[str, Any] 
             if target in named and source in named and named[target] is named[source]:
                 state.pop(target, None)
         model.save_pretrained(directory, state_dict=state)
-
-
-def unwrap_peft(model: Any) -> Any:
-    """The model to ``save_pretrained``: the peft model (adapter only) or the transformers model."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -285,40 +278,48 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
 
 
 class _Reference:
-    """Where reference log-probs come from: the pairs table, or a frozen model run each batch."""
+    """Where reference log-probs come from: the pairs tables, or a frozen model run each batch.
 
-    def __init__(self, config: TrainConfig, pairs: PairTable, model_dir: Path, policy: Any,
-                 device: torch.device) -> None:
-        self.online = config.reference == "online"
-        self.pairs = pairs
+    One instance serves the training pairs and the held-out pairs, so an online
+    reference model is loaded once.
+    """
+
+    def __init__(self, config: TrainConfig, model_dir: Path, policy: Any, device: torch.device) -> None:
+        self.config = config
+        self.model_dir = model_dir
         self.forward: PairLogps | None = None
         self.adapter_off = False
-        if not self.online:
-            if pairs.ref is None:
-                raise ValueError(f"{pairs.source}: no reference log-probs; run `mpo ref-logps --pairs ... "
-                                 f"--model {model_dir}` first, or train with --reference online")
-            lengths = {s["max_length"] for s in reference_specs(pairs.source) if s}
-            if lengths != {config.max_length}:
-                raise ValueError(f"{pairs.source}: reference log-probs were computed with max_length "
-                                 f"{sorted(lengths)}, training uses {config.max_length}; re-run `mpo ref-logps`")
-        elif config.lora is not None and config.ref_model is None:
+        if config.reference == "precomputed":
+            return
+        if config.lora is not None and config.ref_model is None:
             self.forward, self.adapter_off = PairLogps(policy, config.vision_pass, config.logp_chunk_tokens), True
         else:
             ref_model, _ = load_vlm(config.ref_model or model_dir, device)
             self.forward = PairLogps(ref_model.eval().requires_grad_(False), config.vision_pass,
                                      config.logp_chunk_tokens)
 
+    def check(self, pairs: PairTable) -> None:
+        """Refuse, before training starts, a table whose precomputed log-probs are missing or do not fit."""
+        if self.forward is not None:
+            return
+        if pairs.ref is None:
+            raise ValueError(f"{pairs.source}: no reference log-probs; run `mpo ref-logps --pairs ... "
+                             f"--model {self.model_dir}` first, or train with --reference online")
+        lengths = {s["max_length"] for s in reference_specs(pairs.source) if s}
+        if lengths != {self.config.max_length}:
+            raise ValueError(f"{pairs.source}: reference log-probs were computed with max_length "
+                             f"{sorted(lengths)}, training uses {self.config.max_length}; re-run `mpo ref-logps`")
+
     @torch.no_grad()
-    def logps(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.online:
-            assert self.pairs.ref is not None
-            ref = self.pairs.ref[batch.rows]
+    def logps(self, pairs: PairTable, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.forward is None:
+            assert pairs.ref is not None
+            ref = pairs.ref[batch.rows]
             if torch.isnan(ref).any():
-                bad = [self.pairs.pair_ids[r] for r, v in zip(batch.rows, ref, strict=True) if torch.isnan(v).any()]
-                raise ValueError(f"{self.pairs.source}: pair {bad[0]} has no reference log-probs; re-run "
+                bad = [pairs.pair_ids[r] for r, v in zip(batch.rows, ref, strict=True) if torch.isnan(v).any()]
+                raise ValueError(f"{pairs.source}: pair {bad[0]} has no reference log-probs; re-run "
                                  "`mpo ref-logps` with the same --max-length")
             return ref[:, 0], ref[:, 1]
-        assert self.forward is not None
         peft_model: Any = self.forward.model
         context = peft_model.disable_adapter() if self.adapter_off else nullcontext()
         with context:
@@ -339,17 +340,17 @@ def evaluate(forward: PairLogps, reference: _Reference, pairs: PairTable, proces
             if batch is None:
                 continue
             batch = batch.to(device, dtype)
-            ref_c, ref_r = reference.logps(batch)
+            ref_c, ref_r = reference.logps(pairs, batch)
             chosen, rejected = split_pairs(forward.batch_logps(batch))
             outputs.append(mpo_loss(chosen, rejected, ref_c.to(device), ref_r.to(device),
-                                    batch.response_tokens()[: batch.pairs], config.loss, shift, update_shift=False))
+                                    batch.chosen_tokens(), config.loss, shift, update_shift=False))
             weights.append(batch.pairs)
     forward.train(was_training)
     if not outputs:
         return {}
     total = sum(weights)
-    keys = outputs[0].metrics().keys()
-    return {k: sum(o.metrics()[k] * w for o, w in zip(outputs, weights, strict=True)) / total for k in keys} | {
+    metrics = [o.metrics() for o in outputs]
+    return {k: sum(m[k] * w for m, w in zip(metrics, weights, strict=True)) / total for k in metrics[0]} | {
         "pairs": float(total)}
 
 
@@ -381,8 +382,10 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
         # Text-only pairs leave the vision tower unused in their step.
         text_only = any(not images for images in pairs.images)
         module = parallel.wrap(forward, config.parallel, info.device, find_unused_parameters=text_only)
-    reference = _Reference(config, pairs, model_dir, model, info.device)
-    eval_reference = _Reference(config, held_out, model_dir, model, info.device) if held_out is not None else None
+    reference = _Reference(config, model_dir, model, info.device)
+    for table in (pairs, held_out):
+        if table is not None:
+            reference.check(table)
 
     batches_per_epoch = math.ceil(math.ceil(len(pairs) / info.world_size) / config.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
@@ -427,13 +430,13 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
             if batch is None:
                 continue
             batch = batch.to(info.device)
-            ref_c, ref_r = reference.logps(batch)
+            ref_c, ref_r = reference.logps(pairs, batch)
             sync = micro == config.grad_accum - 1 or not info.enabled
             with parallel.gradient_sync(module, sync), autocast:
                 logps = module(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values)
                 chosen, rejected = split_pairs(logps.float())
                 output = mpo_loss(chosen, rejected, ref_c.to(info.device), ref_r.to(info.device),
-                                  batch.response_tokens()[: batch.pairs], config.loss, shift)
+                                  batch.chosen_tokens(), config.loss, shift)
                 (output.loss / config.grad_accum).backward()
             step_metrics.append(output.metrics())
             tokens += int(batch.attention_mask.sum())
@@ -459,9 +462,8 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
             result.first = record
         result.last = record
         done = position.step >= end
-        if held_out is not None and eval_reference is not None and (
-                done or (config.eval_every and position.step % config.eval_every == 0)):
-            result.evaluation = evaluate(forward, eval_reference, held_out, processor, config, shift, info.device)
+        if held_out is not None and (done or (config.eval_every and position.step % config.eval_every == 0)):
+            result.evaluation = evaluate(forward, reference, held_out, processor, config, shift, info.device)
             log.write({"step": position.step, "split": "eval", **result.evaluation})
         if done or (config.save_every and position.step % config.save_every == 0):
             save_checkpoint(out, forward, processor, optimizer, scheduler, shift, position, config, info)
@@ -486,5 +488,5 @@ def _save_final(final: Path, forward: PairLogps, processor: Any, config: TrainCo
     publish_dir(final, fill)
 
 
-__all__ = ["VISION_PASSES", "LoraSettings", "TrainConfig", "TrainResult", "checkpoints", "evaluate",
+__all__ = ["LoraSettings", "TrainConfig", "TrainResult", "checkpoints", "evaluate",
            "read_metrics", "train"]

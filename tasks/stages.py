@@ -87,7 +87,7 @@ def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str,
     from mpo.sampling import run_stage
 
     logger = _logger()
-    progress: Any = create_progress_artifact(progress=0.0, key=None, description=f"{stage} sampling: shards done")
+    progress: Any = create_progress_artifact(progress=0.0, description=f"{stage} sampling: shards done")
 
     def advance(done: int, total: int, skipped: bool) -> None:
         update_progress_artifact(progress, progress=100.0 * done / max(1, total))
