@@ -9,6 +9,7 @@ already there, so a retry or a re-run with the same config redoes nothing finish
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -65,6 +66,19 @@ def sample_prompts(config: PipelineConfig, prompts: dict[str, Any]) -> list[dict
     return [f.result() for f in futures]
 
 
+def data_version(config: PipelineConfig, prompts_version: str, sampled: list[dict[str, Any]]) -> str:
+    """The pairs' data version: the prompt set, the sample stores and the pairing config.
+
+    A scheduled refresh that brings new prompts gets a new version (a new pairs folder),
+    while the stores only sample what they lack; the same inputs give the same version.
+    """
+    import hashlib
+
+    stores = sorted(Path(s["samples_dir"]).name for s in sampled)
+    digest = hashlib.sha256(json.dumps([config.fingerprint("pairing"), stores]).encode()).hexdigest()[:8]
+    return f"v-{prompts_version[:8]}-{digest}"
+
+
 def train_on_pairs(config: PipelineConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
     """Train in a folder per (pairs version, model, training config): a changed config trains afresh."""
     key = config.model_copy(update={"training": training}).fingerprint("training", "model")
@@ -97,12 +111,13 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     summary["sampling"] = sampled
 
     started = time.perf_counter()
-    pairs_version = config.fingerprint("pairing") + "-" + "-".join(Path(s["samples_dir"]).name[-8:] for s in sampled)
+    pairs_version = data_version(config, prompts["version"], sampled)
     pairs_dir = work / "pairs" / pairs_version
     make = with_stage_policy(make_pairs, stages.pairs, **result_storage(config))
-    pairs = make([s["samples_dir"] for s in sampled], str(pairs_dir), config.pairing)
+    pairs = make([s["samples_dir"] for s in sampled], prompts["prompts_dir"], str(pairs_dir), config.pairing)
     timings["pairs"] = time.perf_counter() - started
     summary["pairs"] = pairs["report"]
+    summary["data_version"] = pairs_version
     emit_event(event="mpo.pairs.ready", resource={"prefect.resource.id": f"mpo.pairs.{pairs_version}"},
                payload={"pairs_dir": str(pairs_dir), "pairs": pairs["report"]["pairs"]})
 

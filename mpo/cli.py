@@ -109,9 +109,11 @@ def pairs(
     default_verify: Annotated[str, typer.Option(help="Verifier for datasets not named by --verify")] = "exact",
     max_repetition: Annotated[float, typer.Option(help="Drop responses with a larger share of repeated 4-grams")] = 0.3,
     max_length_ratio: Annotated[float | None, typer.Option(help="Drop pairs with len(chosen)/len(rejected) above this")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Pair only these prompts' samples (an `mpo ingest` prompts folder)")] = None,
 ) -> None:
     """Turn samples into preference pairs (correctness, format, DropoutNTP)."""
     from mpo.pairs import PairingConfig, run_pairing
+    from mpo.sampling import read_prompts
 
     modes = {}
     for item in verify or []:
@@ -122,7 +124,8 @@ def pairs(
     config = PairingConfig(pairs_per_prompt=pairs_per_prompt, seed=seed, verify_modes=modes,
                            default_verify_mode=default_verify, max_repetition=max_repetition,
                            max_length_ratio=max_length_ratio)
-    report = run_pairing(samples, out, config)
+    prompt_ids = read_prompts(prompts)["prompt_id"] if prompts else None
+    report = run_pairing(samples, out, config, prompt_ids)
     table = Table(title=f"{report['pairs']} pairs in {out}")
     for column in ("dataset", "prompts", "samples", "accuracy", "pairs", "filtered"):
         table.add_column(column)

@@ -16,8 +16,7 @@ import polars as pl
 from mpo.answers import Verdict
 from mpo.engines.base import Engine
 from mpo.pairs import PairingConfig, judge_samples
-from mpo.sampling import SamplingConfig, run_stage
-from mpo.schemas import read_dir
+from mpo.sampling import SamplingConfig, read_prompts, read_stage_samples, run_stage
 
 
 def greedy_config(sampling: SamplingConfig, max_tokens: int) -> SamplingConfig:
@@ -39,8 +38,7 @@ def evaluate_accuracy(engine: Engine, prompts_dir: Path | str, out: Path | str, 
                       pairing: PairingConfig, max_tokens: int = 256) -> dict[str, dict[str, Any]]:
     """Greedy accuracy of ``engine``'s model on the closed prompts in ``prompts_dir``, per dataset."""
     report = run_stage("correctness", prompts_dir, engine, out, greedy_config(sampling, max_tokens))
-    samples = pl.from_arrow(read_dir(report.out_dir))
-    assert isinstance(samples, pl.DataFrame)
+    samples = read_stage_samples(report.out_dir, read_prompts(prompts_dir))
     if samples.height == 0:
         return {}
     return accuracy_table(samples, pairing)

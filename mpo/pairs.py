@@ -381,9 +381,10 @@ def _read(files: list[Path], prompt_filter: pl.Expr | None = None) -> pl.DataFra
 SamplesDirs = Path | str | list[Path] | list[str]
 
 
-def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int) -> list[tuple[list[Path], pl.Expr | None]]:
+def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int,
+                  prompt_ids: pl.Series | None = None) -> list[tuple[list[Path], pl.Expr | None]]:
     """Groups of shard files (from one or several sample folders) to pair together, each
-    holding whole prompts.
+    holding whole prompts; only ``prompt_ids`` when given (a sample store outlives a prompt set).
 
     A prompt whose samples lie in several shards (a refresh, a re-sharded run) is left out
     of the per-file groups and handled in one last group read from every shard."""
@@ -392,9 +393,18 @@ def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int) -> list[tuple[list
     if not files:
         raise FileNotFoundError(f"no sample shards (*.parquet) in {', '.join(map(str, folders))}")
     ids = [pl.read_parquet(f, columns=["prompt_id"]) for f in files]
+    if prompt_ids is not None:
+        wanted = prompt_ids.unique().implode()
+        ids = [frame.filter(pl.col("prompt_id").is_in(wanted)) for frame in ids]
+        files, ids = [f for f, frame in zip(files, ids, strict=True) if frame.height], [i for i in ids if i.height]
+        if not files:
+            raise ValueError(f"no samples of the given prompts in {', '.join(map(str, folders))}")
     owners = pl.concat([frame.unique() for frame in ids])
     spanning = owners.group_by("prompt_id").len().filter(pl.col("len") > 1)["prompt_id"]
     keep = ~pl.col("prompt_id").is_in(spanning.implode()) if spanning.len() else None
+    if prompt_ids is not None:
+        selected = pl.col("prompt_id").is_in(prompt_ids.unique().implode())
+        keep = selected if keep is None else keep & selected
     groups: list[tuple[list[Path], pl.Expr | None]] = []
     current: list[Path] = []
     rows = 0
@@ -411,9 +421,11 @@ def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int) -> list[tuple[list
     return groups
 
 
-def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig | None = None) -> dict[str, Any]:
+def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig | None = None,
+                prompt_ids: pl.Series | None = None) -> dict[str, Any]:
     """``mpo pairs``: read one or several samples directories, write ``out/data/*.parquet`` (the pairs),
-    ``out/hard_prompts.parquet`` and ``out/report.json``; return the report.
+    ``out/hard_prompts.parquet`` and ``out/report.json``; return the report. With ``prompt_ids``,
+    only those prompts' samples are paired (one data version per prompt set).
 
     Chunks are paired one after the other and their pairs written as they come, so
     memory holds one chunk, never the whole output."""
@@ -422,7 +434,7 @@ def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig
 
     def write_shards(folder: Path) -> None:
         index = 0
-        for files, keep in sample_chunks(samples_dir, config.chunk_rows):
+        for files, keep in sample_chunks(samples_dir, config.chunk_rows, prompt_ids):
             chunk = pair_chunk(_read(files, keep), config)
             pairs = chunk.pairs.sort(["dataset", "prompt_id", "source", "pair_id"])
             for start in range(0, pairs.height, config.shard_rows):

@@ -1,11 +1,15 @@
-"""Sampling stages: correctness-based CoT sampling and DropoutNTP, sharded and resumable.
+"""Sampling stages: correctness-based CoT sampling and DropoutNTP, sharded, resumable, incremental.
 
-Prompts are split into strided shards (shard i holds prompts i, i+k, i+2k, ... of the
-prompt_id-sorted table, so every worker gets a fair mix). Each shard's samples are
-written atomically to ``OUT/<stage>-<config hash>/shard-<i>-of-<k>.parquet``; the hash
-covers the model, the sampling config and the prompts' version, so a re-run with the
-same inputs skips finished shards and a changed config never mixes with old output.
-A killed run loses at most its in-flight shard and never leaves a corrupt file.
+A stage's samples live in ``OUT/<stage>-<hash>/`` where the hash covers the model and the
+sampling config (not the prompts): the folder is the store of everything that model has
+sampled with that config. A run samples only the prompts not yet in the store (their
+``prompt_id``/``repeat_index`` keys are kept in each shard's Parquet metadata), so a
+killed run resumes where it stopped and a refresh with new prompts samples just those.
+Pending prompts are split into strided shards (shard i holds prompts i, i+k, ... of the
+prompt_id-sorted table, so every worker gets a fair mix), each written atomically to
+``shard-<batch>-<i>-of-<k>.parquet``: a reader never sees a half-written file and a
+killed run loses at most its in-flight shard. Readers take the samples of the prompts
+they were given (``read_stage_samples``), so prompts dropped from the input drop out.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, field_validator
 
 from mpo.engines.base import Engine, GenerationRequest, SamplingParams
@@ -29,6 +34,7 @@ from mpo.schemas import PROMPTS, SAMPLES, read_dir, shard_files, write_table
 from mpo.templates import IMAGE_PLACEHOLDER, TEMPLATES, apply_template
 
 STAGES = ("correctness", "dropout_ntp")
+KEYS_METADATA = b"mpo.prompt_keys"  # JSON list of the prompt keys a sample shard holds
 _VARIANT = re.compile(r"^sr(?P<ratio>[01](?:\.\d+)?)_(?P<image>wo|with)_image$")
 
 
@@ -87,20 +93,41 @@ def request_seed(config: SamplingConfig, key: str, n: int) -> int:
     return config.seed * 2**42 + zlib.crc32(key.encode()) * max(n, 1)
 
 
-def stage_fingerprint(stage: str, config: SamplingConfig, model_id: str, prompts_version: str) -> str:
+def stage_fingerprint(stage: str, config: SamplingConfig, model_id: str) -> str:
+    """The store of one stage, model and sampling config; shard size is not part of it."""
     fields = config.model_dump()
     if stage == "correctness":
-        fields = {k: v for k, v in fields.items() if not k.startswith("dropout_")}
+        fields = {k: v for k, v in fields.items() if not k.startswith("dropout_") and k != "prompts_per_shard"}
     else:
-        fields = {k: v for k, v in fields.items() if k.startswith("dropout_") or k in ("temperature", "top_k", "top_p", "seed", "prompts_per_shard")}
-    blob = json.dumps({"stage": stage, "model": model_id, "prompts": prompts_version, "config": fields}, sort_keys=True)
+        fields = {k: v for k, v in fields.items() if k.startswith("dropout_") or k in ("temperature", "top_k", "top_p", "seed")}
+    blob = json.dumps({"stage": stage, "model": model_id, "config": fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def read_prompts(prompts_dir: Path | str) -> pl.DataFrame:
+    """The prompts table ``mpo ingest`` wrote (the ``PROMPTS`` contract) as a polars frame."""
+    prompts = pl.from_arrow(read_dir(prompts_dir, PROMPTS))
+    assert isinstance(prompts, pl.DataFrame)
+    return prompts
+
+
+def prompt_keys(prompts: pl.DataFrame) -> pl.Series:
+    """``prompt_id/repeat_index``: what one sampling request covers."""
+    return (prompts["prompt_id"] + "/" + prompts["repeat_index"].cast(pl.String)).alias("key")
 
 
 def prompts_version(prompts: pl.DataFrame) -> str:
     """A small version tag of the prompts: a hash of their ids (not of their contents)."""
-    digest = hashlib.sha256("\n".join(sorted(prompts["prompt_id"] + "/" + prompts["repeat_index"].cast(pl.String))).encode())
-    return digest.hexdigest()[:12]
+    return hashlib.sha256("\n".join(sorted(prompt_keys(prompts))).encode()).hexdigest()[:12]
+
+
+def shard_keys(path: Path) -> list[str]:
+    """The prompt keys a finished shard holds (from its Parquet footer, the rows are not read)."""
+    raw = (pq.read_schema(path).metadata or {}).get(KEYS_METADATA)
+    if raw is None:
+        raise ValueError(f"{path}: sample shard without {KEYS_METADATA.decode()!r} metadata (written by another tool?)")
+    keys: list[str] = json.loads(raw)
+    return keys
 
 
 def strided_shards(prompts: pl.DataFrame, prompts_per_shard: int) -> list[pl.DataFrame]:
@@ -113,8 +140,8 @@ def strided_shards(prompts: pl.DataFrame, prompts_per_shard: int) -> list[pl.Dat
 class StageReport:
     stage: str
     out_dir: Path
-    shards: int
-    skipped: int
+    shards: int  # shards holding the given prompts' samples (finished before + written now)
+    skipped: int  # of those, finished before this run
     samples_written: int
 
 
@@ -180,31 +207,41 @@ def _sample_rows(stage: str, planned: list[tuple[dict, GenerationRequest, dict]]
 
 def run_stage(stage: str, prompts_dir: Path | str, engine: Engine, out: Path | str, config: SamplingConfig,
               on_shard: Callable[[int, int, bool], None] | None = None) -> StageReport:
-    """Sample every shard of ``stage`` not yet on disk; ``on_shard(done, total, skipped)``
+    """Sample every prompt of ``stage`` not yet in its store; ``on_shard(done, total, skipped)``
     is called after each shard (progress bars, Prefect progress artifacts)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
-    table = pl.from_arrow(read_dir(prompts_dir, PROMPTS))
-    assert isinstance(table, pl.DataFrame)
-    prompts = table.filter(pl.col("kind") == ("closed" if stage == "correctness" else "open"))
-    fingerprint = stage_fingerprint(stage, config, engine.model_id, prompts_version(prompts))
-    out_dir = Path(out) / f"{stage}-{fingerprint}"
-    shards = strided_shards(prompts, config.prompts_per_shard) if prompts.height else []
+    prompts = read_prompts(prompts_dir).filter(pl.col("kind") == ("closed" if stage == "correctness" else "open"))
+    out_dir = Path(out) / f"{stage}-{stage_fingerprint(stage, config, engine.model_id)}"
     atomic_write_text(out_dir / "_stage.json", json.dumps(
-        {"stage": stage, "model": engine.model_id, "prompts": prompts.height, "shards": len(shards),
-         "config": config.model_dump()}, indent=2) + "\n")
-    done = {p.name for p in shard_files(out_dir)}
-    skipped = written = 0
-    for index, shard in enumerate(shards):
-        name = f"shard-{index:05d}-of-{len(shards):05d}.parquet"
-        if name in done:
-            skipped += 1
-        else:
-            planned = (_correctness_requests(shard, config) if stage == "correctness"
-                       else _dropout_requests(shard, config, engine.tokenizer))
-            rows = _sample_rows(stage, planned, engine)
-            write_table(pa.Table.from_pylist(rows, schema=SAMPLES), out_dir / name)
-            written += len(rows)
+        {"stage": stage, "model": engine.model_id, "config": config.model_dump()}, indent=2) + "\n")
+    wanted = set(prompt_keys(prompts))
+    stored = {path: shard_keys(path) for path in shard_files(out_dir)}
+    finished = [path for path, keys in stored.items() if wanted.intersection(keys)]
+    done = {key for keys in stored.values() for key in keys}
+    pending = prompts.filter(~prompt_keys(prompts).is_in(list(done)))
+    batch = prompts_version(pending)[:8]
+    shards = strided_shards(pending, config.prompts_per_shard) if pending.height else []
+    total = len(finished) + len(shards)
+    for index in range(len(finished)):
         if on_shard:
-            on_shard(index + 1, len(shards), name in done)
-    return StageReport(stage, out_dir, len(shards), skipped, written)
+            on_shard(index + 1, total, True)
+    written = 0
+    for index, shard in enumerate(shards):
+        planned = (_correctness_requests(shard, config) if stage == "correctness"
+                   else _dropout_requests(shard, config, engine.tokenizer))
+        rows = pa.Table.from_pylist(_sample_rows(stage, planned, engine), schema=SAMPLES)
+        keys = json.dumps(sorted(prompt_keys(shard))).encode()
+        write_table(rows.replace_schema_metadata({KEYS_METADATA: keys}),
+                    out_dir / f"shard-{batch}-{index:05d}-of-{len(shards):05d}.parquet")
+        written += rows.num_rows
+        if on_shard:
+            on_shard(len(finished) + index + 1, total, False)
+    return StageReport(stage, out_dir, total, len(finished), written)
+
+
+def read_stage_samples(samples_dir: Path | str, prompts: pl.DataFrame) -> pl.DataFrame:
+    """The samples in a stage's store that belong to ``prompts`` (a store outlives prompt sets)."""
+    samples = pl.from_arrow(read_dir(samples_dir, SAMPLES))
+    assert isinstance(samples, pl.DataFrame)
+    return samples.filter(pl.col("prompt_id").is_in(prompts["prompt_id"].unique().implode()))

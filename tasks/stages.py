@@ -61,16 +61,12 @@ def with_stage_policy(stage_task: Task[Any, Any], policy: StagePolicy, **options
 @task(name="ingest")
 def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any]:
     """meta.json / JSONL / Parquet -> prompts table + quarantine; returns its path, version and counts."""
-    import polars as pl
-
     from mpo.ingest import ingest
-    from mpo.sampling import prompts_version
-    from mpo.schemas import PROMPTS, read_dir
+    from mpo.sampling import prompts_version, read_prompts
 
     report = ingest(Path(source), Path(out), strict=strict)
     prompts_dir = Path(out) / "prompts"
-    table = pl.from_arrow(read_dir(prompts_dir, PROMPTS))
-    assert isinstance(table, pl.DataFrame)
+    table = read_prompts(prompts_dir)
     _logger().info("ingested %s prompts from %s, %s quarantined", table.height, source,
                           report.as_dict()["total_quarantined"])
     return {"prompts_dir": str(prompts_dir), "version": prompts_version(table), **report.as_dict()}
@@ -79,7 +75,8 @@ def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any
 @task(name="sample", cache_policy=STAGE_CACHE, persist_result=True)
 def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str, engine: str,
                  engine_options: dict[str, Any], sampling: SamplingConfig, out: str) -> dict[str, Any]:
-    """One sampling stage over all its shards with one engine load; a progress artifact per stage.
+    """One sampling stage with one engine load: samples only the prompts its store lacks; a
+    progress artifact per stage.
 
     ``prompts_version`` is only part of the cache key: new prompts, new key.
     """
@@ -103,11 +100,14 @@ def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str,
 
 
 @task(name="pairs", cache_policy=STAGE_CACHE, persist_result=True)
-def make_pairs(samples_dirs: list[str], out: str, pairing: PairingConfig) -> dict[str, Any]:
-    """Samples -> preference pairs (polars); returns the pairs folder and the pairing report."""
+def make_pairs(samples_dirs: list[str], prompts_dir: str, out: str, pairing: PairingConfig) -> dict[str, Any]:
+    """The samples of the prompts in ``prompts_dir`` -> preference pairs (polars); returns the
+    pairs folder and the pairing report. ``out`` names the data version, so it keys the cache."""
     from mpo.pairs import run_pairing
+    from mpo.sampling import read_prompts
 
-    report = run_pairing([Path(d) for d in samples_dirs], Path(out), pairing)
+    prompt_ids = read_prompts(prompts_dir)["prompt_id"]
+    report = run_pairing([Path(d) for d in samples_dirs], Path(out), pairing, prompt_ids)
     _logger().info("%s pairs: %s", report["pairs"], report["pairs_by_source"])
     return {"pairs_dir": out, "report": report}
 

@@ -105,6 +105,41 @@ def test_a_failed_shard_resumes_without_recomputing_or_duplicating(tiny_model_di
     assert len(list((tmp_path / "results").iterdir())) >= 3  # cached results of 2 sampling stages + pairs
 
 
+def test_a_refresh_samples_only_new_prompts_into_a_new_data_version(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A scheduled refresh: the annotation files grew; only the new prompts are sampled, old
+    shards stay untouched, and the pairs land in a new data version covering every prompt."""
+    from flows.data_engine import data_engine
+    from mpo.sampling import read_prompts
+
+    data = tmp_path / "data"
+    generate(data, count=10, seed=0, heldout_fraction=0.0)
+    config = tiny_config(data, tiny_model_dir, tmp_path / "run", train=False, evaluate=False)
+    first = data_engine(config)
+    before = shard_stats(tmp_path / "run" / "samples")
+
+    generate(data, count=13, seed=0, heldout_fraction=0.0)  # the same 10 prompts per dataset + 3 new ones
+    second = data_engine(config)
+
+    after = shard_stats(tmp_path / "run" / "samples")
+    assert all(after[name] == stat for name, stat in before.items()), "a finished shard was rewritten"
+    written = {s["stage"]: s["samples_written"] for s in second["sampling"]}
+    assert written == {"correctness": 5 * 3 * 2, "dropout_ntp": 3}  # 3 new prompts per dataset, n=2 / one continuation
+    assert second["data_version"] != first["data_version"]
+    assert (tmp_path / "run" / "pairs" / first["data_version"]).is_dir()  # the old version is kept as it was
+    correctness = next(s for s in second["sampling"] if s["stage"] == "correctness")
+    samples = pl.read_parquet(Path(correctness["samples_dir"]) / "*.parquet")
+    assert samples.height == 5 * 13 * 2 and samples.select("prompt_id", "sample_index").n_unique() == samples.height
+    pairs = pl.read_parquet(tmp_path / "run" / "pairs" / second["data_version"] / "data" / "*.parquet")
+    prompts = read_prompts(tmp_path / "run" / "ingested" / "prompts")
+    assert set(pairs["prompt_id"]) <= set(prompts["prompt_id"])
+    assert second["pairs"]["pairs"] > first["pairs"]["pairs"]
+
+    third = data_engine(config)  # nothing new: same version, nothing sampled
+    assert third["data_version"] == second["data_version"]
+    assert shard_stats(tmp_path / "run" / "samples") == after
+
+
+
 def test_bad_input_is_not_retried_but_transient_failures_are() -> None:
     attempts = {"bad": 0, "transient": 0}
 

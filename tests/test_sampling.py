@@ -17,9 +17,10 @@ from mpo.sampling import (
     prefix_by_tokens,
     request_seed,
     run_stage,
+    stage_fingerprint,
     strided_shards,
 )
-from mpo.schemas import SAMPLES, read_dir
+from mpo.schemas import SAMPLES, read_dir, write_table
 
 
 def test_engine_returns_n_reproducible_completions(hf_engine, synth_dir: Path) -> None:
@@ -125,3 +126,11 @@ def test_killed_stage_resumes_exactly(tiny_model_dir: Path, prompts_dir: Path, t
     samples = pl.from_arrow(read_dir(next(tmp_path.glob("correctness-*")), SAMPLES))
     assert samples.height == 80 and samples.select("prompt_id", "sample_index").n_unique() == 80
     assert not [p for p in next(tmp_path.glob("correctness-*")).iterdir() if p.name.startswith(".")]
+
+
+def test_a_foreign_shard_in_a_store_is_named(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
+    config = SamplingConfig(n=1, max_tokens=4)
+    store = tmp_path / f"correctness-{stage_fingerprint('correctness', config, hf_engine.model_id)}"
+    write_table(SAMPLES.empty_table(), store / "shard-foreign.parquet")
+    with pytest.raises(ValueError, match="shard-foreign.parquet: sample shard without 'mpo.prompt_keys'"):
+        run_stage("correctness", prompts_dir, hf_engine, tmp_path, config)
