@@ -83,8 +83,8 @@ def train_on_pairs(config: PipelineConfig, pairs_dir: str, training: TrainConfig
     """Train in a folder per (pairs version, model, training config): a changed config trains afresh."""
     key = config.model_copy(update={"training": training}).fingerprint("training", "model")
     out = Path(config.workdir) / "train" / Path(pairs_dir).name / f"{name}-{key}"
-    result: dict[str, Any] = with_stage_policy(train_policy, config.stages.train)(pairs_dir, config.model, str(out),
-                                                                                  training)
+    result: dict[str, Any] = with_stage_policy(train_policy, config.stages.train)(
+        pairs_dir, config.model, str(out), training, time_limit=config.stages.train.time_limit_seconds)
     return result
 
 
@@ -124,7 +124,8 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     models = {"start": config.model}
     if config.train:
         started = time.perf_counter()
-        with_stage_policy(reference_logps, stages.ref_logps)(str(pairs_dir), config.model, config.training.max_length)
+        with_stage_policy(reference_logps, stages.ref_logps)(str(pairs_dir), config.model, config.training.max_length,
+                                                             stages.ref_logps.time_limit_seconds)
         timings["reference log-probs"] = time.perf_counter() - started
         started = time.perf_counter()
         trained = train_on_pairs(config, str(pairs_dir), config.training, "mpo")
@@ -142,7 +143,7 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
         evaluate = with_stage_policy(evaluate_model, stages.evaluate)
         summary["evaluation"] = {
             name: evaluate(model, heldout["prompts_dir"], str(work / "eval"), config.engine, config.engine_options,
-                           config.sampling, config.pairing, config.eval_max_tokens)
+                           config.sampling, config.pairing, config.eval_max_tokens, stages.evaluate.time_limit_seconds)
             for name, model in models.items()
         }
         timings["evaluation"] = time.perf_counter() - started

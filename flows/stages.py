@@ -29,5 +29,6 @@ def sampling(config: PipelineConfig) -> list[dict[str, Any]]:
 @flow(name="mpo-training", log_prints=True)
 def training(config: PipelineConfig, pairs_dir: str) -> dict[str, Any]:
     """Reference log-probs into ``pairs_dir``, then MPO training on it."""
-    with_stage_policy(reference_logps, config.stages.ref_logps)(pairs_dir, config.model, config.training.max_length)
+    with_stage_policy(reference_logps, config.stages.ref_logps)(pairs_dir, config.model, config.training.max_length,
+                                                                config.stages.ref_logps.time_limit_seconds)
     return train_on_pairs(config, pairs_dir, config.training, "mpo")

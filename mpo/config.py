@@ -22,12 +22,16 @@ from mpo.train import TrainConfig
 
 
 class StagePolicy(BaseModel):
-    """How the orchestrator runs one stage: retries with backoff and jitter, tags for concurrency limits."""
+    """How the orchestrator runs one stage: retries with backoff and jitter, tags for concurrency limits,
+    a hard time limit."""
 
     retries: int = Field(2, ge=0, description="retries after a failure that is not a bad-input error")
     retry_delay_seconds: float = Field(10.0, ge=0, description="first retry delay; doubles each retry")
     retry_jitter_factor: float = Field(0.2, ge=0, description="random spread of each delay (0.2 = ±20%)")
     tags: list[str] = Field(default_factory=list, description="task tags, e.g. 'gpu' for a concurrency limit")
+    time_limit_seconds: float | None = Field(
+        None, gt=0, description="hard limit for the sampling, reference, training and evaluation stages: each runs "
+        "in its own process, killed at the limit (a thread timeout cannot stop a CUDA call); empty: no limit")
 
     def delays(self) -> list[float]:
         return [self.retry_delay_seconds * 2**i for i in range(self.retries)]

@@ -11,8 +11,9 @@ or a new run with the same config picks up where the last one stopped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -25,8 +26,10 @@ from mpo.pairs import PairingConfig
 from mpo.sampling import SamplingConfig
 from mpo.train import TrainConfig
 
+T = TypeVar("T")
 BAD_INPUT = (ValueError, FileNotFoundError, KeyError, TypeError)
-STAGE_CACHE = INPUTS + TASK_SOURCE  # no run id: a new run with the same inputs reuses the result
+# No run id: a new run with the same inputs reuses the result; a time limit changes no result.
+STAGE_CACHE = (INPUTS - "time_limit") + TASK_SOURCE
 
 
 def _logger() -> Any:
@@ -58,6 +61,24 @@ def with_stage_policy(stage_task: Task[Any, Any], policy: StagePolicy, **options
                                    retry_condition_fn=retry_unless_bad_input, **options)
 
 
+def _run_job(job: Callable[..., T], kwargs: dict[str, Any], time_limit: float | None,
+             progress: str | None = None) -> T:
+    """Run an ``mpo.jobs`` job (in a killable child process when ``time_limit`` is set), its
+    log lines into the run logger and its progress into a progress artifact."""
+    from mpo.time_limit import call_with_time_limit
+
+    logger = _logger()
+    artifact: Any = create_progress_artifact(progress=0.0, description=progress) if progress else None
+
+    def on_event(event: dict[str, Any]) -> None:
+        if "log" in event:
+            logger.info(event["log"])
+        if "progress" in event and artifact is not None:
+            update_progress_artifact(artifact, progress=event["progress"])
+
+    return call_with_time_limit(job, kwargs, time_limit, on_event)
+
+
 @task(name="ingest")
 def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any]:
     """meta.json / JSONL / Parquet -> prompts table + quarantine; returns its path, version and counts."""
@@ -74,29 +95,18 @@ def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any
 
 @task(name="sample", cache_policy=STAGE_CACHE, persist_result=True)
 def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str, engine: str,
-                 engine_options: dict[str, Any], sampling: SamplingConfig, out: str) -> dict[str, Any]:
+                 engine_options: dict[str, Any], sampling: SamplingConfig, out: str,
+                 time_limit: float | None = None) -> dict[str, Any]:
     """One sampling stage with one engine load: samples only the prompts its store lacks; a
     progress artifact per stage.
 
     ``prompts_version`` is only part of the cache key: new prompts, new key.
     """
-    from mpo.engines import load_engine
-    from mpo.sampling import run_stage
+    from mpo.jobs import sample_job
 
-    logger = _logger()
-    progress: Any = create_progress_artifact(progress=0.0, description=f"{stage} sampling: shards done")
-
-    def advance(done: int, total: int, skipped: bool) -> None:
-        update_progress_artifact(progress, progress=100.0 * done / max(1, total))
-        logger.info("%s shard %s/%s %s", stage, done, total, "already done" if skipped else "written")
-
-    sampler = load_engine(engine, model, **engine_options)
-    try:
-        report = run_stage(stage, prompts_dir, sampler, out, sampling, on_shard=advance)
-    finally:
-        sampler.close()
-    return {"stage": stage, "samples_dir": str(report.out_dir), "shards": report.shards,
-            "skipped_shards": report.skipped, "samples_written": report.samples_written}
+    return _run_job(sample_job, dict(stage=stage, prompts_dir=prompts_dir, model=model, engine=engine,
+                                     engine_options=engine_options, sampling=sampling, out=out),
+                    time_limit, progress=f"{stage} sampling: shards done")
 
 
 @task(name="pairs", cache_policy=STAGE_CACHE, persist_result=True)
@@ -113,44 +123,30 @@ def make_pairs(samples_dirs: list[str], prompts_dir: str, out: str, pairing: Pai
 
 
 @task(name="reference-logps")
-def reference_logps(pairs_dir: str, model: str, max_length: int) -> dict[str, Any]:
+def reference_logps(pairs_dir: str, model: str, max_length: int, time_limit: float | None = None) -> dict[str, Any]:
     """Frozen reference pass into the pairs; shards already done are skipped (no task cache needed)."""
-    from mpo.ref_logps import compute_reference_logps
+    from mpo.jobs import reference_job
 
-    report = compute_reference_logps(pairs_dir, model, max_length=max_length)
-    _logger().info("reference log-probs: %s shards written, %s already done, %s pairs too long",
-                          report.shards, report.skipped_shards, report.too_long)
-    return {"pairs_dir": pairs_dir, "shards": report.shards, "skipped_shards": report.skipped_shards,
-            "too_long": report.too_long}
+    return _run_job(reference_job, dict(pairs_dir=pairs_dir, model=model, max_length=max_length), time_limit)
 
 
 @task(name="train")
-def train_policy(pairs_dir: str, model: str, out: str, training: TrainConfig,
-                 eval_pairs: str | None = None) -> dict[str, Any]:
-    """MPO training; resumes from the newest checkpoint in ``out``."""
-    from mpo.train import train
+def train_policy(pairs_dir: str, model: str, out: str, training: TrainConfig, eval_pairs: str | None = None,
+                 time_limit: float | None = None) -> dict[str, Any]:
+    """MPO training; resumes from the newest checkpoint in ``out`` (also after a hard-limit kill)."""
+    from mpo.jobs import train_job
 
-    logger = _logger()
-
-    def log_step(record: dict[str, Any]) -> None:
-        if record["step"] == 1 or record["step"] % 10 == 0:
-            logger.info("step %s loss %.4f margin %+.4f reward acc %.2f", record["step"], record["loss"],
-                        record["reward_margin"], record["reward_accuracy"])
-
-    result = train(pairs_dir, model, out, training, eval_pairs=eval_pairs, on_step=log_step)
-    return {"final_model": str(result.final_model), "metrics_file": str(result.metrics_file), "steps": result.steps,
-            "first": result.first, "last": result.last, "resumed_from": result.resumed_from}
+    return _run_job(train_job, dict(pairs_dir=pairs_dir, model=model, out=out, training=training,
+                                    eval_pairs=eval_pairs), time_limit, progress="training: steps done")
 
 
 @task(name="evaluate")
 def evaluate_model(model: str, prompts_dir: str, out: str, engine: str, engine_options: dict[str, Any],
-                   sampling: SamplingConfig, pairing: PairingConfig, max_tokens: int) -> dict[str, dict[str, Any]]:
+                   sampling: SamplingConfig, pairing: PairingConfig, max_tokens: int,
+                   time_limit: float | None = None) -> dict[str, dict[str, Any]]:
     """Greedy held-out accuracy per dataset (reuses finished evaluation shards)."""
-    from mpo.engines import load_engine
-    from mpo.evaluate import evaluate_accuracy
+    from mpo.jobs import evaluate_job
 
-    sampler = load_engine(engine, model, **engine_options)
-    try:
-        return evaluate_accuracy(sampler, prompts_dir, out, sampling, pairing, max_tokens)
-    finally:
-        sampler.close()
+    return _run_job(evaluate_job, dict(model=model, prompts_dir=prompts_dir, out=out, engine=engine,
+                                       engine_options=engine_options, sampling=sampling, pairing=pairing,
+                                       max_tokens=max_tokens), time_limit)

@@ -46,7 +46,9 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
     (data / "images" / "synth_count" / "train_00000.png").write_bytes(b"not a png")  # corrupt image
     with (data / "annotations" / "train" / "synth_colour.jsonl").open("a") as handle:
         handle.write('{"image": "x.png", "question": \n')  # malformed line
-    config = tiny_config(data, tiny_model_dir, tmp_path / "run", sft_baseline=True)
+    limited = StagePolicy(retries=0, time_limit_seconds=600)  # sampling runs in a child process
+    config = tiny_config(data, tiny_model_dir, tmp_path / "run", sft_baseline=True,
+                         stages=NO_RETRIES.model_copy(update={"sampling": limited}))
 
     summary = data_engine(config)
 
@@ -155,6 +157,23 @@ def test_bad_input_is_not_retried_but_transient_failures_are() -> None:
     assert run("bad", return_state=True).is_failed()
     assert run("transient", return_state=True).is_failed()
     assert attempts == {"bad": 1, "transient": 3}
+
+
+def test_a_stage_past_its_hard_limit_fails_as_transient(prompts_dir: Path, tiny_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    from mpo.time_limit import StageTimeout
+    from tasks.stages import sample_stage
+
+    @flow
+    def run() -> None:
+        sample_stage("correctness", str(prompts_dir), "v", str(tiny_model_dir), "transformers", {},
+                     SamplingConfig(n=1, max_tokens=4), str(tmp_path), time_limit=0.5)
+
+    state = run(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageTimeout):
+        state.result()
+    assert retry_unless_bad_input(None, None, state)  # type: ignore[arg-type]
 
 
 def test_stage_policy_sets_backoff_and_tags() -> None:

@@ -1,0 +1,80 @@
+"""The GPU stages as self-contained jobs: load what they need, run, return small values.
+
+Each job takes plain, picklable arguments plus ``emit`` (a callback for events: ``{"log":
+text}`` lines and ``{"progress": percent}``) and returns a dict of paths and counts. That
+makes one job runnable the same way in the caller's process or in a child process under
+a hard time limit (``mpo.time_limit``), where an engine or a model lives and dies with
+the process. Orchestration (Prefect tasks, the CLI) stays outside.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mpo.pairs import PairingConfig
+from mpo.sampling import SamplingConfig
+from mpo.time_limit import Emit
+from mpo.train import TrainConfig
+
+
+def sample_job(stage: str, prompts_dir: str, model: str, engine: str, engine_options: dict[str, Any],
+               sampling: SamplingConfig, out: str, emit: Emit) -> dict[str, Any]:
+    """One sampling stage with one engine load: samples only the prompts its store lacks."""
+    from mpo.engines import load_engine
+    from mpo.sampling import run_stage
+
+    def advance(done: int, total: int, skipped: bool) -> None:
+        emit({"progress": 100.0 * done / max(1, total)})
+        emit({"log": f"{stage} shard {done}/{total} {'already done' if skipped else 'written'}"})
+
+    sampler = load_engine(engine, model, **engine_options)
+    try:
+        report = run_stage(stage, prompts_dir, sampler, out, sampling, on_shard=advance)
+    finally:
+        sampler.close()
+    return {"stage": stage, "samples_dir": str(report.out_dir), "shards": report.shards,
+            "skipped_shards": report.skipped, "samples_written": report.samples_written}
+
+
+def reference_job(pairs_dir: str, model: str, max_length: int, emit: Emit) -> dict[str, Any]:
+    """Frozen reference log-probs into each pairs shard (finished shards are skipped)."""
+    from mpo.ref_logps import compute_reference_logps
+
+    report = compute_reference_logps(pairs_dir, model, max_length=max_length)
+    emit({"log": f"reference log-probs: {report.shards} shards written, {report.skipped_shards} already done, "
+                 f"{report.too_long} pairs too long"})
+    return {"pairs_dir": pairs_dir, "shards": report.shards, "skipped_shards": report.skipped_shards,
+            "too_long": report.too_long}
+
+
+def train_job(pairs_dir: str, model: str, out: str, training: TrainConfig, eval_pairs: str | None,
+              emit: Emit) -> dict[str, Any]:
+    """MPO training; resumes from the newest checkpoint in ``out``."""
+    from mpo.train import train
+
+    def log_step(record: dict[str, Any]) -> None:
+        emit({"progress": 100.0 * record["step"] / max(1, training.max_steps or record["step"])})
+        if record["step"] == 1 or record["step"] % 10 == 0:
+            emit({"log": f"step {record['step']} loss {record['loss']:.4f} margin {record['reward_margin']:+.4f} "
+                         f"reward acc {record['reward_accuracy']:.2f}"})
+
+    result = train(pairs_dir, model, out, training, eval_pairs=eval_pairs, on_step=log_step)
+    return {"final_model": str(result.final_model), "metrics_file": str(result.metrics_file), "steps": result.steps,
+            "first": result.first, "last": result.last, "resumed_from": result.resumed_from}
+
+
+def evaluate_job(model: str, prompts_dir: str, out: str, engine: str, engine_options: dict[str, Any],
+                 sampling: SamplingConfig, pairing: PairingConfig, max_tokens: int,
+                 emit: Emit) -> dict[str, dict[str, Any]]:
+    """Greedy held-out accuracy per dataset (reuses finished evaluation shards)."""
+    from mpo.engines import load_engine
+    from mpo.evaluate import evaluate_accuracy
+
+    sampler = load_engine(engine, model, **engine_options)
+    try:
+        table = evaluate_accuracy(sampler, prompts_dir, out, sampling, pairing, max_tokens)
+    finally:
+        sampler.close()
+    emit({"log": f"{Path(model).name}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in table.items())})
+    return table

@@ -1,0 +1,78 @@
+"""Hard time limits: a stage in a child process is killed at its limit, whatever it is doing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mpo.time_limit import ChildProcessDied, StageTimeout, call_with_time_limit
+
+
+def stuck(pid_file: str, emit: Any) -> None:
+    """Stands in for a hung CUDA call: ignores SIGTERM and never returns to Python code that could time out."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(pid_file).write_text(str(os.getpid()))
+    emit({"log": "started"})
+    while True:
+        time.sleep(0.1)
+
+
+def counts(n: int, emit: Any) -> int:
+    for i in range(n):
+        emit({"progress": 100.0 * (i + 1) / n})
+    return n * 2
+
+
+def rejects_input(emit: Any) -> None:
+    raise ValueError("row 3: field 'answer' is missing")
+
+
+def dies(emit: Any) -> None:
+    os._exit(9)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_stuck_stage_is_killed_at_its_limit(tmp_path: Path) -> None:
+    events: list[Any] = []
+    started = time.monotonic()
+    with pytest.raises(StageTimeout, match="hard limit of 3 s"):
+        call_with_time_limit(stuck, {"pid_file": str(tmp_path / "pid")}, 3, events.append, grace_seconds=1)
+    assert time.monotonic() - started < 15
+    assert events == [{"log": "started"}]
+    pid = int((tmp_path / "pid").read_text())
+    assert not _alive(pid), "the child survived its limit"
+    assert isinstance(StageTimeout("x"), TimeoutError)  # transient: the retry condition retries it
+
+
+def test_events_and_result_come_back_from_the_child() -> None:
+    events: list[Any] = []
+    assert call_with_time_limit(counts, {"n": 4}, 60, events.append) == 8
+    assert [e["progress"] for e in events] == [25.0, 50.0, 75.0, 100.0]
+
+
+def test_without_a_limit_the_job_runs_in_process() -> None:
+    events: list[Any] = []
+    assert call_with_time_limit(counts, {"n": 2}, None, events.append) == 4 and len(events) == 2
+
+
+def test_a_child_error_keeps_its_type_so_bad_input_is_not_retried() -> None:
+    with pytest.raises(ValueError, match="field 'answer'") as raised:
+        call_with_time_limit(rejects_input, {}, 60)
+    assert any("child process" in note for note in raised.value.__notes__)
+
+
+def test_a_vanished_child_is_reported() -> None:
+    with pytest.raises(ChildProcessDied, match="exited with code 9"):
+        call_with_time_limit(dies, {}, 60)
