@@ -35,7 +35,8 @@ from tasks.stages import (
 )
 
 
-def _sft_only(config: PipelineConfig) -> TrainConfig:
+def sft_only(config: PipelineConfig) -> TrainConfig:
+    """The training config with only the SFT term: the baseline MPO is compared against."""
     loss = config.training.loss.model_copy(update={"dpo_weight": 0.0, "bco_weight": 0.0, "sft_weight": 1.0})
     return config.training.model_copy(update={"loss": loss})
 
@@ -106,7 +107,10 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     summary["ingest"] = prompts
 
     started = time.perf_counter()
-    sampled = sample_prompts(config, prompts)
+    if config.sampling_deployment:
+        sampled = run_stage_deployment(config.sampling_deployment, config)
+    else:
+        sampled = sample_prompts(config, prompts)
     timings["sampling"] = time.perf_counter() - started
     summary["sampling"] = sampled
 
@@ -124,18 +128,26 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     models = {"start": config.model}
     if config.train:
         started = time.perf_counter()
-        with_stage_policy(reference_logps, stages.ref_logps)(str(pairs_dir), config.model, config.training.max_length,
-                                                             stages.ref_logps.time_limit_seconds)
-        timings["reference log-probs"] = time.perf_counter() - started
-        started = time.perf_counter()
-        trained = train_on_pairs(config, str(pairs_dir), config.training, "mpo")
-        timings["MPO training"] = time.perf_counter() - started
+        if config.training_deployment:
+            trained = run_stage_deployment(config.training_deployment, config, pairs_dir=str(pairs_dir))
+            timings["reference log-probs + MPO training"] = time.perf_counter() - started
+        else:
+            with_stage_policy(reference_logps, stages.ref_logps)(str(pairs_dir), config.model,
+                                                                 config.training.max_length,
+                                                                 stages.ref_logps.time_limit_seconds)
+            timings["reference log-probs"] = time.perf_counter() - started
+            started = time.perf_counter()
+            trained = train_on_pairs(config, str(pairs_dir), config.training, "mpo")
+            timings["MPO training"] = time.perf_counter() - started
         models["mpo"] = trained["final_model"]
         summary["training"] = trained
         _training_curves(trained["metrics_file"])
         if config.sft_baseline:
             started = time.perf_counter()
-            models["sft"] = train_on_pairs(config, str(pairs_dir), _sft_only(config), "sft")["final_model"]
+            baseline = (run_stage_deployment(config.training_deployment, config, pairs_dir=str(pairs_dir),
+                                             sft_baseline=True)
+                        if config.training_deployment else train_on_pairs(config, str(pairs_dir), sft_only(config), "sft"))
+            models["sft"] = baseline["final_model"]
             timings["SFT baseline"] = time.perf_counter() - started
 
     if heldout is not None:
@@ -152,6 +164,24 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     logger.info("data engine done: %s pairs; %s", pairs["report"]["pairs"],
                 {k: round(v, 1) for k, v in timings.items()})
     return summary
+
+
+def run_stage_deployment(name: str, config: PipelineConfig, **parameters: Any) -> Any:
+    """Run a stage flow as its deployment (on its own work pool, e.g. GPU workers), wait for it
+    and return its result. It shows in the UI as a sub-flow of this run.
+
+    The stage flows persist their (small) results; across machines, point every worker at
+    shared result storage (``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``) and a shared work folder.
+    """
+    from prefect.deployments import run_deployment
+
+    flow_run: Any = run_deployment(name, parameters={"config": config.model_dump(mode="json"), **parameters},
+                                   timeout=None)
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        raise RuntimeError(f"deployment {name} run {flow_run.name} ({flow_run.id}) ended "
+                           f"{state.name if state else 'without a state'}; see it in the UI")
+    return state.result()
 
 
 def task_runner(config: PipelineConfig) -> Any:

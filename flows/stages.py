@@ -13,12 +13,12 @@ from typing import Any
 
 from prefect import flow
 
-from flows.data_engine import sample_prompts, train_on_pairs
+from flows.data_engine import sample_prompts, sft_only, train_on_pairs
 from mpo.config import PipelineConfig
 from tasks.stages import ingest_prompts, reference_logps, with_stage_policy
 
 
-@flow(name="mpo-sampling", log_prints=True)
+@flow(name="mpo-sampling", log_prints=True, persist_result=True)
 def sampling(config: PipelineConfig) -> list[dict[str, Any]]:
     """Ingest the prompts and run both sampling stages; returns the samples folders."""
     ingest = with_stage_policy(ingest_prompts, config.stages.ingest)
@@ -26,9 +26,12 @@ def sampling(config: PipelineConfig) -> list[dict[str, Any]]:
     return sample_prompts(config, prompts)
 
 
-@flow(name="mpo-training", log_prints=True)
-def training(config: PipelineConfig, pairs_dir: str) -> dict[str, Any]:
-    """Reference log-probs into ``pairs_dir``, then MPO training on it."""
+@flow(name="mpo-training", log_prints=True, persist_result=True)
+def training(config: PipelineConfig, pairs_dir: str, sft_baseline: bool = False) -> dict[str, Any]:
+    """Reference log-probs into ``pairs_dir``, then MPO training on it (or, with ``sft_baseline``,
+    the SFT-only baseline on the same chosen responses)."""
+    if sft_baseline:
+        return train_on_pairs(config, pairs_dir, sft_only(config), "sft")
     with_stage_policy(reference_logps, config.stages.ref_logps)(pairs_dir, config.model, config.training.max_length,
                                                                 config.stages.ref_logps.time_limit_seconds)
     return train_on_pairs(config, pairs_dir, config.training, "mpo")

@@ -71,6 +71,11 @@ class PipelineConfig(BaseModel):
     result_storage: str | None = Field(
         None, description="where cached stage results persist: a local folder, or a storage block slug such as "
                           "'s3-bucket/mpo-results' (default: Prefect's local storage)")
+    sampling_deployment: str | None = Field(
+        None, description="run sampling as this deployment (e.g. 'mpo-sampling/sampling' on a gpu pool) and wait "
+                          "for it, instead of in this flow run; the work folder must be shared")
+    training_deployment: str | None = Field(
+        None, description="run reference log-probs + training as this deployment (e.g. 'mpo-training/training')")
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="where submitted stages run: a thread pool, or a Dask cluster (`dask` extra)")
     dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")

@@ -64,6 +64,25 @@ def test_deploy_all_and_run_one_deployment_through_a_worker(synth_dir: Path, tin
         worker = run(["worker", "start", "--pool", "cpu", "--run-once"], env, timeout=600)
         assert "Finished in state Completed()" in worker
         assert list((tmp_path / "run" / "pairs").glob("*/data/*.parquet"))
+
+        # The full flow on the cpu pool hands sampling and training to the gpu pool's deployments.
+        gpu_worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "gpu"], cwd=ROOT, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            split = {**config, "workdir": str(tmp_path / "run2"), "train": True,
+                     "sampling_deployment": "mpo-sampling/sampling", "training_deployment": "mpo-training/training",
+                     "training": {"max_steps": 2, "batch_size": 4, "max_length": 512}}
+            run(["deployment", "run", "mpo-data-engine/data-engine", "--params", json.dumps({"config": split})], env)
+            worker = run(["worker", "start", "--pool", "cpu", "--run-once"], env, timeout=600)
+            assert "Finished in state Completed()" in worker
+        finally:
+            os.killpg(gpu_worker.pid, signal.SIGTERM)
+            gpu_worker.wait(timeout=60)
+        runs = run(["flow-run", "ls"], {**env, "COLUMNS": "400"}).splitlines()
+        for name in ("mpo-sampling", "mpo-training"):
+            assert [line for line in runs if name in line and "COMPLETED" in line], f"no completed {name} run"
+        assert list((tmp_path / "run2" / "samples").glob("correctness-*/shard-*.parquet"))
+        assert list((tmp_path / "run2" / "train").glob("*/mpo-*/final/config.json"))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
