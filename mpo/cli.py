@@ -18,6 +18,11 @@ from rich.table import Table
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+# The demo's synthetic datasets: colour of the largest shape and digit arithmetic are what a
+# ~1M-parameter model learns within the demo's minutes (counting shapes is not); describe
+# gives DropoutNTP its open prompts.
+DEMO_DATASETS = "synth_colour,synth_arith,synth_describe"
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="MPO data engine: preference data and MPO training for VLMs.")
 console = Console()
 
@@ -313,9 +318,14 @@ def _run_flow(settings: Any) -> dict:
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes data, model and outputs")] = Path("demo-run"),
-    count: Annotated[int, typer.Option(help="Prompts per synthetic dataset")] = 60,
-    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 300,
+    datasets: Annotated[str, typer.Option(help="Synthetic datasets, comma-separated (default: the ones a ~1M-parameter "
+                                               "model learns in minutes, plus the open one for DropoutNTP)")] = DEMO_DATASETS,
+    count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 100,
+    heldout_fraction: Annotated[float, typer.Option(help="Share of each dataset kept for evaluation")] = 0.3,
+    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 400,
+    warmup_count: Annotated[int, typer.Option(help="Warm-up examples per dataset (their own images)")] = 500,
     sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 8,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 1.0,
     train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 150,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 1e-3,
     seed: Annotated[int, typer.Option()] = 0,
@@ -324,7 +334,9 @@ def demo(
 
     Prints held-out accuracy of the starting model, the MPO model and an SFT-only
     baseline trained on the same chosen responses, the pairs made and time per stage.
-    A re-run reuses the data, the model and every finished stage.
+    The warm-up draws its own images (another seed), so training and held-out prompts
+    are new to the starting model. A re-run reuses the data, the model and every
+    finished stage.
     """
     from mpo.config import PipelineConfig
     from mpo.loss import MPOLossConfig
@@ -334,17 +346,25 @@ def demo(
     from mpo.train import TrainConfig
 
     started = time.perf_counter()
+    names = tuple(name.strip() for name in datasets.split(",") if name.strip())
     data = workdir / "data"
-    summary = generate(data, count=count, seed=seed)
+    summary = generate(data, count=count, seed=seed, heldout_fraction=heldout_fraction, datasets=names)
     console.print(f"[bold]synthetic data[/bold] in {data}: "
                   + ", ".join(f"{split} {sum(counts.values())} prompts" for split, counts in summary.items()))
     model_dir = workdir / "model-start"
     built = model_dir / "tiny_model.json"
+    recipe = {"warmup_steps": warmup_steps, "seed": seed, "datasets": list(names), "warmup_count": warmup_count}
     previous = json.loads(built.read_text()) if built.exists() else {}
-    if previous.get("warmup_steps") == warmup_steps and previous.get("seed") == seed:
+    if all(previous.get(key) == value for key, value in recipe.items()):
         model = previous  # same recipe: keep it, so finished stages stay valid
     else:
-        model = _build_tiny_model(model_dir, warmup_steps, seed, data)
+        warmup_data = workdir / "warmup-data"
+        generate(warmup_data, count=warmup_count, seed=seed + 1, heldout_fraction=0.0, datasets=names)
+        model = _build_tiny_model(model_dir, warmup_steps, seed, warmup_data)
+        model.update(recipe)
+        from mpo.io import atomic_write_text
+
+        atomic_write_text(built, json.dumps(model, indent=2) + "\n")
     prepared = time.perf_counter() - started
     console.print(f"[bold]tiny model[/bold] in {model_dir}: {model['parameters']:,} parameters, warm-up "
                   f"{warmup_steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
@@ -353,7 +373,7 @@ def demo(
     config = PipelineConfig(
         workdir=workdir.resolve(), train_data=(data / "meta.json").resolve(),
         heldout_data=(data / "meta_heldout.json").resolve(), model=str(model_dir.resolve()),
-        sampling=SamplingConfig(n=sample_n, temperature=1.0, max_tokens=48, prompts_per_shard=32,
+        sampling=SamplingConfig(n=sample_n, temperature=temperature, max_tokens=48, prompts_per_shard=32,
                                 dropout_max_tokens=32, seed=seed),
         pairing=PairingConfig(verify_modes=VERIFY_MODES),
         training=TrainConfig(learning_rate=learning_rate, max_steps=train_steps, batch_size=8, max_length=512,
