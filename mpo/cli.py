@@ -327,7 +327,7 @@ def demo(
     sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 8,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 1.0,
     train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 150,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 1e-3,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 3e-4,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """The main job: synthetic data -> tiny model with a warm-up -> the whole DAG, embedded.
