@@ -339,6 +339,7 @@ def demo(
     finished stage.
     """
     from mpo.config import PipelineConfig
+    from mpo.io import atomic_write_text
     from mpo.loss import MPOLossConfig
     from mpo.pairs import PairingConfig
     from mpo.sampling import SamplingConfig
@@ -362,8 +363,6 @@ def demo(
         generate(warmup_data, count=warmup_count, seed=seed + 1, heldout_fraction=0.0, datasets=names)
         model = _build_tiny_model(model_dir, warmup_steps, seed, warmup_data)
         model.update(recipe)
-        from mpo.io import atomic_write_text
-
         atomic_write_text(built, json.dumps(model, indent=2) + "\n")
     prepared = time.perf_counter() - started
     console.print(f"[bold]tiny model[/bold] in {model_dir}: {model['parameters']:,} parameters, warm-up "

@@ -54,7 +54,8 @@ def train_job(pairs_dir: str, model: str, out: str, training: TrainConfig, eval_
     from mpo.train import train
 
     def log_step(record: dict[str, Any]) -> None:
-        emit({"progress": 100.0 * record["step"] / max(1, training.max_steps or record["step"])})
+        if training.max_steps:  # with epochs only, the trainer alone knows the total
+            emit({"progress": 100.0 * record["step"] / training.max_steps})
         if record["step"] == 1 or record["step"] % 10 == 0:
             emit({"log": f"step {record['step']} loss {record['loss']:.4f} margin {record['reward_margin']:+.4f} "
                          f"reward acc {record['reward_accuracy']:.2f}"})

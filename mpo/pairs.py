@@ -393,17 +393,17 @@ def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int,
     if not files:
         raise FileNotFoundError(f"no sample shards (*.parquet) in {', '.join(map(str, folders))}")
     ids = [pl.read_parquet(f, columns=["prompt_id"]) for f in files]
-    if prompt_ids is not None:
-        wanted = prompt_ids.unique().implode()
-        ids = [frame.filter(pl.col("prompt_id").is_in(wanted)) for frame in ids]
-        files, ids = [f for f, frame in zip(files, ids, strict=True) if frame.height], [i for i in ids if i.height]
-        if not files:
+    selected = pl.col("prompt_id").is_in(prompt_ids.unique().implode()) if prompt_ids is not None else None
+    if selected is not None:
+        kept = [(f, frame.filter(selected)) for f, frame in zip(files, ids, strict=True)]
+        kept = [(f, frame) for f, frame in kept if frame.height]
+        if not kept:
             raise ValueError(f"no samples of the given prompts in {', '.join(map(str, folders))}")
+        files, ids = [f for f, _ in kept], [frame for _, frame in kept]
     owners = pl.concat([frame.unique() for frame in ids])
     spanning = owners.group_by("prompt_id").len().filter(pl.col("len") > 1)["prompt_id"]
     keep = ~pl.col("prompt_id").is_in(spanning.implode()) if spanning.len() else None
-    if prompt_ids is not None:
-        selected = pl.col("prompt_id").is_in(prompt_ids.unique().implode())
+    if selected is not None:
         keep = selected if keep is None else keep & selected
     groups: list[tuple[list[Path], pl.Expr | None]] = []
     current: list[Path] = []
