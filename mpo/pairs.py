@@ -11,19 +11,20 @@ Rules, per prompt:
   optional length balancing caps len(chosen) / len(rejected).
 
 How it stays fast and small: answer extraction is vectorised for the trigger templates
-(``en``/``zh``, looking at the response's tail first) and falls back to
-``mpo.answers.extract_answer`` for the rest; verification runs once per distinct
-(answer, gold, mode); n-gram repetition works on hashed words; cross products carry
-only indices and answers, and response texts are joined back for the kept pairs only;
-``run_pairing`` works through the samples a few shards at a time (a prompt whose
+(``en``/``zh``: one capture-free regex) and falls back to ``mpo.answers.extract_answer``
+for the rest; verification runs once per distinct (answer, gold, mode); repetition and
+content hashes are compiled loops over the UTF-8 bytes (``mpo.text_stats``); duplicates
+are found by content hash; cross products carry only indices, answers and hashes, are
+capped and sorted before the response texts are joined back for the kept pairs;
+``run_pairing`` works through the samples a shard or so at a time (a prompt whose
 samples span shards is handled in a final chunk). The draw is a deterministic integer
 hash of (prompt, chosen index, rejected index, seed): the same samples always give the
-same pairs, in any order and any chunking.
+same pairs, in any order and any chunking. ``pair_id`` is the content hash of
+(prompt_id, hash of chosen, hash of rejected), 16 hex digits.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import zlib
@@ -38,11 +39,10 @@ from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correc
 from mpo.io import atomic_write_text, publish_dir
 from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, shard_files, write_table
 from mpo.templates import TEMPLATES, apply_template
+from mpo.text_stats import content_hash, hex64, repetition
 
 _MINSTD, _PRIME = 48271, 2_147_483_647
-_TRIGGER_REST = "(?s).*(?:" + "|".join(re.escape(t) for t in TRIGGERS) + ")(.*)$"
-_TAIL_CHARS = 256  # the last trigger nearly always stands in a response's last 256 characters
-_GRAM_WEIGHTS = (1, 3, 7, 13, 31, 61, 127, 251)  # n-gram hash = weighted sum of 40-bit word hashes
+_TRIGGER = "(?:" + "|".join(re.escape(t) for t in TRIGGERS) + ")"
 FAST_TEMPLATES = ("en", "zh")
 
 
@@ -57,7 +57,7 @@ class PairingConfig(BaseModel):
     max_repetition: float = Field(0.3, ge=0, le=1, description="drop a response whose share of repeated n-grams exceeds this")
     max_length_ratio: float | None = Field(None, gt=0, description="drop pairs with len(chosen)/len(rejected) above this")
     shard_rows: int = Field(100_000, ge=1, description="rows per output Parquet shard")
-    chunk_rows: int = Field(100_000, ge=1, description="sample rows held in memory at once by run_pairing")
+    chunk_rows: int = Field(50_000, ge=1, description="sample rows held in memory at once by run_pairing")
 
 
 @dataclass
@@ -70,25 +70,21 @@ class PairingResult:
 # ------------------------------------------------------------------ judging
 
 
-def _trigger_rest(responses: pl.DataFrame) -> pl.Series:
-    """Text after the last trigger, or null. The tail is searched first; only rows whose
-    tail holds no trigger are searched whole (the result is the same: the last trigger's
-    start lies in the tail whenever any trigger does)."""
-    rest = responses.select(pl.col("response").str.tail(_TAIL_CHARS).str.extract(_TRIGGER_REST, 1)).to_series()
-    retry = (rest.is_null() & (responses["response"].str.len_chars() > _TAIL_CHARS)).arg_true()
-    if retry.len():
-        whole = responses[retry].select(pl.col("response").str.extract(_TRIGGER_REST, 1)).to_series()
-        rest = rest.scatter(retry, whole)
-    return rest
-
-
 def extract_answers(df: pl.DataFrame) -> pl.Series:
-    """``extract_answer(response, prompt_version)`` for every row, vectorised where possible."""
-    line = pl.col("_rest").str.strip_chars().str.extract(r"^([^\n]*)", 1).str.strip_chars()
+    """``extract_answer(response, prompt_version)`` for every row, vectorised where possible.
+
+    For the trigger templates (``en``/``zh``) the last match of "trigger, blanks, one line"
+    is the answer line (a regex without capture groups: the engine's fast path). That
+    match is not the last trigger when its line holds another trigger, and ``\\boxed{}``
+    needs brace matching: those rows, and other templates, go to ``extract_answer``.
+    """
+    match = pl.col("response").str.extract_all(_TRIGGER + r"\s*[^\n]*").list.last()
+    line = match.str.replace(f"^{_TRIGGER}", "").str.strip_chars()
     answer = line.str.strip_chars_end(".。").str.strip_chars()
-    fast = df.select("response", "prompt_version").with_columns(_rest=_trigger_rest(df)).select(
+    tricky = line.str.contains(_TRIGGER) | line.str.contains("\\boxed{", literal=True)
+    fast = df.select("response", "prompt_version").select(
         answer=pl.when(answer == "").then(None).otherwise(answer),
-        slow=~pl.col("prompt_version").is_in(FAST_TEMPLATES) | line.str.contains("\\boxed{", literal=True).fill_null(False),
+        slow=~pl.col("prompt_version").is_in(FAST_TEMPLATES) | tricky.fill_null(False),
     )
     answers = fast["answer"]
     slow_rows = fast["slow"].arg_true()
@@ -119,31 +115,6 @@ def judge_samples(df: pl.DataFrame, config: PairingConfig) -> pl.DataFrame:
     )
 
 
-def repetition(texts: pl.Series, n: int, slice_rows: int = 8192) -> pl.Series:
-    """Share of repeated word n-grams per text (words split on " "; 0 below n words).
-
-    Words are hashed to 40 bits and an n-gram is a weighted sum of its word hashes: equal
-    n-grams always match, distinct ones collide with negligible probability (~2**-40).
-    Texts are handled ``slice_rows`` at a time: the word table of a slice is what
-    sets the memory peak.
-    """
-    if texts.len() > slice_rows:
-        parts = [_repetition(texts.slice(start, slice_rows), n) for start in range(0, texts.len(), slice_rows)]
-        return pl.concat(parts)
-    return _repetition(texts, n)
-
-
-def _repetition(texts: pl.Series, n: int) -> pl.Series:
-    rows = pl.DataFrame({"_row": pl.arange(0, texts.len(), dtype=pl.UInt32, eager=True), "_w": texts.str.split(" ")})
-    words = rows.explode("_w").select("_row", _h=(pl.col("_w").hash(seed=0) % (1 << 40)).cast(pl.Int64))
-    gram = pl.sum_horizontal(pl.col("_h").shift(-k) * _GRAM_WEIGHTS[k] for k in range(n))
-    grams = words.with_columns(_g=gram, _same=pl.col("_row").shift(-(n - 1)) == pl.col("_row")).filter("_same")
-    stats = grams.group_by("_row").agg(_n=pl.len(), _u=pl.col("_g").n_unique())
-    share = rows.select("_row").join(stats, on="_row", how="left").sort("_row").select(
-        pl.when(pl.col("_n") > 0).then(1 - pl.col("_u") / pl.col("_n")).otherwise(0.0))
-    return share.to_series().alias("_rep")
-
-
 # ------------------------------------------------------------------ drawing
 
 
@@ -160,9 +131,17 @@ def draw_key(first: str, second: str) -> pl.Expr:
     return ((base * _MINSTD) % _PRIME * _MINSTD) % _PRIME
 
 
+def position_in_run(key: str) -> pl.Expr:
+    """0, 1, 2, ... within each run of equal ``key`` values in a sorted frame (the same
+    as ``int_range().over(key)`` there, without the cost of a window)."""
+    row = pl.int_range(pl.len())
+    run_start = pl.when(pl.col(key) != pl.col(key).shift(1)).then(row).otherwise(None).fill_null(strategy="forward")
+    return row - run_start.fill_null(0)
+
+
 def cap_per_prompt(df: pl.DataFrame, first: str, second: str, cap: int) -> pl.DataFrame:
-    ranked = df.with_columns(_key=draw_key(first, second)).sort(["prompt_id", "_key", first, second])
-    return ranked.filter(pl.int_range(pl.len()).over("prompt_id") < cap).drop("_key")
+    ranked = df.with_columns(_key=draw_key(first, second)).sort(["_p", "_key", first, second])
+    return ranked.filter(position_in_run("_p") < cap).drop("_key")
 
 
 # ------------------------------------------------------------------ pairing one chunk
@@ -187,10 +166,11 @@ def _split(df: pl.DataFrame, keep: pl.Expr, counter: Counts, reason: str) -> pl.
     return flagged.filter(pl.col("_keep")).drop("_keep")
 
 
-def _dedup(df: pl.DataFrame, text: str, counter: Counts) -> pl.DataFrame:
-    """Keep one row per (prompt, text): a complete copy before a truncated one, then the first."""
-    first = pl.int_range(pl.len()).over(["prompt_id", text]) == 0
-    ordered = df.sort(["prompt_id", pl.col("finish_reason") == "length", "sample_index"])
+def _dedup(df: pl.DataFrame, text_hash: str, counter: Counts) -> pl.DataFrame:
+    """Keep one row per (prompt, text), texts compared by their 64-bit content hash: a
+    complete copy before a truncated one, then the first."""
+    first = pl.struct("_p", text_hash).is_first_distinct()
+    ordered = df.sort(["_p", pl.col("finish_reason") == "length", "sample_index"])
     return _split(ordered, first, counter, "duplicate_response")
 
 
@@ -201,28 +181,31 @@ def _cap_and_count(pairs: pl.DataFrame, first: str, second: str, source: str, co
         ratio = pl.col("_c_len") / pl.col("_r_len").clip(lower_bound=1)
         pairs = _split(pairs, ratio <= config.max_length_ratio, counter, "length_ratio")
     capped = cap_per_prompt(pairs, first, second, config.pairs_per_prompt)
-    over = pairs.height - capped.height
-    if over:
-        _count(counter, pairs.join(capped.select("prompt_id", first, second), on=["prompt_id", first, second],
-                                   how="anti"), f"over_cap_{source}")
+    if pairs.height > capped.height:
+        kept = dict(capped.group_by("dataset").len().iter_rows())
+        for dataset, n in pairs.group_by("dataset").len().iter_rows():
+            if n > kept.get(dataset, 0):
+                _add(counter, dataset, f"over_cap_{source}", n - kept.get(dataset, 0))
     return capped.with_columns(source=pl.lit(source))
 
 
 def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Counts) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Index-level pairs (prompt_id, c_idx, r_idx, answers, source) and the judged samples."""
     judged = judge_samples(samples, config)
-    lean = judged.select("prompt_id", "dataset", "prompt_version", "sample_index", "finish_reason", "response",
+    lean = judged.select("prompt_id", "_p", "dataset", "prompt_version", "sample_index", "finish_reason", "_hash",
                          "extracted", "verdict", "_rep", "_pseed", _len=pl.col("response").str.len_chars())
-    usable = _dedup(lean, "response", counter).drop("response")
+    usable = _dedup(lean, "_hash", counter)
     usable = _split(usable, pl.col("_rep") <= config.max_repetition, counter, "repetitive")
     correct = usable.filter(pl.col("verdict") == Verdict.CORRECT.value)
     chosen = _split(correct, pl.col("finish_reason") != "length", counter, "truncated_chosen").select(
-        "prompt_id", "prompt_version", "dataset", "_pseed", c_idx="sample_index", chosen_answer="extracted", _c_len="_len")
+        "prompt_id", "_p", "prompt_version", "dataset", "_pseed", c_idx="sample_index", chosen_answer="extracted", _c_len="_len",
+        _c_hash="_hash")
     frames = []
     for source, verdict in (("correctness", Verdict.WRONG), ("format", Verdict.FORMAT_FAILURE)):
         rejected = usable.filter(pl.col("verdict") == verdict.value).select(
-            "prompt_id", "prompt_version", r_idx="sample_index", rejected_answer="extracted", _r_len="_len")
-        pairs = chosen.join(rejected, on=["prompt_id", "prompt_version"], how="inner")
+            "_p", "prompt_version", r_idx="sample_index", rejected_answer="extracted", _r_len="_len",
+            _r_hash="_hash")
+        pairs = chosen.join(rejected, on=["_p", "prompt_version"], how="inner")
         if source == "correctness":
             contained = pl.col("rejected_answer").str.to_lowercase().str.contains(
                 pl.col("chosen_answer").str.to_lowercase(), literal=True)
@@ -236,41 +219,47 @@ def _dropout_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Counts
     rows = _split(rows, pl.col("response").str.strip_chars() != "", counter, "empty_continuation")
     rows = _split(rows, pl.col("rejected").str.strip_chars() != pl.col("chosen").str.strip_chars(), counter,
                   "identical_to_chosen")
-    rows = _dedup(rows, "rejected", counter)
+    rows = rows.with_columns(_c_hash=content_hash(rows["chosen"]), _r_hash=content_hash(rows["rejected"]))
+    rows = _dedup(rows, "_r_hash", counter)
     rows = _split(rows, pl.col("_rep") <= config.max_repetition, counter, "repetitive")
     rows = rows.with_columns(_zero=pl.lit(0, dtype=pl.Int64), _c_len=pl.col("chosen").str.len_chars(),
                              _r_len=pl.col("rejected").str.len_chars())
     capped = _cap_and_count(rows, "sample_index", "_zero", "dropout_ntp", config, counter)
-    return capped.select("prompt_id", "prompt_version", "chosen", "rejected", "source", c_idx="sample_index",
+    return capped.select("prompt_id", "_p", "prompt_version", "chosen", "rejected", "source", "_c_hash", "_r_hash",
+                         c_idx="sample_index",
                          chosen_answer=pl.lit(None, pl.String), rejected_answer=pl.lit(None, pl.String))
 
 
-def _with_texts(index_pairs: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
-    """Join response texts and per-prompt lineage onto index-level correctness pairs."""
-    texts = samples.select("prompt_id", "sample_index", "response", "model")
+def _with_texts(pairs: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
+    """Join response texts onto the index-level correctness pairs, keeping the row order
+    (pairs are sorted before the texts join them: sorting moves indices, not texts)."""
+    texts = samples.select("_p", "sample_index", "response")
     return (
-        index_pairs
-        .join(texts.rename({"sample_index": "c_idx", "response": "chosen"}), on=["prompt_id", "c_idx"], how="left")
-        .join(texts.select("prompt_id", r_idx="sample_index", rejected="response"), on=["prompt_id", "r_idx"], how="left")
+        pairs
+        .join(texts.select("_p", c_idx="sample_index", _chosen="response"), on=["_p", "c_idx"], how="left",
+              maintain_order="left")
+        .join(texts.select("_p", r_idx="sample_index", _rejected="response"), on=["_p", "r_idx"], how="left",
+              maintain_order="left")
+        .with_columns(chosen=pl.coalesce("chosen", "_chosen"), rejected=pl.coalesce("rejected", "_rejected"))
     )
 
 
 def _prompt_column(pairs: pl.DataFrame) -> pl.DataFrame:
-    """The question as the model saw it: templated for CoT samples, as is for DropoutNTP."""
-    keys = pairs.select("question", "prompt_version", "source").unique()
-    prompts = [
-        apply_template(q, v) if s != "dropout_ntp" and v in TEMPLATES else q for q, v, s in keys.iter_rows()
-    ]
-    return pairs.join(keys.with_columns(prompt=pl.Series(prompts, dtype=pl.String)),
-                      on=["question", "prompt_version", "source"], how="left", nulls_equal=True)
+    """The question as the model saw it: templated for CoT samples, as is for DropoutNTP
+    (templates applied once per distinct question, the row order kept)."""
+    keyed = pairs.with_columns(
+        _templated=(pl.col("source") != "dropout_ntp") & pl.col("prompt_version").is_in(list(TEMPLATES)))
+    keys = keyed.select("question", "prompt_version", "_templated").unique()
+    prompts = [apply_template(q, v) if t else q for q, v, t in keys.iter_rows()]
+    return keyed.join(keys.with_columns(prompt=pl.Series(prompts, dtype=pl.String)),
+                      on=["question", "prompt_version", "_templated"], how="left", nulls_equal=True,
+                      maintain_order="left")
 
 
 def _pair_ids(pairs: pl.DataFrame) -> pl.Series:
-    ids = [
-        hashlib.sha256(f"{p}\x00{c}\x00{r}".encode()).hexdigest()[:24]
-        for p, c, r in pairs.select("prompt_id", "chosen", "rejected").iter_rows()
-    ]
-    return pl.Series("pair_id", ids, dtype=pl.String)
+    """Stable content id: the hash of (prompt_id, hash of chosen, hash of rejected)."""
+    key = pairs["prompt_id"] + "\x00" + hex64(pairs["_c_hash"]) + "\x00" + hex64(pairs["_r_hash"])
+    return hex64(content_hash(key)).alias("pair_id")
 
 
 @dataclass
@@ -285,20 +274,26 @@ class ChunkResult:
 def pair_chunk(samples: pl.DataFrame, config: PairingConfig) -> ChunkResult:
     """Pairs of every prompt in ``samples`` (which must hold all samples of its prompts)."""
     counter: Counts = {}
-    samples = samples.with_columns(_pseed=prompt_seeds(samples["prompt_id"], config.seed),
-                                   _rep=repetition(samples["response"], config.repetition_ngram))
+    samples = samples.with_columns(_p=pl.col("prompt_id").rank("dense"),  # an integer key for joins and sorts
+                                   _pseed=prompt_seeds(samples["prompt_id"], config.seed),
+                                   _rep=repetition(samples["response"], config.repetition_ngram),
+                                   _hash=content_hash(samples["response"]))
     _count(counter, samples.filter(~pl.col("source").is_in(["correctness", "dropout_ntp"])), "unknown_source")
     correctness = samples.filter(pl.col("source") == "correctness")
     dropout = samples.filter(pl.col("source") == "dropout_ntp")
 
     index_pairs, judged = _correctness_pairs(correctness, config, counter)
-    text_pairs = pl.concat([_with_texts(index_pairs, correctness), _dropout_pairs(dropout, config, counter)],
-                           how="diagonal_relaxed").drop("dataset", strict=False)
+    models = samples.select("_p", c_idx="sample_index", model="model")
+    index_pairs = index_pairs.join(models, on=["_p", "c_idx"], how="left")
+    pairs = pl.concat([index_pairs, _dropout_pairs(dropout, config, counter)], how="diagonal_relaxed")
     info = samples.group_by("prompt_id").agg(pl.col("dataset", "question", "images", "answer").first(),
                                              pl.col("model").first().alias("_model"))
-    pairs = text_pairs.join(info, on="prompt_id", how="left").with_columns(model=pl.coalesce("model", "_model"))
+    pairs = (pairs.drop("dataset", strict=False).join(info, on="prompt_id", how="left")
+             .with_columns(model=pl.coalesce("model", "_model")))
+    pairs = pairs.with_columns(_pair_ids(pairs)).sort(["dataset", "prompt_id", "source", "pair_id"])
+    pairs = _with_texts(pairs, correctness)
     pairs = _prompt_column(pairs) if pairs.height else pairs.with_columns(prompt=pl.lit(None, pl.String))
-    pairs = pairs.with_columns(_pair_ids(pairs)).select(PAIRS.names)
+    pairs = pairs.select(PAIRS.names)
 
     correct, failure = Verdict.CORRECT.value, Verdict.FORMAT_FAILURE.value
     stats = pl.concat([
@@ -359,23 +354,25 @@ def make_pairs(samples: pl.DataFrame, config: PairingConfig) -> PairingResult:
     """Pure function: samples table in, pairs + hard prompts + report out."""
     chunk = pair_chunk(samples, config)
     hard, report = summarize(chunk.prompt_stats, _pair_counts(chunk.pairs), chunk.filtered)
-    return PairingResult(chunk.pairs.sort(["dataset", "prompt_id", "source", "pair_id"]), hard, report)
+    return PairingResult(chunk.pairs, hard, report)
 
 
 # ------------------------------------------------------------------ the stage
 
 
+# What pairing reads of a sample shard (the rest, e.g. sampling_config, is lineage only).
+PAIRING_COLUMNS = ("prompt_id", "dataset", "images", "question", "answer", "prompt_version", "response",
+                   "finish_reason", "sample_index", "source", "model", "chosen", "prefix")
+
+
 def _read(files: list[Path], prompt_filter: pl.Expr | None = None) -> pl.DataFrame:
-    """Read sample shards with polars' own reader (far leaner than going through Arrow),
-    adding any nullable contract column a shard lacks."""
+    """Read the pairing columns of sample shards in one polars scan (far leaner than going
+    through Arrow); a nullable contract column a shard lacks reads as nulls."""
     schema = pl.from_arrow(SAMPLES.empty_table()).schema  # type: ignore[union-attr]
-    frames = []
-    for file in files:
-        frame = pl.read_parquet(file)
-        missing = [pl.lit(None, dtype).alias(name) for name, dtype in schema.items() if name not in frame.columns]
-        frame = frame.with_columns(missing).select([pl.col(n).cast(t) for n, t in schema.items()])
-        frames.append(frame.filter(prompt_filter) if prompt_filter is not None else frame)
-    return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
+    if not files:
+        return pl.DataFrame(schema=schema).select(PAIRING_COLUMNS)
+    scan = pl.scan_parquet(files, schema=schema, missing_columns="insert").select(PAIRING_COLUMNS)
+    return (scan.filter(prompt_filter) if prompt_filter is not None else scan).collect()
 
 
 SamplesDirs = Path | str | list[Path] | list[str]
@@ -436,7 +433,7 @@ def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig
         index = 0
         for files, keep in sample_chunks(samples_dir, config.chunk_rows, prompt_ids):
             chunk = pair_chunk(_read(files, keep), config)
-            pairs = chunk.pairs.sort(["dataset", "prompt_id", "source", "pair_id"])
+            pairs = chunk.pairs
             for start in range(0, pairs.height, config.shard_rows):
                 write_table(pairs.slice(start, config.shard_rows).to_arrow(), folder / f"part-{index:05d}.parquet", PAIRS)
                 index += 1

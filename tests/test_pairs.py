@@ -156,21 +156,6 @@ def test_run_pairing_writes_a_loadable_pairs_directory(tmp_path: Path) -> None:
     assert len(list((tmp_path / "pairs" / "data").glob("*.parquet"))) == 1
 
 
-def test_hashed_repetition_equals_exact_ngram_count() -> None:
-    from mpo.pairs import repetition
-
-    rng = random.Random(1)
-    texts = [" ".join(rng.choices(["a", "b", "c", "dd", ""], k=rng.randint(0, 30))) for _ in range(500)]
-
-    def exact(text: str) -> float:
-        words = text.split(" ")
-        grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
-        return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-    got = repetition(pl.Series(texts), 4).to_list()
-    assert got == pytest.approx([exact(t) for t in texts])
-
-
 def test_chunks_and_prompts_spanning_shards_give_the_same_pairs(tmp_path: Path) -> None:
     rows = [sample(f"p{k}", i, f"Step {k} {i}. Final answer: {2 if (i + k) % 3 else 5}") for k in range(6) for i in range(6)]
     # p0..p5 in three shards; p1 and p4 have samples in two shards each.
