@@ -30,7 +30,7 @@ console = Console()
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (images/, annotations/, meta.json)")],
-    count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 100,
+    count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 400,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes identical files")] = 0,
     heldout_fraction: Annotated[float, typer.Option(help="Share of each dataset kept for evaluation")] = 0.2,
 ) -> None:
@@ -320,13 +320,13 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes data, model and outputs")] = Path("demo-run"),
     datasets: Annotated[str, typer.Option(help="Synthetic datasets, comma-separated (default: the ones a ~1M-parameter "
                                                "model learns in minutes, plus the open one for DropoutNTP)")] = DEMO_DATASETS,
-    count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 100,
+    count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 400,
     heldout_fraction: Annotated[float, typer.Option(help="Share of each dataset kept for evaluation")] = 0.3,
-    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 400,
+    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 300,
     warmup_count: Annotated[int, typer.Option(help="Warm-up examples per dataset (their own images)")] = 500,
-    sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 8,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 1.0,
-    train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 150,
+    sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 0.5,
+    train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 200,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 3e-4,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
