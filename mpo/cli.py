@@ -30,7 +30,7 @@ console = Console()
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (images/, annotations/, meta.json)")],
-    count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 400,
+    count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 100,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes identical files")] = 0,
     heldout_fraction: Annotated[float, typer.Option(help="Share of each dataset kept for evaluation")] = 0.2,
 ) -> None:

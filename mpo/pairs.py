@@ -135,8 +135,8 @@ def position_in_run(key: str) -> pl.Expr:
     """0, 1, 2, ... within each run of equal ``key`` values in a sorted frame (the same
     as ``int_range().over(key)`` there, without the cost of a window)."""
     row = pl.int_range(pl.len())
-    run_start = pl.when(pl.col(key) != pl.col(key).shift(1)).then(row).otherwise(None).fill_null(strategy="forward")
-    return row - run_start.fill_null(0)
+    starts_run = pl.col(key).ne_missing(pl.col(key).shift(1))  # true on the first row too
+    return row - pl.when(starts_run).then(row).otherwise(None).fill_null(strategy="forward")
 
 
 def cap_per_prompt(df: pl.DataFrame, first: str, second: str, cap: int) -> pl.DataFrame:
@@ -283,7 +283,7 @@ def pair_chunk(samples: pl.DataFrame, config: PairingConfig) -> ChunkResult:
     dropout = samples.filter(pl.col("source") == "dropout_ntp")
 
     index_pairs, judged = _correctness_pairs(correctness, config, counter)
-    models = samples.select("_p", c_idx="sample_index", model="model")
+    models = correctness.select("_p", c_idx="sample_index", model="model")
     index_pairs = index_pairs.join(models, on=["_p", "c_idx"], how="left")
     pairs = pl.concat([index_pairs, _dropout_pairs(dropout, config, counter)], how="diagonal_relaxed")
     info = samples.group_by("prompt_id").agg(pl.col("dataset", "question", "images", "answer").first(),

@@ -43,18 +43,10 @@ def _fmix(x: np.uint64) -> np.uint64:
 
 @numba.njit(inline="always")
 def _load(data: np.ndarray, start: int, count: int) -> np.uint64:
-    """Up to 8 bytes from ``start`` as a little-endian integer."""
+    """Up to 8 bytes from ``start`` as a little-endian integer (inlined: with a literal
+    ``count`` of 8 the loop unrolls and LLVM fuses the byte loads)."""
     word = np.uint64(0)
     for b in range(count):
-        word |= np.uint64(data[start + b]) << np.uint64(8 * b)
-    return word
-
-
-@numba.njit(inline="always")
-def _load8(data: np.ndarray, start: int) -> np.uint64:
-    """8 bytes from ``start`` as a little-endian integer (the fixed count lets LLVM fuse the loads)."""
-    word = np.uint64(0)
-    for b in range(8):
         word |= np.uint64(data[start + b]) << np.uint64(8 * b)
     return word
 
@@ -73,7 +65,7 @@ def _hash_kernel(offsets: np.ndarray, data: np.ndarray, out: np.ndarray) -> None
         h = np.uint64(hi - lo) * _K3
         p = lo
         while p + 8 <= hi:
-            h = _round(h, _load8(data, p))
+            h = _round(h, _load(data, p, 8))
             p += 8
         if p < hi:
             h = _round(h, _load(data, p, hi - p) ^ _K3)
@@ -87,14 +79,14 @@ def _word_hash(data: np.ndarray, start: int, end: int) -> np.uint64:
     size = end - start
     h = np.uint64(size) * _K3
     if start + 8 <= data.size:
-        head = _load8(data, start)
+        head = _load(data, start, 8)
         if size < 8:
             head &= (np.uint64(1) << np.uint64(8 * size)) - np.uint64(1)
     else:
         head = _load(data, start, min(size, 8))
     h = _round(h, head)
     if size > 8:
-        h = _round(h, _load8(data, end - 8))
+        h = _round(h, _load(data, end - 8, 8))
     return _fmix(h)
 
 
