@@ -9,8 +9,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 
 from mpo.engines.base import GenerationRequest, SamplingParams
+from mpo.engines.hf import batches, sampling_processors
 from mpo.sampling import (
     SamplingConfig,
     parse_variant,
@@ -36,10 +38,53 @@ def test_engine_returns_n_reproducible_completions(hf_engine, synth_dir: Path) -
     assert any(c.finish_reason == "length" and c.num_tokens == 12 for c in first + other)
 
 
+def test_a_request_samples_the_same_alone_or_in_a_batch(hf_engine, synth_dir: Path, monkeypatch) -> None:
+    images = sorted((synth_dir / "images" / "synth_colour").glob("*.png"))[:5]
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=10)
+    requests = [GenerationRequest(f"r{i}", "<image>\nWhat colour is the largest shape?", (str(image),), params=params,
+                                  seed=100 * i) for i, image in enumerate(images)]
+    batched = hf_engine.generate(requests)
+    monkeypatch.setattr(hf_engine, "max_batch_sequences", 2)  # one request per generate call
+    alone = hf_engine.generate(requests)
+    assert batched == alone and len({c.text for row in alone for c in row}) > 2
+
+
+def test_greedy_answers_do_not_depend_on_batching(hf_engine, synth_dir: Path, monkeypatch) -> None:
+    images = sorted((synth_dir / "images" / "synth_count").glob("*.png"))[:6]
+    params = SamplingParams(n=1, temperature=0, max_tokens=10)
+    questions = ["<image>\nHow many circles are there?", "Describe a square.", "<image>\nWhat is shown?"]
+    requests = [GenerationRequest(f"r{i}", questions[i % 3], (str(image),) if "<image>" in questions[i % 3] else (),
+                                  params=params) for i, image in enumerate(images)]
+    batched = hf_engine.generate(requests)
+    monkeypatch.setattr(hf_engine, "max_batch_sequences", 1)
+    assert batched == hf_engine.generate(requests)
+
+
+def test_gumbel_sampling_draws_from_the_tempered_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    params = SamplingParams(n=1, temperature=0.5, top_k=0)
+    draws = 4000
+    processors = sampling_processors(params, list(range(draws)), "cpu")
+    picks = processors(torch.zeros((draws, 1), dtype=torch.long), logits.repeat(draws, 1)).argmax(-1)
+    observed = torch.bincount(picks, minlength=5).double() / draws
+    expected = torch.softmax(logits[0].double() / 0.5, -1)
+    assert torch.allclose(observed, expected, atol=0.025), (observed, expected)
+    top_k = sampling_processors(SamplingParams(temperature=1.0, top_k=2), list(range(500)), "cpu")
+    assert set(top_k(torch.zeros((500, 1), dtype=torch.long), logits.repeat(500, 1)).argmax(-1).tolist()) == {0, 1}
+    assert len(sampling_processors(SamplingParams(temperature=0), [0], "cpu")) == 0
+
+
+def test_batches_keep_order_params_and_the_sequence_cap() -> None:
+    a, b = SamplingParams(n=4, max_tokens=8), SamplingParams(n=1, max_tokens=8)
+    requests = [GenerationRequest(str(i), "q", params=a if i < 5 else b) for i in range(8)]
+    grouped = [[r.request_id for r in batch] for batch in batches(requests, max_sequences=8)]
+    assert grouped == [["0", "1"], ["2", "3"], ["4"], ["5", "6", "7"]]
+
+
 def test_engine_continues_an_assistant_prefix(hf_engine) -> None:
     request = GenerationRequest("r", "Describe a square.", assistant_prefix="The image shows",
                                 params=SamplingParams(n=1, temperature=0, max_tokens=6))
-    prompt = hf_engine.processor.tokenizer.decode(hf_engine.encode_prompt(request)["input_ids"][0])
+    prompt = hf_engine.processor.tokenizer.decode(hf_engine.encode_prompts([request])["input_ids"][0])
     assert prompt.endswith("<|im_start|>assistant\nThe image shows")
     assert len(hf_engine.generate([request])[0]) == 1
 
