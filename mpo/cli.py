@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # The demo's synthetic datasets: colour of the largest shape and digit arithmetic are what a
 # ~1M-parameter model learns within the demo's minutes (counting shapes is not); describe
 # gives DropoutNTP its open prompts.
-DEMO_DATASETS = "synth_colour,synth_arith,synth_describe"
+DEMO_DATASETS = "synth_colour,synth_count,synth_choice,synth_describe"
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="MPO data engine: preference data and MPO training for VLMs.")
 console = Console()
@@ -53,16 +53,17 @@ def tiny_model(
     warmup_steps: Annotated[int, typer.Option(help="Supervised warm-up steps on synthetic data (0: random weights)")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for tokenizer corpus, init and warm-up")] = 0,
     data: Annotated[Path | None, typer.Option(help="`mpo synth` output for the warm-up; generated if omitted")] = None,
+    warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up (cosine decay to 0)")] = 1e-3,
 ) -> None:
     """Build the tiny offline InternVL model (tokenizer, processor, weights)."""
-    summary = _build_tiny_model(out, warmup_steps, seed, data)
+    summary = _build_tiny_model(out, warmup_steps, seed, data, warmup_lr)
     console.print(f"[green]tiny model[/green] written to {out}: {summary['parameters']:,} parameters, "
                   f"vocab {summary['vocab_size']}, {summary['image_seq_length']} image tokens per image")
     if warmup_steps:
         console.print(f"warm-up: {warmup_steps} steps, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
 
 
-def _build_tiny_model(out: Path, warmup_steps: int, seed: int, data: Path | None) -> dict:
+def _build_tiny_model(out: Path, warmup_steps: int, seed: int, data: Path | None, warmup_lr: float) -> dict:
     from mpo.synth import generate
     from mpo.tiny_model import build_tiny_model
 
@@ -74,7 +75,7 @@ def _build_tiny_model(out: Path, warmup_steps: int, seed: int, data: Path | None
                       TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console,
                       disable=not warmup_steps) as progress:
             task = progress.add_task("warm-up", total=warmup_steps, loss=float("nan"))
-            return build_tiny_model(out, seed=seed, warmup_steps=warmup_steps, synth_dir=data,
+            return build_tiny_model(out, seed=seed, warmup_steps=warmup_steps, synth_dir=data, warmup_lr=warmup_lr,
                                     on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
 
 
@@ -322,12 +323,13 @@ def demo(
                                                "model learns in minutes, plus the open one for DropoutNTP)")] = DEMO_DATASETS,
     count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 400,
     heldout_fraction: Annotated[float, typer.Option(help="Share of each dataset kept for evaluation")] = 0.3,
-    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 300,
+    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 400,
     warmup_count: Annotated[int, typer.Option(help="Warm-up examples per dataset (their own images)")] = 500,
+    warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up")] = 3e-3,
     sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 4,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 0.5,
-    train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 200,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 3e-4,
+    train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 300,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 5e-4,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """The main job: synthetic data -> tiny model with a warm-up -> the whole DAG, embedded.
@@ -354,14 +356,15 @@ def demo(
                   + ", ".join(f"{split} {sum(counts.values())} prompts" for split, counts in summary.items()))
     model_dir = workdir / "model-start"
     built = model_dir / "tiny_model.json"
-    recipe = {"warmup_steps": warmup_steps, "seed": seed, "datasets": list(names), "warmup_count": warmup_count}
+    recipe = {"warmup_steps": warmup_steps, "seed": seed, "datasets": list(names), "warmup_count": warmup_count,
+              "warmup_lr": warmup_lr}
     previous = json.loads(built.read_text()) if built.exists() else {}
     if all(previous.get(key) == value for key, value in recipe.items()):
         model = previous  # same recipe: keep it, so finished stages stay valid
     else:
         warmup_data = workdir / "warmup-data"
         generate(warmup_data, count=warmup_count, seed=seed + 1, heldout_fraction=0.0, datasets=names)
-        model = _build_tiny_model(model_dir, warmup_steps, seed, warmup_data)
+        model = _build_tiny_model(model_dir, warmup_steps, seed, warmup_data, warmup_lr)
         model.update(recipe)
         atomic_write_text(built, json.dumps(model, indent=2) + "\n")
     prepared = time.perf_counter() - started

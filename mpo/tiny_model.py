@@ -239,7 +239,7 @@ def warmup(model: Any, processor: Any, examples: list[WarmupExample], steps: int
 
 
 def build_tiny_model(out: Path, seed: int = 0, warmup_steps: int = 0, synth_dir: Path | None = None,
-                     spec: TinyModelSpec | None = None,
+                     spec: TinyModelSpec | None = None, warmup_lr: float = 1e-3,
                      on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Build, optionally warm up, and save the tiny model to ``out``; return a summary."""
     spec = spec or TinyModelSpec()
@@ -250,7 +250,8 @@ def build_tiny_model(out: Path, seed: int = 0, warmup_steps: int = 0, synth_dir:
     if warmup_steps:
         if synth_dir is None:
             raise ValueError("warm-up needs synthetic data: pass synth_dir (mpo synth output)")
-        losses = warmup(model, processor, warmup_examples(Path(synth_dir)), warmup_steps, seed, on_step=on_step)
+        losses = warmup(model, processor, warmup_examples(Path(synth_dir)), warmup_steps, seed, lr=warmup_lr,
+                        on_step=on_step)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -260,6 +261,7 @@ def build_tiny_model(out: Path, seed: int = 0, warmup_steps: int = 0, synth_dir:
         "vocab_size": len(tokenizer),
         "image_seq_length": spec.image_seq_length,
         "warmup_steps": warmup_steps,
+        "warmup_lr": warmup_lr,
         "first_loss": losses[0] if losses else None,
         "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "seed": seed,
