@@ -116,18 +116,39 @@ class PairLogps(nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, rejected_grad: bool = True) -> torch.Tensor:
+        """``rejected_grad=False`` is for a loss that ignores the rejected responses (the SFT
+        baseline): the rejected half then runs without autograd, about a third of its cost,
+        and its log-probs still feed the reward metrics."""
         hf = unwrap(self.model)
+        if rejected_grad or not torch.is_grad_enabled():
+            return self._logps(hf, input_ids, attention_mask, response_mask, pixel_values, copies=2)
+        half = input_ids.shape[0] // 2
+        features = image_features(hf, pixel_values) if pixel_values is not None and self.vision_pass == "shared" \
+            else None
+        parts = []
+        for rows, grad in ((slice(None, half), True), (slice(half, None), False)):
+            width = int(attention_mask[rows].sum(dim=1).max())  # right-padded: drop this half's pad columns
+            with torch.set_grad_enabled(grad):
+                parts.append(self._logps(
+                    hf, input_ids[rows, :width], attention_mask[rows, :width], response_mask[rows, :width],
+                    pixel_values, copies=1, features=features if grad or features is None else features.detach()))
+        return torch.cat(parts)
+
+    def _logps(self, hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+               pixel_values: torch.Tensor | None, copies: int, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-prob sums of sequences that hold ``copies`` times the images of ``pixel_values``."""
         base = hf.base_model
         if pixel_values is not None and self.vision_pass == "repeat":
-            hidden = base(input_ids=input_ids, pixel_values=torch.cat([pixel_values, pixel_values]),
+            hidden = base(input_ids=input_ids, pixel_values=torch.cat([pixel_values] * copies),
                           attention_mask=attention_mask, use_cache=False).last_hidden_state
         else:
             embeds = hf.get_input_embeddings()(input_ids)
             if pixel_values is not None:
-                features = image_features(hf, pixel_values).to(embeds.dtype)
+                if features is None:
+                    features = image_features(hf, pixel_values)
                 image_positions = (input_ids == image_token_id(hf)).unsqueeze(-1)
-                embeds = embeds.masked_scatter(image_positions, torch.cat([features, features]))
+                embeds = embeds.masked_scatter(image_positions, torch.cat([features.to(embeds.dtype)] * copies))
             hidden = base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return response_logps(hidden, hf.get_output_embeddings(), input_ids, response_mask, self.chunk_tokens)
 

@@ -419,6 +419,7 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
             position.epoch, position.micro = position.epoch + 1, 0
 
     stream = batches()
+    rejected_grad = config.loss.dpo_weight > 0 or config.loss.bco_weight > 0
     end = min(total_steps, stop_after) if stop_after else total_steps
     while position.step < end:
         started = time.perf_counter()
@@ -433,7 +434,8 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
             ref_c, ref_r = reference.logps(pairs, batch)
             sync = micro == config.grad_accum - 1 or not info.enabled
             with parallel.gradient_sync(module, sync), autocast:
-                logps = module(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values)
+                logps = module(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values,
+                               rejected_grad=rejected_grad)
                 chosen, rejected = split_pairs(logps.float())
                 output = mpo_loss(chosen, rejected, ref_c.to(info.device), ref_r.to(info.device),
                                   batch.chosen_tokens(), config.loss, shift)

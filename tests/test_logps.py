@@ -66,6 +66,27 @@ def test_gradients_match_between_vision_passes_and_chunk_sizes(tiny_model, gold_
     assert grads[0][0].abs().sum() > 0
 
 
+def test_rejected_half_without_grad_gives_the_same_logps_and_chosen_gradients(tiny_model, gold_pairs_dir: Path) -> None:
+    """The SFT baseline's path: rejected log-probs without autograd, same numbers, same gradients of the chosen."""
+    model, processor = tiny_model
+    batch = batch_of(PairTable.read(gold_pairs_dir), processor, [2, 11, 25])
+    vision = next(model.model.vision_tower.parameters())
+    for vision_pass in ("shared", "repeat"):
+        forward = PairLogps(model, vision_pass)
+        results = []
+        for rejected_grad in (True, False):
+            model.zero_grad()
+            logps = forward(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values,
+                            rejected_grad=rejected_grad)
+            chosen, _ = split_pairs(logps)
+            chosen.sum().backward()
+            results.append((logps.detach(), vision.grad.clone()))
+        model.zero_grad()
+        (full, full_grad), (half, half_grad) = results
+        assert torch.allclose(full, half, atol=1e-4)
+        assert torch.allclose(full_grad, half_grad, atol=1e-5, rtol=1e-3) and half_grad.abs().sum() > 0
+
+
 def test_truncation_keeps_the_prompt_and_every_image_token(tiny_model, gold_pairs_dir: Path) -> None:
     model, processor = tiny_model
     pairs = PairTable.read(gold_pairs_dir)
