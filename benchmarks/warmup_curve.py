@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--vision-lr-scale", type=float, default=1.0, help="learning-rate multiplier of vision tower + projector")
     parser.add_argument("--count", type=int, default=400, help="prompts per dataset (30%% held out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datasets", default=",".join(TASKS))
@@ -77,7 +78,8 @@ def main() -> None:
         cells = " | ".join(f"{table[d]['accuracy']:.1%}" if d in table else "-" for d in closed)
         print(f"| {step + 1} | {time.perf_counter() - started:.0f} | {loss:.3f} | {cells} |", flush=True)
 
-    warmup(model, processor, warmup_examples(warm), args.steps, args.seed, lr=args.lr, on_step=checkpoint)
+    warmup(model, processor, warmup_examples(warm), args.steps, args.seed, lr=args.lr,
+           vision_lr_scale=args.vision_lr_scale, on_step=checkpoint)
 
 
 if __name__ == "__main__":

@@ -55,28 +55,32 @@ def tiny_model(
     seed: Annotated[int, typer.Option(help="Seed for tokenizer corpus, init and warm-up")] = 0,
     data: Annotated[Path | None, typer.Option(help="`mpo synth` output for the warm-up; generated if omitted")] = None,
     warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up (cosine decay to 0)")] = 1e-3,
+    warmup_vision_lr_scale: Annotated[float, typer.Option(
+        help="Learning-rate multiplier of the vision tower and projector during the warm-up")] = 1.0,
 ) -> None:
     """Build the tiny offline InternVL model (tokenizer, processor, weights)."""
-    summary = _build_tiny_model(out, warmup_steps, seed, data, warmup_lr)
+    from mpo.tiny_model import WarmupRecipe
+
+    summary = _build_tiny_model(out, seed, data, WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale))
     console.print(f"[green]tiny model[/green] written to {out}: {summary['parameters']:,} parameters, "
                   f"vocab {summary['vocab_size']}, {summary['image_seq_length']} image tokens per image")
     if warmup_steps:
         console.print(f"warm-up: {warmup_steps} steps, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
 
 
-def _build_tiny_model(out: Path, warmup_steps: int, seed: int, data: Path | None, warmup_lr: float) -> dict:
+def _build_tiny_model(out: Path, seed: int, data: Path | None, recipe: Any) -> dict:
     from mpo.synth import generate
     from mpo.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as scratch:
-        if warmup_steps and data is None:
+        if recipe.steps and data is None:
             data = Path(scratch) / "synth"
             generate(data, count=200, seed=seed + 1)
         with Progress(TextColumn("warm-up"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console,
-                      disable=not warmup_steps) as progress:
-            task = progress.add_task("warm-up", total=warmup_steps, loss=float("nan"))
-            return build_tiny_model(out, seed=seed, warmup_steps=warmup_steps, synth_dir=data, warmup_lr=warmup_lr,
+                      disable=not recipe.steps) as progress:
+            task = progress.add_task("warm-up", total=recipe.steps, loss=float("nan"))
+            return build_tiny_model(out, seed=seed, synth_dir=data, recipe=recipe,
                                     on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
 
 
@@ -327,6 +331,8 @@ def demo(
     warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 400,
     warmup_count: Annotated[int, typer.Option(help="Warm-up examples per dataset (their own images)")] = 500,
     warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up")] = 3e-3,
+    warmup_vision_lr_scale: Annotated[float, typer.Option(
+        help="Warm-up learning-rate multiplier of the vision tower and projector")] = 1.0,
     sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 4,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 0.5,
     train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 300,
@@ -347,6 +353,7 @@ def demo(
     from mpo.pairs import PairingConfig
     from mpo.sampling import SamplingConfig
     from mpo.synth import VERIFY_MODES, generate
+    from mpo.tiny_model import WarmupRecipe
     from mpo.train import TrainConfig
 
     started = time.perf_counter()
@@ -357,15 +364,15 @@ def demo(
                   + ", ".join(f"{split} {sum(counts.values())} prompts" for split, counts in summary.items()))
     model_dir = workdir / "model-start"
     built = model_dir / "tiny_model.json"
-    recipe = {"warmup_steps": warmup_steps, "seed": seed, "datasets": list(names), "warmup_count": warmup_count,
-              "warmup_lr": warmup_lr}
+    warmup_recipe = WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale)
+    recipe = {**warmup_recipe.summary(), "seed": seed, "datasets": list(names), "warmup_count": warmup_count}
     previous = json.loads(built.read_text()) if built.exists() else {}
     if all(previous.get(key) == value for key, value in recipe.items()):
         model = previous  # same recipe: keep it, so finished stages stay valid
     else:
         warmup_data = workdir / "warmup-data"
         generate(warmup_data, count=warmup_count, seed=seed + 1, heldout_fraction=0.0, datasets=names)
-        model = _build_tiny_model(model_dir, warmup_steps, seed, warmup_data, warmup_lr)
+        model = _build_tiny_model(model_dir, seed, warmup_data, warmup_recipe)
         model.update(recipe)
         atomic_write_text(built, json.dumps(model, indent=2) + "\n")
     prepared = time.perf_counter() - started

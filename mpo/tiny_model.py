@@ -16,7 +16,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,9 +197,14 @@ def warmup_examples(synth_dir: Path, template: str = "en") -> list[WarmupExample
 
 
 def warmup(model: Any, processor: Any, examples: list[WarmupExample], steps: int, seed: int,
-           batch_size: int = 16, lr: float = 1e-3, warmup_steps: int = 20,
+           batch_size: int = 16, lr: float = 1e-3, warmup_steps: int = 20, vision_lr_scale: float = 1.0,
            on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Plain supervised fine-tuning (cross-entropy on responses), AdamW + warmup/cosine."""
+    """Plain supervised fine-tuning (cross-entropy on responses), AdamW + warmup/cosine.
+
+    ``vision_lr_scale`` multiplies the learning rate of the vision tower and the projector:
+    from random weights the language model learns the answers' text prior long before it
+    learns to read the image, and a faster-moving vision side brings reading forward.
+    """
     rng = random.Random(seed)
     torch.manual_seed(seed)
     cache: dict[int, Encoded] = {}
@@ -211,7 +216,11 @@ def warmup(model: Any, processor: Any, examples: list[WarmupExample], steps: int
                 cache[index] = encode(processor, ex.question, [image.convert("RGB")], ex.response)
         return cache[index]
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    vision = [p for name, p in model.named_parameters() if not name.startswith("model.language_model.")]
+    vision_ids = {id(p) for p in vision}
+    text = [p for p in model.parameters() if id(p) not in vision_ids]
+    optimizer = torch.optim.AdamW([{"params": text, "lr": lr}, {"params": vision, "lr": lr * vision_lr_scale}],
+                                  weight_decay=0.0)
 
     def schedule(step: int) -> float:
         if step < warmup_steps:
@@ -238,8 +247,25 @@ def warmup(model: Any, processor: Any, examples: list[WarmupExample], steps: int
     return losses
 
 
-def build_tiny_model(out: Path, seed: int = 0, warmup_steps: int = 0, synth_dir: Path | None = None,
-                     spec: TinyModelSpec | None = None, warmup_lr: float = 1e-3,
+@dataclass(frozen=True)
+class WarmupRecipe:
+    """How the tiny model is taught before the pipeline sees it (0 steps: random weights).
+
+    The pipeline only has something to sample, judge and pair once the model answers
+    some prompts right, so the demo warms it up with plain supervised learning first.
+    """
+
+    steps: int = 0
+    lr: float = 1e-3
+    vision_lr_scale: float = 1.0
+
+    def summary(self) -> dict[str, Any]:
+        """The recipe under ``warmup_*`` keys, as ``tiny_model.json`` records it."""
+        return {f"warmup_{key}": value for key, value in asdict(self).items()}
+
+
+def build_tiny_model(out: Path, seed: int = 0, synth_dir: Path | None = None, spec: TinyModelSpec | None = None,
+                     recipe: WarmupRecipe = WarmupRecipe(),
                      on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Build, optionally warm up, and save the tiny model to ``out``; return a summary."""
     spec = spec or TinyModelSpec()
@@ -247,11 +273,11 @@ def build_tiny_model(out: Path, seed: int = 0, warmup_steps: int = 0, synth_dir:
     processor = build_processor(spec, tokenizer)
     model = build_model(spec, tokenizer, seed)
     losses: list[float] = []
-    if warmup_steps:
+    if recipe.steps:
         if synth_dir is None:
             raise ValueError("warm-up needs synthetic data: pass synth_dir (mpo synth output)")
-        losses = warmup(model, processor, warmup_examples(Path(synth_dir)), warmup_steps, seed, lr=warmup_lr,
-                        on_step=on_step)
+        losses = warmup(model, processor, warmup_examples(Path(synth_dir)), recipe.steps, seed, lr=recipe.lr,
+                        vision_lr_scale=recipe.vision_lr_scale, on_step=on_step)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -260,8 +286,7 @@ def build_tiny_model(out: Path, seed: int = 0, warmup_steps: int = 0, synth_dir:
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "image_seq_length": spec.image_seq_length,
-        "warmup_steps": warmup_steps,
-        "warmup_lr": warmup_lr,
+        **recipe.summary(),
         "first_loss": losses[0] if losses else None,
         "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "seed": seed,

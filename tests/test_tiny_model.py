@@ -66,3 +66,18 @@ def test_warmup_lowers_the_loss(synth_dir: Path) -> None:
 def test_odd_patch_grid_is_rejected() -> None:
     with pytest.raises(ValueError, match="even"):
         _ = TinyModelSpec(image_size=210, patch_size=14).image_seq_length
+
+
+def test_warmup_vision_lr_scale_moves_only_the_language_model_at_zero(synth_dir: Path) -> None:
+    from mpo.tiny_model import build_model
+
+    spec = TinyModelSpec()
+    tokenizer = build_tokenizer(spec, seed=0)
+    model = build_model(spec, tokenizer, seed=0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    warmup(model, build_processor(spec, tokenizer), warmup_examples(synth_dir), steps=3, seed=0, batch_size=2,
+           warmup_steps=1, vision_lr_scale=0.0)
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert any(name.startswith("model.language_model.") for name in moved)
+    assert not any(name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for name in moved)
+    assert any(name.startswith("model.vision_tower.") for name in before)  # the names the split relies on

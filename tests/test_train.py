@@ -25,11 +25,11 @@ def learning_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A warmed-up tiny model and gold pairs big enough to learn from (160 train, 40 held-out)."""
     from mpo.ref_logps import compute_reference_logps
     from mpo.synth import generate, solution_pairs
-    from mpo.tiny_model import build_tiny_model
+    from mpo.tiny_model import WarmupRecipe, build_tiny_model
 
     root = tmp_path_factory.mktemp("learning")
     generate(root / "synth", count=40, seed=0)
-    build_tiny_model(root / "model", seed=0, warmup_steps=100, synth_dir=root / "synth")
+    build_tiny_model(root / "model", seed=0, synth_dir=root / "synth", recipe=WarmupRecipe(steps=100))
     train_pairs = solution_pairs(root / "synth", root / "pairs")
     heldout_pairs = solution_pairs(root / "synth", root / "heldout-pairs", split="heldout")
     for pairs in (train_pairs, heldout_pairs):
