@@ -9,6 +9,7 @@ already there, so a retry or a re-run with the same config redoes nothing finish
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -47,8 +48,6 @@ def result_storage(config: PipelineConfig) -> dict[str, Any]:
         return {}
     if re.fullmatch(r"[a-z0-9-]+/[A-Za-z0-9_-]+", config.result_storage) and not Path(config.result_storage).exists():
         return {"result_storage": config.result_storage}  # a saved block: "<block-type>/<block-name>"
-    import hashlib
-
     from prefect.filesystems import LocalFileSystem
 
     # Prefect takes result storage only as a saved block: save one per folder, named by its path.
@@ -59,10 +58,19 @@ def result_storage(config: PipelineConfig) -> dict[str, Any]:
 
 
 def sample_prompts(config: PipelineConfig, prompts: dict[str, Any]) -> list[dict[str, Any]]:
-    """Both sampling stages at once (each loads its engine once and loops over its shards)."""
+    """Both sampling stages at once (each loads its engine once and loops over its shards).
+
+    A cached result whose store folder is gone (a deleted work folder) is recomputed,
+    not returned: its path would name samples that no longer exist.
+    """
+    from mpo.model_identity import model_fingerprint
+    from mpo.sampling import stage_store
+
     sample = with_stage_policy(sample_stage, config.stages.sampling, **result_storage(config))
-    futures = [sample.submit(stage, prompts["prompts_dir"], prompts["version"], config.model, config.engine,
-                             config.engine_options, config.sampling, str(Path(config.workdir) / "samples"))
+    out = str(Path(config.workdir) / "samples")
+    futures = [sample.with_options(refresh_cache=not stage_store(out, stage, config.sampling, config.model).is_dir())
+               .submit(stage, prompts["prompts_dir"], prompts["version"], config.model, model_fingerprint(config.model),
+                       config.engine, config.engine_options, config.sampling, out)
                for stage in STAGES]
     return [f.result() for f in futures]
 
@@ -73,8 +81,6 @@ def data_version(config: PipelineConfig, prompts_version: str, sampled: list[dic
     A scheduled refresh that brings new prompts gets a new version (a new pairs folder),
     while the stores only sample what they lack; the same inputs give the same version.
     """
-    import hashlib
-
     stores = sorted(Path(s["samples_dir"]).name for s in sampled)
     digest = hashlib.sha256(json.dumps([config.fingerprint("pairing"), stores]).encode()).hexdigest()[:8]
     return f"v-{prompts_version[:8]}-{digest}"
@@ -82,7 +88,10 @@ def data_version(config: PipelineConfig, prompts_version: str, sampled: list[dic
 
 def train_on_pairs(config: PipelineConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
     """Train in a folder per (pairs version, model, training config): a changed config trains afresh."""
+    from mpo.model_identity import model_fingerprint
+
     key = config.model_copy(update={"training": training}).fingerprint("training", "model")
+    key = hashlib.sha256(f"{key}/{model_fingerprint(config.model)}".encode()).hexdigest()[:12]
     out = Path(config.workdir) / "train" / Path(pairs_dir).name / f"{name}-{key}"
     result: dict[str, Any] = with_stage_policy(train_policy, config.stages.train)(
         pairs_dir, config.model, str(out), training, time_limit=config.stages.train.time_limit_seconds)
@@ -117,7 +126,8 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     started = time.perf_counter()
     pairs_version = data_version(config, prompts["version"], sampled)
     pairs_dir = work / "pairs" / pairs_version
-    make = with_stage_policy(make_pairs, stages.pairs, **result_storage(config))
+    make = with_stage_policy(make_pairs, stages.pairs, refresh_cache=not (pairs_dir / "report.json").exists(),
+                             **result_storage(config))
     pairs = make([s["samples_dir"] for s in sampled], prompts["prompts_dir"], str(pairs_dir), config.pairing)
     timings["pairs"] = time.perf_counter() - started
     summary["pairs"] = pairs["report"]

@@ -386,6 +386,9 @@ def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int,
     A prompt whose samples lie in several shards (a refresh, a re-sharded run) is left out
     of the per-file groups and handled in one last group read from every shard."""
     folders = samples_dirs if isinstance(samples_dirs, list) else [samples_dirs]
+    missing = [str(folder) for folder in folders if not Path(folder).is_dir()]
+    if missing:  # a deleted store must not pass as one with no samples
+        raise FileNotFoundError(f"samples folder not found: {', '.join(missing)}")
     files = [f for folder in folders for f in shard_files(folder)]
     if not files:
         raise FileNotFoundError(f"no sample shards (*.parquet) in {', '.join(map(str, folders))}")

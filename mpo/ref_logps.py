@@ -11,7 +11,6 @@ such pairs the same way).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,19 +22,11 @@ import pyarrow.parquet as pq
 import torch
 
 from mpo.logps import PairLogps, load_vlm, split_pairs
+from mpo.model_identity import model_fingerprint
 from mpo.pair_data import REF_COLUMNS, PairTable, encode_batch, pairs_data_dir
 from mpo.schemas import shard_files, write_table
 
 SPEC_KEY = b"mpo.ref_logps"
-
-
-def model_fingerprint(model_dir: Path | str) -> str:
-    """Cheap identity of a saved model: its config plus the names and sizes of its weight files."""
-    root = Path(model_dir)
-    digest = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").exists() else b"")
-    for path in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
-        digest.update(f"{path.name}:{path.stat().st_size}".encode())
-    return digest.hexdigest()[:16]
 
 
 def reference_spec(model_dir: Path | str, max_length: int) -> dict[str, Any]:

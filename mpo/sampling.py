@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from mpo.engines.base import Engine, GenerationRequest, SamplingParams
 from mpo.io import atomic_write_text
+from mpo.model_identity import model_fingerprint
 from mpo.schemas import PROMPTS, SAMPLES, read_dir, shard_files, write_table
 from mpo.templates import IMAGE_PLACEHOLDER, TEMPLATES, apply_template
 
@@ -94,14 +95,20 @@ def request_seed(config: SamplingConfig, key: str, n: int) -> int:
 
 
 def stage_fingerprint(stage: str, config: SamplingConfig, model_id: str) -> str:
-    """The store of one stage, model and sampling config; shard size is not part of it."""
+    """The store of one stage, model (path and weights) and sampling config; shard size is not part of it."""
     fields = config.model_dump()
     if stage == "correctness":
         fields = {k: v for k, v in fields.items() if not k.startswith("dropout_") and k != "prompts_per_shard"}
     else:
         fields = {k: v for k, v in fields.items() if k.startswith("dropout_") or k in ("temperature", "top_k", "top_p", "seed")}
-    blob = json.dumps({"stage": stage, "model": model_id, "config": fields}, sort_keys=True)
+    blob = json.dumps({"stage": stage, "model": model_id, "weights": model_fingerprint(model_id), "config": fields},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def stage_store(out: Path | str, stage: str, config: SamplingConfig, model_id: str) -> Path:
+    """The folder under ``out`` that holds one stage's samples of one model and sampling config."""
+    return Path(out) / f"{stage}-{stage_fingerprint(stage, config, model_id)}"
 
 
 def read_prompts(prompts_dir: Path | str) -> pl.DataFrame:
@@ -212,7 +219,7 @@ def run_stage(stage: str, prompts_dir: Path | str, engine: Engine, out: Path | s
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
     prompts = read_prompts(prompts_dir).filter(pl.col("kind") == ("closed" if stage == "correctness" else "open"))
-    out_dir = Path(out) / f"{stage}-{stage_fingerprint(stage, config, engine.model_id)}"
+    out_dir = stage_store(out, stage, config, engine.model_id)
     atomic_write_text(out_dir / "_stage.json", json.dumps(
         {"stage": stage, "model": engine.model_id, "config": config.model_dump()}, indent=2) + "\n")
     wanted = set(prompt_keys(prompts))

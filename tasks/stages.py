@@ -94,13 +94,14 @@ def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any
 
 
 @task(name="sample", cache_policy=STAGE_CACHE, persist_result=True)
-def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str, engine: str,
-                 engine_options: dict[str, Any], sampling: SamplingConfig, out: str,
+def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str, model_fingerprint: str,
+                 engine: str, engine_options: dict[str, Any], sampling: SamplingConfig, out: str,
                  time_limit: float | None = None) -> dict[str, Any]:
     """One sampling stage with one engine load: samples only the prompts its store lacks; a
     progress artifact per stage.
 
-    ``prompts_version`` is only part of the cache key: new prompts, new key.
+    ``prompts_version`` and ``model_fingerprint`` are only part of the cache key: new
+    prompts or new weights at the same path, new key.
     """
     from mpo.jobs import sample_job
 

@@ -142,6 +142,43 @@ def test_a_refresh_samples_only_new_prompts_into_a_new_data_version(tiny_model_d
 
 
 
+def test_a_deleted_work_folder_or_new_weights_are_resampled_not_served_from_the_cache(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Cached stage results name folders: a result whose folder is gone, or whose model was
+    rewritten at the same path, must be recomputed, never returned."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from flows.data_engine import data_engine
+
+    data, model = tmp_path / "data", tmp_path / "model"
+    generate(data, count=6, seed=0, heldout_fraction=0.0)
+    shutil.copytree(tiny_model_dir, model)
+    config = tiny_config(data, model, tmp_path / "run", train=False, evaluate=False,
+                         result_storage=str(tmp_path / "results"))
+    first = data_engine(config)
+    assert first["pairs"]["pairs_by_source"].get("dropout_ntp", 0) > 0
+
+    shutil.rmtree(tmp_path / "run")
+    second = data_engine(config)
+    assert {s["stage"]: s["samples_written"] for s in second["sampling"]} == \
+        {s["stage"]: s["samples_written"] for s in first["sampling"]}
+    assert second["pairs"]["pairs_by_source"] == first["pairs"]["pairs_by_source"]
+
+    weights = AutoModelForImageTextToText.from_pretrained(model)
+    with torch.no_grad():
+        for parameter in weights.parameters():
+            parameter.add_(0.01)
+    weights.save_pretrained(model)  # retrained in place: same path, new weights
+    third = data_engine(config)
+    assert all(s["samples_written"] > 0 for s in third["sampling"])
+    assert {Path(s["samples_dir"]).name for s in third["sampling"]}.isdisjoint(
+        Path(s["samples_dir"]).name for s in second["sampling"])
+    assert third["data_version"] != second["data_version"]
+
+
 def test_bad_input_is_not_retried_but_transient_failures_are() -> None:
     attempts = {"bad": 0, "transient": 0}
 

@@ -156,6 +156,15 @@ def test_run_pairing_writes_a_loadable_pairs_directory(tmp_path: Path) -> None:
     assert len(list((tmp_path / "pairs" / "data").glob("*.parquet"))) == 1
 
 
+def test_a_missing_samples_folder_is_an_error_not_an_empty_stage(tmp_path: Path) -> None:
+    rows = [sample("p0", i, f"Final answer: {i}") for i in range(2)]
+    write_table(pa.Table.from_pylist(rows, schema=SAMPLES), tmp_path / "samples" / "shard-0.parquet")
+    (tmp_path / "empty-store").mkdir()  # a stage with nothing to sample is fine
+    run_pairing([tmp_path / "samples", tmp_path / "empty-store"], tmp_path / "pairs")
+    with pytest.raises(FileNotFoundError, match="gone-store"):
+        run_pairing([tmp_path / "samples", tmp_path / "gone-store"], tmp_path / "pairs")
+
+
 def test_chunks_and_prompts_spanning_shards_give_the_same_pairs(tmp_path: Path) -> None:
     rows = [sample(f"p{k}", i, f"Step {k} {i}. Final answer: {2 if (i + k) % 3 else 5}") for k in range(6) for i in range(6)]
     # p0..p5 in three shards; p1 and p4 have samples in two shards each.
