@@ -57,11 +57,14 @@ def tiny_model(
     warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up (cosine decay to 0)")] = 1e-3,
     warmup_vision_lr_scale: Annotated[float, typer.Option(
         help="Learning-rate multiplier of the vision tower and projector during the warm-up")] = 1.0,
+    warmup_prior_bias: Annotated[float, typer.Option(
+        help="Share of closed warm-up examples whose final answer is the dataset's most common one")] = 0.0,
 ) -> None:
     """Build the tiny offline InternVL model (tokenizer, processor, weights)."""
     from mpo.tiny_model import WarmupRecipe
 
-    summary = _build_tiny_model(out, seed, data, WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale))
+    summary = _build_tiny_model(out, seed, data, WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale,
+                                                                    warmup_prior_bias))
     console.print(f"[green]tiny model[/green] written to {out}: {summary['parameters']:,} parameters, "
                   f"vocab {summary['vocab_size']}, {summary['image_seq_length']} image tokens per image")
     if warmup_steps:
@@ -333,6 +336,9 @@ def demo(
     warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up")] = 3e-3,
     warmup_vision_lr_scale: Annotated[float, typer.Option(
         help="Warm-up learning-rate multiplier of the vision tower and projector")] = 1.0,
+    warmup_prior_bias: Annotated[float, typer.Option(
+        help="Share of closed warm-up examples taught the dataset's most common answer (a language-prior "
+             "shortcut for MPO to repair)")] = 0.0,
     sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 4,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 0.5,
     train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 300,
@@ -364,7 +370,7 @@ def demo(
                   + ", ".join(f"{split} {sum(counts.values())} prompts" for split, counts in summary.items()))
     model_dir = workdir / "model-start"
     built = model_dir / "tiny_model.json"
-    warmup_recipe = WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale)
+    warmup_recipe = WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale, warmup_prior_bias)
     recipe = {**warmup_recipe.summary(), "seed": seed, "datasets": list(names), "warmup_count": warmup_count}
     previous = json.loads(built.read_text()) if built.exists() else {}
     if all(previous.get(key) == value for key, value in recipe.items()):

@@ -43,6 +43,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
 YES_NO = "Please answer Yes or No."
+FINAL_ANSWER = "Final answer:"  # the last line of every worked solution starts with it
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def count_task(rng: random.Random) -> Row:
     rng.shuffle(kinds)
     shapes = random_shapes(rng, kinds)
     n = _count(shapes, kind)
-    solution = f"I look for every {kind} in the image. I count {n} {_plural(kind, n)}.\nFinal answer: {n}"
+    solution = f"I look for every {kind} in the image. I count {n} {_plural(kind, n)}.\n{FINAL_ANSWER} {n}"
     return Row(draw_shapes(shapes), {
         "question": f"<image>\nHow many {kind}s are there in the image?\n{SHORT_ANSWER}",
         "answer": str(n),
@@ -149,7 +150,7 @@ def colour_task(rng: random.Random) -> Row:
     largest = max(shapes, key=lambda s: s.radius)
     solution = (
         f"The largest shape is the {largest.kind} at the {largest.place}. It is {largest.colour}.\n"
-        f"Final answer: {largest.colour}"
+        f"{FINAL_ANSWER} {largest.colour}"
     )
     return Row(draw_shapes(shapes), {
         "question": f"<image>\nWhat colour is the largest shape?\n{SHORT_ANSWER}",
@@ -165,7 +166,7 @@ def compare_task(rng: random.Random) -> Row:
     verdict = "Yes" if a > b else "No"
     solution = (
         f"There {'is' if a == 1 else 'are'} {a} {_plural(first, a)} and {b} {_plural(second, b)}. "
-        f"{a} is {'more' if a > b else 'not more'} than {b}.\nFinal answer: {verdict}"
+        f"{a} is {'more' if a > b else 'not more'} than {b}.\n{FINAL_ANSWER} {verdict}"
     )
     return Row(draw_shapes(shapes), {
         "question": f"<image>\nAre there more {first}s than {second}s in the image?\n{YES_NO}",
@@ -181,7 +182,7 @@ def choice_task(rng: random.Random) -> Row:
     letters = "ABCD"
     letter = letters[options.index(total)]
     listing = "\n".join(f"{letters[i]}. {v}" for i, v in enumerate(options))
-    solution = f"I count all the shapes: there are {total}. Option {letter} says {total}.\nFinal answer: {letter}"
+    solution = f"I count all the shapes: there are {total}. Option {letter} says {total}.\n{FINAL_ANSWER} {letter}"
     return Row(draw_shapes(shapes), {
         "question": f"<image>\nHow many shapes are in the image?\n{listing}\n{LETTER_ANSWER}",
         "answer": letter,
@@ -196,7 +197,7 @@ def arithmetic_task(rng: random.Random) -> Row:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     _draw_digit_row(draw, f"{a}{op}{b}", top=rng.randint(70, 120), left=rng.randint(30, 80))
-    solution = f"The image shows {a} {op} {b}. {a} {op} {b} = {value}.\nFinal answer: {value}"
+    solution = f"The image shows {a} {op} {b}. {a} {op} {b} = {value}.\n{FINAL_ANSWER} {value}"
     return Row(image, {
         "question": f"<image>\nWhat is the value of the expression in the image?\n{SHORT_ANSWER}",
         "answer": str(value),
@@ -319,6 +320,11 @@ def generate(out: Path, count: int, seed: int = 0, heldout_fraction: float = 0.2
     return summary
 
 
+def with_final_answer(solution: str, answer: str) -> str:
+    """The worked solution with its final answer line naming ``answer`` (its steps unchanged)."""
+    return f"{solution.rsplit(FINAL_ANSWER, 1)[0]}{FINAL_ANSWER} {answer}"
+
+
 def solution_pairs(synth_dir: Path, out: Path, split: str = "train", seed: int = 0,
                    template: str = "en") -> Path:
     """Gold preference pairs straight from the synthetic annotations, for tests and benchmarks.
@@ -345,8 +351,7 @@ def solution_pairs(synth_dir: Path, out: Path, split: str = "train", seed: int =
         rng = random.Random(f"{seed}/{dataset}/pairs")
         for row in closed:
             wrong = rng.choice([a for a in answers if a != str(row["answer"])] or [str(row["answer"]) + "0"])
-            body = str(row["solution"]).rsplit("Final answer:", 1)[0]
-            rejected = f"{body}Final answer: {wrong}"
+            rejected = with_final_answer(str(row["solution"]), wrong)
             prompt = apply_template(str(row["question"]), template)
             prompt_id = hashlib.sha256(f"{dataset}\0{row['image']}\0{row['question']}".encode()).hexdigest()[:16]
             rows.append({

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -179,16 +180,31 @@ class WarmupExample:
     response: str
 
 
-def warmup_examples(synth_dir: Path, template: str = "en") -> list[WarmupExample]:
-    """Supervised targets from the train split: worked solutions and descriptions."""
+def warmup_examples(synth_dir: Path, template: str = "en", prior_bias: float = 0.0,
+                    seed: int = 0) -> list[WarmupExample]:
+    """Supervised targets from the train split: worked solutions and descriptions.
+
+    ``prior_bias`` is the share of closed examples whose final answer line is replaced by
+    the dataset's most common answer (the worked steps stay as they are). It gives the
+    starting model a language-prior shortcut like the ones real VLMs learn from skewed
+    SFT data: it learns to read the image, yet its greedy answer leans to one label.
+    Correctness-based pairs of its own samples are what MPO uses to repair exactly that.
+    """
+    if not 0.0 <= prior_bias <= 1.0:
+        raise ValueError(f"prior_bias must lie in [0, 1], got {prior_bias}")
+    rng = random.Random(seed)
     meta = json.loads((synth_dir / "meta.json").read_text())
     examples = []
     for entry in meta.values():
         root = Path(entry["root"])
-        for line in Path(entry["annotation"]).read_text().splitlines():
-            row = json.loads(line)
+        rows = [json.loads(line) for line in Path(entry["annotation"]).read_text().splitlines()]
+        answers = Counter(str(row["answer"]) for row in rows if "solution" in row)
+        for row in rows:
             if "solution" in row:
-                examples.append(WarmupExample(apply_template(row["question"], template), root / row["image"], row["solution"]))
+                response = str(row["solution"])
+                if answers and rng.random() < prior_bias:
+                    response = synth.with_final_answer(response, answers.most_common(1)[0][0])
+                examples.append(WarmupExample(apply_template(row["question"], template), root / row["image"], response))
             elif row.get("chosen"):
                 examples.append(WarmupExample(row["question"], root / row["image"], row["chosen"]))
     if not examples:
@@ -258,6 +274,7 @@ class WarmupRecipe:
     steps: int = 0
     lr: float = 1e-3
     vision_lr_scale: float = 1.0
+    prior_bias: float = 0.0  # share of closed examples taught the dataset's most common answer (warmup_examples)
 
     def summary(self) -> dict[str, Any]:
         """The recipe under ``warmup_*`` keys, as ``tiny_model.json`` records it."""
@@ -276,7 +293,8 @@ def build_tiny_model(out: Path, seed: int = 0, synth_dir: Path | None = None, sp
     if recipe.steps:
         if synth_dir is None:
             raise ValueError("warm-up needs synthetic data: pass synth_dir (mpo synth output)")
-        losses = warmup(model, processor, warmup_examples(Path(synth_dir)), recipe.steps, seed, lr=recipe.lr,
+        examples = warmup_examples(Path(synth_dir), prior_bias=recipe.prior_bias, seed=seed)
+        losses = warmup(model, processor, examples, recipe.steps, seed, lr=recipe.lr,
                         vision_lr_scale=recipe.vision_lr_scale, on_step=on_step)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,24 @@ def test_warmup_vision_lr_scale_moves_only_the_language_model_at_zero(synth_dir:
     assert any(name.startswith("model.language_model.") for name in moved)
     assert not any(name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for name in moved)
     assert any(name.startswith("model.vision_tower.") for name in before)  # the names the split relies on
+
+
+def test_prior_bias_rewrites_only_final_answers_to_the_dataset_majority(synth_dir: Path) -> None:
+    from collections import Counter
+
+    clean = [ex for ex in warmup_examples(synth_dir) if "Final answer:" in ex.response]
+    biased = [ex for ex in warmup_examples(synth_dir, prior_bias=1.0) if "Final answer:" in ex.response]
+    assert [ex.question for ex in clean] == [ex.question for ex in biased]
+    by_dataset: dict[str, list[tuple[str, str]]] = {}
+    for before, after in zip(clean, biased, strict=True):
+        steps, gold = before.response.rsplit("Final answer:", 1)
+        assert after.response.startswith(steps)  # the worked steps stay
+        by_dataset.setdefault(before.image_path.parent.name, []).append((gold.strip(), after.response.rsplit(" ", 1)[1]))
+    for dataset, answers in by_dataset.items():
+        majority = Counter(gold for gold, _ in answers).most_common(1)[0][0]
+        assert {taught for _, taught in answers} == {majority}, dataset
+    half = warmup_examples(synth_dir, prior_bias=0.5, seed=3)
+    changed = sum(a.response != b.response for a, b in zip(warmup_examples(synth_dir), half, strict=True))
+    assert 0 < changed < len(clean)
+    with pytest.raises(ValueError, match="prior_bias"):
+        warmup_examples(synth_dir, prior_bias=1.5)
