@@ -59,19 +59,21 @@ def tiny_model(
         help="Learning-rate multiplier of the vision tower and projector during the warm-up")] = 1.0,
     warmup_prior_bias: Annotated[float, typer.Option(
         help="Share of closed warm-up examples whose final answer is the dataset's most common one")] = 0.0,
+    image_size: Annotated[int, typer.Option(help="Input resolution of the vision tower (patch 14; 224 -> 64 "
+                                                 "image tokens, 112 -> 16)")] = 224,
 ) -> None:
     """Build the tiny offline InternVL model (tokenizer, processor, weights)."""
-    from mpo.tiny_model import WarmupRecipe
+    from mpo.tiny_model import TinyModelSpec, WarmupRecipe
 
     summary = _build_tiny_model(out, seed, data, WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale,
-                                                                    warmup_prior_bias))
+                                                                    warmup_prior_bias), TinyModelSpec(image_size))
     console.print(f"[green]tiny model[/green] written to {out}: {summary['parameters']:,} parameters, "
                   f"vocab {summary['vocab_size']}, {summary['image_seq_length']} image tokens per image")
     if warmup_steps:
         console.print(f"warm-up: {warmup_steps} steps, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
 
 
-def _build_tiny_model(out: Path, seed: int, data: Path | None, recipe: Any) -> dict:
+def _build_tiny_model(out: Path, seed: int, data: Path | None, recipe: Any, spec: Any) -> dict:
     from mpo.synth import generate
     from mpo.tiny_model import build_tiny_model
 
@@ -83,7 +85,7 @@ def _build_tiny_model(out: Path, seed: int, data: Path | None, recipe: Any) -> d
                       TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console,
                       disable=not recipe.steps) as progress:
             task = progress.add_task("warm-up", total=recipe.steps, loss=float("nan"))
-            return build_tiny_model(out, seed=seed, synth_dir=data, recipe=recipe,
+            return build_tiny_model(out, seed=seed, synth_dir=data, spec=spec, recipe=recipe,
                                     on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
 
 
@@ -339,6 +341,7 @@ def demo(
     warmup_prior_bias: Annotated[float, typer.Option(
         help="Share of closed warm-up examples taught the dataset's most common answer (a language-prior "
              "shortcut for MPO to repair)")] = 0.0,
+    image_size: Annotated[int, typer.Option(help="Input resolution of the tiny model's vision tower")] = 224,
     sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 4,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 0.5,
     train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 300,
@@ -359,7 +362,7 @@ def demo(
     from mpo.pairs import PairingConfig
     from mpo.sampling import SamplingConfig
     from mpo.synth import VERIFY_MODES, generate
-    from mpo.tiny_model import WarmupRecipe
+    from mpo.tiny_model import TinyModelSpec, WarmupRecipe
     from mpo.train import TrainConfig
 
     started = time.perf_counter()
@@ -371,14 +374,15 @@ def demo(
     model_dir = workdir / "model-start"
     built = model_dir / "tiny_model.json"
     warmup_recipe = WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale, warmup_prior_bias)
-    recipe = {**warmup_recipe.summary(), "seed": seed, "datasets": list(names), "warmup_count": warmup_count}
+    recipe = {**warmup_recipe.summary(), "seed": seed, "datasets": list(names), "warmup_count": warmup_count,
+              "image_size": image_size}
     previous = json.loads(built.read_text()) if built.exists() else {}
     if all(previous.get(key) == value for key, value in recipe.items()):
         model = previous  # same recipe: keep it, so finished stages stay valid
     else:
         warmup_data = workdir / "warmup-data"
         generate(warmup_data, count=warmup_count, seed=seed + 1, heldout_fraction=0.0, datasets=names)
-        model = _build_tiny_model(model_dir, seed, warmup_data, warmup_recipe)
+        model = _build_tiny_model(model_dir, seed, warmup_data, warmup_recipe, TinyModelSpec(image_size))
         model.update(recipe)
         atomic_write_text(built, json.dumps(model, indent=2) + "\n")
     prepared = time.perf_counter() - started

@@ -303,6 +303,7 @@ def build_tiny_model(out: Path, seed: int = 0, synth_dir: Path | None = None, sp
     summary = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
+        "image_size": spec.image_size,
         "image_seq_length": spec.image_seq_length,
         **recipe.summary(),
         "first_loss": losses[0] if losses else None,

@@ -17,11 +17,12 @@ def test_synth_command(tmp_path: Path) -> None:
 
 def test_tiny_model_command_with_warmup(tmp_path: Path, synth_dir: Path) -> None:
     result = runner.invoke(app, ["tiny-model", str(tmp_path / "m"), "--warmup-steps", "2", "--data", str(synth_dir),
-                                 "--warmup-vision-lr-scale", "5"])
+                                 "--warmup-vision-lr-scale", "5", "--image-size", "112"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "m" / "tiny_model.json").read_text())
     assert summary["warmup_steps"] == 2 and summary["first_loss"] > 0
     assert summary["warmup_vision_lr_scale"] == 5.0
+    assert summary["image_size"] == 112 and summary["image_seq_length"] == 16  # (112 / 14 / 2) ** 2
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "processor_config.json").exists()
 
 
