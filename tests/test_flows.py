@@ -203,7 +203,7 @@ def test_a_stage_past_its_hard_limit_fails_as_transient(prompts_dir: Path, tiny_
 
     @flow
     def run() -> None:
-        sample_stage("correctness", str(prompts_dir), "v", str(tiny_model_dir), "transformers", {},
+        sample_stage("correctness", str(prompts_dir), "v", str(tiny_model_dir), "fp", "transformers", {},
                      SamplingConfig(n=1, max_tokens=4), str(tmp_path), time_limit=0.5)
 
     state = run(return_state=True)
