@@ -119,7 +119,8 @@ def ingest(
 def pairs(
     samples: Annotated[list[Path], typer.Argument(help="Samples directories (Parquet shards), e.g. both stages'")],
     out: Annotated[Path, typer.Option(help="Pairs directory: data/*.parquet, hard_prompts.parquet, report.json")],
-    pairs_per_prompt: Annotated[int, typer.Option(help="Cap on pairs per prompt and source")] = 15,
+    pairs_per_prompt: Annotated[int, typer.Option(
+        help="Cap on pairs per prompt and source (more prompts, fewer near-duplicate pairs to score)")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the pair draw")] = 0,
     verify: Annotated[list[str] | None, typer.Option(help="DATASET=MODE (exact|choice|numeric|anls); repeatable")] = None,
     default_verify: Annotated[str, typer.Option(help="Verifier for datasets not named by --verify")] = "exact",
@@ -333,17 +334,19 @@ def demo(
                                                "model begins to learn, plus the open one for DropoutNTP)")] = DEMO_DATASETS,
     count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 400,
     heldout_fraction: Annotated[float, typer.Option(help="Share of each dataset kept for evaluation")] = 0.3,
-    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 400,
+    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 1500,
     warmup_count: Annotated[int, typer.Option(help="Warm-up examples per dataset (their own images)")] = 500,
-    warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up")] = 3e-3,
+    warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up")] = 1e-3,
     warmup_vision_lr_scale: Annotated[float, typer.Option(
-        help="Warm-up learning-rate multiplier of the vision tower and projector")] = 1.0,
+        help="Warm-up learning-rate multiplier of the vision tower and projector")] = 10.0,
     warmup_prior_bias: Annotated[float, typer.Option(
         help="Share of closed warm-up examples taught the dataset's most common answer (a language-prior "
-             "shortcut for MPO to repair)")] = 0.0,
-    image_size: Annotated[int, typer.Option(help="Input resolution of the tiny model's vision tower")] = 224,
-    sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 4,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 0.5,
+             "shortcut for MPO to repair)")] = 0.5,
+    image_size: Annotated[int, typer.Option(help="Input resolution of the tiny model's vision tower")] = 112,
+    sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 8,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 1.0,
+    pairs_per_prompt: Annotated[int, typer.Option(
+        help="Cap on pairs per prompt and source (more prompts, fewer near-duplicate pairs to score)")] = 4,
     train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 300,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 5e-4,
     seed: Annotated[int, typer.Option()] = 0,
@@ -355,6 +358,11 @@ def demo(
     The warm-up draws its own images (another seed), so training and held-out prompts
     are new to the starting model. A re-run reuses the data, the model and every
     finished stage.
+
+    The defaults give the starting model what MPO is for: it reads images (112 px, the
+    vision tower learning 10x faster, 1,500 steps) but half of its closed warm-up examples
+    end on the dataset's most common answer, a language-prior shortcut; 8 samples at T 1.0
+    per prompt then give correct and wrong answers to pair, at most 4 pairs per prompt.
     """
     from mpo.config import PipelineConfig
     from mpo.io import atomic_write_text
@@ -395,7 +403,7 @@ def demo(
         heldout_data=(data / "meta_heldout.json").resolve(), model=str(model_dir.resolve()),
         sampling=SamplingConfig(n=sample_n, temperature=temperature, max_tokens=48, prompts_per_shard=32,
                                 dropout_max_tokens=32, seed=seed),
-        pairing=PairingConfig(verify_modes=VERIFY_MODES),
+        pairing=PairingConfig(verify_modes=VERIFY_MODES, pairs_per_prompt=pairs_per_prompt),
         training=TrainConfig(learning_rate=learning_rate, max_steps=train_steps, batch_size=8, max_length=512,
                              warmup_ratio=0.1, seed=seed, save_every=50, loss=MPOLossConfig()),
         sft_baseline=True, eval_max_tokens=48,

@@ -255,3 +255,27 @@ def test_dask_task_runner_on_a_two_worker_local_cluster(tiny_model_dir: Path, tm
     assert {s["stage"] for s in summary["sampling"]} == {"correctness", "dropout_ntp"}
     assert sum(s["samples_written"] for s in summary["sampling"]) == 40 * 2 + 8
     assert summary["pairs"]["pairs"] > 0
+
+
+def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: Path) -> None:
+    """`mpo demo` on a tiny budget: data, warm-up, the DAG, the three-model table; a re-run
+    with the same recipe keeps the starting model (finished stages stay valid)."""
+    from typer.testing import CliRunner
+
+    from mpo.cli import app
+
+    args = ["demo", "--workdir", str(tmp_path / "run"), "--count", "12", "--warmup-steps", "2", "--warmup-count", "6",
+            "--sample-n", "2", "--train-steps", "2", "--image-size", "112"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    for heading in ("Held-out accuracy", "start", "mpo", "sft", "Time per stage", "pairs"):
+        assert heading in first.output
+    built = tmp_path / "run" / "model-start" / "tiny_model.json"
+    recipe = json.loads(built.read_text())
+    assert recipe["warmup_steps"] == 2 and recipe["image_size"] == 112 and recipe["warmup_prior_bias"] == 0.5
+    weights = tmp_path / "run" / "model-start" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert weights.stat().st_mtime_ns == stamp
