@@ -119,8 +119,7 @@ def ingest(
 def pairs(
     samples: Annotated[list[Path], typer.Argument(help="Samples directories (Parquet shards), e.g. both stages'")],
     out: Annotated[Path, typer.Option(help="Pairs directory: data/*.parquet, hard_prompts.parquet, report.json")],
-    pairs_per_prompt: Annotated[int, typer.Option(
-        help="Cap on pairs per prompt and source (more prompts, fewer near-duplicate pairs to score)")] = 4,
+    pairs_per_prompt: Annotated[int, typer.Option(help="Cap on pairs per prompt and source")] = 15,
     seed: Annotated[int, typer.Option(help="Seed of the pair draw")] = 0,
     verify: Annotated[list[str] | None, typer.Option(help="DATASET=MODE (exact|choice|numeric|anls); repeatable")] = None,
     default_verify: Annotated[str, typer.Option(help="Verifier for datasets not named by --verify")] = "exact",
