@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -421,6 +422,14 @@ def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int,
     return groups
 
 
+def _write_pairs(shards: dict[Path, pl.DataFrame]) -> None:
+    """Write each frame as one pairs shard, letting go of each frame once it is converted."""
+    while shards:
+        path = next(iter(shards))
+        table = shards.pop(path).to_arrow()
+        write_table(table, path, PAIRS)
+
+
 def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig | None = None,
                 prompt_ids: pl.Series | None = None) -> dict[str, Any]:
     """``mpo pairs``: read one or several samples directories, write ``out/data/*.parquet`` (the pairs),
@@ -434,15 +443,24 @@ def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig
 
     def write_shards(folder: Path) -> None:
         index = 0
-        for files, keep in sample_chunks(samples_dir, config.chunk_rows, prompt_ids):
-            chunk = pair_chunk(_read(files, keep), config)
-            pairs = chunk.pairs
-            for start in range(0, pairs.height, config.shard_rows):
-                write_table(pairs.slice(start, config.shard_rows).to_arrow(), folder / f"part-{index:05d}.parquet", PAIRS)
-                index += 1
-            stats.append(chunk.prompt_stats)
-            counts.append(_pair_counts(chunk.pairs))
-            filtered.append(chunk.filtered)
+        # One writer thread: compressing a chunk's pairs (pyarrow, GIL released) overlaps
+        # pairing the next chunk; at most one chunk waits, so memory holds two at most.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending: Future[None] | None = None
+            for files, keep in sample_chunks(samples_dir, config.chunk_rows, prompt_ids):
+                chunk = pair_chunk(_read(files, keep), config)
+                shards = {folder / f"part-{index + n:05d}.parquet": chunk.pairs.slice(start, config.shard_rows)
+                          for n, start in enumerate(range(0, chunk.pairs.height, config.shard_rows))}
+                index += len(shards)
+                stats.append(chunk.prompt_stats)
+                counts.append(_pair_counts(chunk.pairs))
+                filtered.append(chunk.filtered)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write_pairs, shards)
+                del chunk, shards  # the writer holds the only reference: freed once converted
+            if pending is not None:
+                pending.result()
         if index == 0:  # an empty but valid pairs table
             write_table(PAIRS.empty_table(), folder / "part-00000.parquet")
 
