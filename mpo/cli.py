@@ -346,7 +346,7 @@ def demo(
     temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 1.0,
     pairs_per_prompt: Annotated[int, typer.Option(
         help="Cap on pairs per prompt and source (more prompts, fewer near-duplicate pairs to score)")] = 4,
-    train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 300,
+    train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 600,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 5e-4,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:

