@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
@@ -422,12 +423,10 @@ def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int,
     return groups
 
 
-def _write_pairs(shards: dict[Path, pl.DataFrame]) -> None:
-    """Write each frame as one pairs shard, letting go of each frame once it is converted."""
-    while shards:
-        path = next(iter(shards))
-        table = shards.pop(path).to_arrow()
-        write_table(table, path, PAIRS)
+def _write_pairs(shards: dict[Path, pa.Table]) -> None:
+    """Write each table as one pairs shard, letting go of each once it is written."""
+    for path in list(shards):
+        write_table(shards.pop(path), path, PAIRS)
 
 
 def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig | None = None,
@@ -444,12 +443,13 @@ def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig
     def write_shards(folder: Path) -> None:
         index = 0
         # One writer thread: compressing a chunk's pairs (pyarrow, GIL released) overlaps
-        # pairing the next chunk; at most one chunk waits, so memory holds two at most.
+        # pairing the next chunk; a chunk is submitted only once the previous write ended,
+        # so memory holds the chunk being written and the one being paired, no more.
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future[None] | None = None
             for files, keep in sample_chunks(samples_dir, config.chunk_rows, prompt_ids):
                 chunk = pair_chunk(_read(files, keep), config)
-                shards = {folder / f"part-{index + n:05d}.parquet": chunk.pairs.slice(start, config.shard_rows)
+                shards = {folder / f"part-{index + n:05d}.parquet": chunk.pairs.slice(start, config.shard_rows).to_arrow()
                           for n, start in enumerate(range(0, chunk.pairs.height, config.shard_rows))}
                 index += len(shards)
                 stats.append(chunk.prompt_stats)
@@ -458,7 +458,7 @@ def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(_write_pairs, shards)
-                del chunk, shards  # the writer holds the only reference: freed once converted
+                del chunk, shards  # the writer holds the only copy (Arrow), freed shard by shard once written
             if pending is not None:
                 pending.result()
         if index == 0:  # an empty but valid pairs table

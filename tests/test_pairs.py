@@ -183,12 +183,13 @@ def test_chunks_and_prompts_spanning_shards_give_the_same_pairs(tmp_path: Path) 
     assert report["datasets"] == expected.report["datasets"]
 
 
-def test_a_failed_background_write_fails_the_stage_and_keeps_the_old_pairs(tmp_path: Path,
+@pytest.mark.parametrize("failing_write", [1, 2])  # 1: raised while the next chunk is paired; 2: at the end
+def test_a_failed_background_write_fails_the_stage_and_keeps_the_old_pairs(tmp_path: Path, failing_write: int,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import mpo.pairs
 
     rows = [sample(f"p{k}", i, f"Step {i}. Final answer: {2 if i % 2 else 3}") for k in range(4) for i in range(4)]
-    for k in range(2):  # two shards, so two chunks: the second write overlaps no pairing
+    for k in range(2):  # two shards, so two chunks and two writes
         part = [r for r in rows if int(r["prompt_id"][1]) // 2 == k]
         write_table(pa.Table.from_pylist(part, schema=SAMPLES), tmp_path / "samples" / f"shard-{k}.parquet")
     run_pairing(tmp_path / "samples", tmp_path / "pairs", PairingConfig(chunk_rows=1))
@@ -199,13 +200,13 @@ def test_a_failed_background_write_fails_the_stage_and_keeps_the_old_pairs(tmp_p
 
     def failing(table: pa.Table, path: Path, schema: pa.Schema | None = None) -> Path:
         calls.append(path)
-        if len(calls) == 2:
+        if len(calls) == failing_write:
             raise OSError("disk full")
         return real(table, path, schema)
 
     monkeypatch.setattr(mpo.pairs, "write_table", failing)
     with pytest.raises(OSError, match="disk full"):
         run_pairing(tmp_path / "samples", tmp_path / "pairs", PairingConfig(chunk_rows=1))
-    assert len(calls) == 2
+    assert len(calls) == failing_write  # a failed write stops the stage: nothing is written after it
     assert pl.read_parquet(tmp_path / "pairs" / "data" / "*.parquet")["pair_id"].sort().to_list() == before
     assert not list(tmp_path.joinpath("pairs").glob(".data.*"))  # the half-filled folder is gone
