@@ -405,7 +405,7 @@ def demo(
         pairing=PairingConfig(verify_modes=VERIFY_MODES, pairs_per_prompt=pairs_per_prompt),
         training=TrainConfig(learning_rate=learning_rate, max_steps=train_steps, batch_size=8, max_length=512,
                              warmup_ratio=0.1, seed=seed, save_every=50, loss=MPOLossConfig()),
-        sft_baseline=True, eval_max_tokens=48,
+        sft_baseline=True, baseline_side_by_side=True, eval_max_tokens=48,
     )
     result = _run_flow(config)
     from rich.markdown import Markdown

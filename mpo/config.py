@@ -65,6 +65,9 @@ class PipelineConfig(BaseModel):
     training: TrainConfig = Field(default_factory=TrainConfig)
     train: bool = Field(True, description="train on the new pairs (a data refresh may only make data)")
     sft_baseline: bool = Field(False, description="also train an SFT-only model on the same chosen responses")
+    baseline_side_by_side: bool = Field(
+        False, description="train the SFT baseline at the same time as MPO, each in its own process with half the "
+        "CPU threads (a small model on a CPU is bound by Python, not by cores); leave off on one GPU")
     evaluate: bool = Field(True, description="greedy held-out accuracy before and after training")
     eval_max_tokens: int = Field(256, ge=1, description="new tokens per greedy evaluation answer")
     stages: StagePolicies = Field(default_factory=StagePolicies)

@@ -49,9 +49,15 @@ def reference_job(pairs_dir: str, model: str, max_length: int, emit: Emit) -> di
 
 
 def train_job(pairs_dir: str, model: str, out: str, training: TrainConfig, eval_pairs: str | None,
-              emit: Emit) -> dict[str, Any]:
-    """MPO training; resumes from the newest checkpoint in ``out``."""
+              emit: Emit, torch_threads: int | None = None) -> dict[str, Any]:
+    """MPO training; resumes from the newest checkpoint in ``out``. ``torch_threads`` caps torch's
+    CPU threads (for a job that shares the machine with another); None keeps torch's default."""
+    import torch
+
     from mpo.train import train
+
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
 
     def log_step(record: dict[str, Any]) -> None:
         if training.max_steps:  # with epochs only, the trainer alone knows the total

@@ -52,23 +52,25 @@ def _child(connection: Connection, fn: Callable[..., Any], kwargs: dict[str, Any
 
 
 def call_with_time_limit(fn: Callable[..., T], kwargs: dict[str, Any], seconds: float | None,
-                         on_event: Emit | None = None, grace_seconds: float = 10.0) -> T:
-    """``fn(**kwargs, emit=...)``, in this process when ``seconds`` is None, else in a fresh
-    (spawned) process that is terminated, then killed after ``grace_seconds``, at the limit.
+                         on_event: Emit | None = None, grace_seconds: float = 10.0, own_process: bool = False) -> T:
+    """``fn(**kwargs, emit=...)``, in this process when ``seconds`` is None (and ``own_process``
+    is not asked for), else in a fresh (spawned) process that is terminated, then killed after
+    ``grace_seconds``, at the limit. ``own_process`` without a limit runs the child unbounded:
+    two Python-bound jobs in two processes do not share one interpreter lock.
 
     ``fn`` must be importable by name (a module-level function) and its arguments and
     result picklable; ``emit(event)`` forwards events to ``on_event`` in the caller.
     Raises ``StageTimeout`` at the limit and ``ChildProcessDied`` if the child vanishes.
     """
     forward = on_event or _ignore
-    if seconds is None:
+    if seconds is None and not own_process:
         return fn(**kwargs, emit=forward)
-    if seconds <= 0:
+    if seconds is not None and seconds <= 0:
         raise ValueError(f"a time limit must be positive, got {seconds}")
     context = multiprocessing.get_context("spawn")  # fork would copy CUDA state and threads
     parent_end, child_end = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(child_end, fn, kwargs), name=f"mpo-{fn.__name__}", daemon=True)
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + (seconds if seconds is not None else float("inf"))
     process.start()
     child_end.close()
     try:

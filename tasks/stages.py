@@ -62,9 +62,10 @@ def with_stage_policy(stage_task: Task[Any, Any], policy: StagePolicy, **options
 
 
 def _run_job(job: Callable[..., T], kwargs: dict[str, Any], time_limit: float | None,
-             progress: str | None = None) -> T:
-    """Run an ``mpo.jobs`` job (in a killable child process when ``time_limit`` is set), its
-    log lines into the run logger and its progress into a progress artifact."""
+             progress: str | None = None, own_process: bool = False) -> T:
+    """Run an ``mpo.jobs`` job (in a killable child process when ``time_limit`` is set or
+    ``own_process`` asked for), its log lines into the run logger and its progress into a
+    progress artifact."""
     from mpo.time_limit import call_with_time_limit
 
     logger = _logger()
@@ -76,7 +77,7 @@ def _run_job(job: Callable[..., T], kwargs: dict[str, Any], time_limit: float | 
         if "progress" in event and artifact is not None:
             update_progress_artifact(artifact, progress=event["progress"])
 
-    return call_with_time_limit(job, kwargs, time_limit, on_event)
+    return call_with_time_limit(job, kwargs, time_limit, on_event, own_process=own_process)
 
 
 @task(name="ingest")
@@ -133,12 +134,15 @@ def reference_logps(pairs_dir: str, model: str, max_length: int, time_limit: flo
 
 @task(name="train")
 def train_policy(pairs_dir: str, model: str, out: str, training: TrainConfig, eval_pairs: str | None = None,
-                 time_limit: float | None = None) -> dict[str, Any]:
-    """MPO training; resumes from the newest checkpoint in ``out`` (also after a hard-limit kill)."""
+                 time_limit: float | None = None, own_process: bool = False,
+                 torch_threads: int | None = None) -> dict[str, Any]:
+    """MPO training; resumes from the newest checkpoint in ``out`` (also after a hard-limit kill).
+    ``own_process`` and ``torch_threads`` let two trainings run side by side on one CPU machine."""
     from mpo.jobs import train_job
 
     return _run_job(train_job, dict(pairs_dir=pairs_dir, model=model, out=out, training=training,
-                                    eval_pairs=eval_pairs), time_limit, progress="training: steps done")
+                                    eval_pairs=eval_pairs, torch_threads=torch_threads), time_limit,
+                    progress="training: steps done", own_process=own_process)
 
 
 @task(name="evaluate")

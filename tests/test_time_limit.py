@@ -62,9 +62,21 @@ def test_events_and_result_come_back_from_the_child() -> None:
     assert [e["progress"] for e in events] == [25.0, 50.0, 75.0, 100.0]
 
 
+def pid(emit: Any) -> int:
+    return os.getpid()
+
+
 def test_without_a_limit_the_job_runs_in_process() -> None:
     events: list[Any] = []
     assert call_with_time_limit(counts, {"n": 2}, None, events.append) == 4 and len(events) == 2
+    assert call_with_time_limit(pid, {}, None) == os.getpid()
+
+
+def test_own_process_without_a_limit_runs_in_a_child() -> None:
+    """Two Python-bound jobs side by side (MPO and its SFT baseline) each need an interpreter."""
+    events: list[Any] = []
+    assert call_with_time_limit(pid, {}, None, own_process=True) != os.getpid()
+    assert call_with_time_limit(counts, {"n": 2}, None, events.append, own_process=True) == 4 and len(events) == 2
 
 
 def test_a_child_error_keeps_its_type_so_bad_input_is_not_retried() -> None:
