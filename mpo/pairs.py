@@ -443,20 +443,21 @@ def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig
     def write_shards(folder: Path) -> None:
         index = 0
         # One writer thread: compressing a chunk's pairs (pyarrow, GIL released) overlaps
-        # pairing the next chunk; a chunk is submitted only once the previous write ended,
-        # so memory holds the chunk being written and the one being paired, no more.
+        # pairing the next chunk. The next chunk is converted to Arrow (a copy) only once the
+        # previous write has ended, so memory holds at most two copies of pairs: the chunk
+        # being written beside the one being paired, or one chunk in polars and in Arrow.
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future[None] | None = None
             for files, keep in sample_chunks(samples_dir, config.chunk_rows, prompt_ids):
                 chunk = pair_chunk(_read(files, keep), config)
-                shards = {folder / f"part-{index + n:05d}.parquet": chunk.pairs.slice(start, config.shard_rows).to_arrow()
-                          for n, start in enumerate(range(0, chunk.pairs.height, config.shard_rows))}
-                index += len(shards)
                 stats.append(chunk.prompt_stats)
                 counts.append(_pair_counts(chunk.pairs))
                 filtered.append(chunk.filtered)
                 if pending is not None:
                     pending.result()
+                shards = {folder / f"part-{index + n:05d}.parquet": chunk.pairs.slice(start, config.shard_rows).to_arrow()
+                          for n, start in enumerate(range(0, chunk.pairs.height, config.shard_rows))}
+                index += len(shards)
                 pending = writer.submit(_write_pairs, shards)
                 del chunk, shards  # the writer holds the only copy (Arrow), freed shard by shard once written
             if pending is not None:
