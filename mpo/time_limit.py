@@ -73,6 +73,7 @@ def call_with_time_limit(fn: Callable[..., T], kwargs: dict[str, Any], seconds: 
     deadline = time.monotonic() + (seconds if seconds is not None else float("inf"))
     process.start()
     child_end.close()
+    answered = False
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -88,7 +89,9 @@ def call_with_time_limit(fn: Callable[..., T], kwargs: dict[str, Any], seconds: 
                                            f"{process.exitcode} and sent no result") from None
                 if message[0] == "event":
                     forward(message[1])
-                elif message[0] == "result":
+                    continue
+                answered = True
+                if message[0] == "result":
                     return message[1]  # type: ignore[no-any-return]
                 else:
                     error, text = message[1], message[2]
@@ -96,6 +99,8 @@ def call_with_time_limit(fn: Callable[..., T], kwargs: dict[str, Any], seconds: 
                     raise error
     finally:
         parent_end.close()
+        if answered:  # let it exit on its own: terminated mid-shutdown, it leaks its semaphores
+            process.join(grace_seconds)
         if process.is_alive():
             process.terminate()
             process.join(grace_seconds)

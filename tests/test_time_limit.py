@@ -88,3 +88,23 @@ def test_a_child_error_keeps_its_type_so_bad_input_is_not_retried() -> None:
 def test_a_vanished_child_is_reported() -> None:
     with pytest.raises(ChildProcessDied, match="exited with code 9"):
         call_with_time_limit(dies, {}, 60)
+
+
+def leaves_with_a_slow_exit_handler(marker: str, emit: Any) -> str:
+    """Registers an exit handler that runs as the child shuts down, after its result is sent
+    (multiprocessing's own finalizers unregister semaphores the same way)."""
+    from multiprocessing import util
+
+    def write_marker() -> None:
+        time.sleep(0.5)
+        Path(marker).write_text("clean exit")
+
+    util.Finalize(None, write_marker, exitpriority=10)
+    return "done"
+
+
+def test_a_child_that_answered_is_left_to_exit_on_its_own(tmp_path: Path) -> None:
+    marker = tmp_path / "exited"
+    result = call_with_time_limit(leaves_with_a_slow_exit_handler, {"marker": str(marker)}, 60, grace_seconds=10)
+    assert result == "done"
+    assert marker.read_text() == "clean exit", "the child was terminated while it shut down"
