@@ -10,6 +10,9 @@ extraction, verifiers). Prints one table row per checkpoint.
     python benchmarks/warmup_curve.py --out /tmp/curve --steps 1500 --every 250
     python benchmarks/warmup_curve.py --out /tmp/curve --steps 800 --every 200 --lr 3e-3 \
         --datasets synth_colour,synth_count,synth_choice,synth_describe
+    python benchmarks/warmup_curve.py --out /tmp/curve --steps 1500 --every 500 --seed 2 \
+        --image-size 112 --vision-lr-scale 10 --prior-bias 0.5 \
+        --datasets synth_colour,synth_count,synth_choice,synth_describe     # the demo's warm-up
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--vision-lr-scale", type=float, default=1.0, help="learning-rate multiplier of vision tower + projector")
+    parser.add_argument("--prior-bias", type=float, default=0.0,
+                        help="share of closed examples taught the dataset's most common answer (the demo: 0.5)")
+    parser.add_argument("--image-size", type=int, default=224, help="vision tower input (the demo: 112)")
     parser.add_argument("--count", type=int, default=400, help="prompts per dataset (30%% held out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datasets", default=",".join(TASKS))
@@ -56,7 +62,7 @@ def main() -> None:
     generate(warm, count=500, seed=args.seed + 1, heldout_fraction=0.0, datasets=datasets)
     ingest(data / "meta_heldout.json", heldout)
 
-    spec = TinyModelSpec()
+    spec = TinyModelSpec(args.image_size)
     tokenizer = build_tokenizer(spec, args.seed)
     processor = build_processor(spec, tokenizer)
     model = build_model(spec, tokenizer, args.seed)
@@ -78,7 +84,7 @@ def main() -> None:
         cells = " | ".join(f"{table[d]['accuracy']:.1%}" if d in table else "-" for d in closed)
         print(f"| {step + 1} | {time.perf_counter() - started:.0f} | {loss:.3f} | {cells} |", flush=True)
 
-    warmup(model, processor, warmup_examples(warm), args.steps, args.seed, lr=args.lr,
+    warmup(model, processor, warmup_examples(warm, prior_bias=args.prior_bias, seed=args.seed), args.steps, args.seed, lr=args.lr,
            vision_lr_scale=args.vision_lr_scale, on_step=checkpoint)
 
 
