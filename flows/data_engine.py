@@ -5,6 +5,8 @@ Run it embedded (``mpo run CONFIG.yaml``: Prefect's ephemeral API, no server), f
 deployment (``prefect.yaml``), or watch it in the UI by pointing ``PREFECT_API_URL`` at a
 server. Stage outputs live under ``config.workdir``; every stage resumes from what is
 already there, so a retry or a re-run with the same config redoes nothing finished.
+The run summary (the models scored, accuracy, pairs, time per stage) is also written to
+``workdir/summary.json`` for scripts such as ``benchmarks/demo_accuracy.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
 from mpo.config import PipelineConfig
-from mpo.evaluate import overall
+from mpo.evaluate import overall, overall_standard_error
+from mpo.io import atomic_write_text
 from mpo.sampling import STAGES
 from mpo.train import TrainConfig
 from tasks.stages import (
@@ -190,6 +193,7 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
             models["sft"] = baseline["final_model"]
             timings["SFT baseline"] = time.perf_counter() - started
 
+    summary["models"] = models
     if heldout is not None:
         started = time.perf_counter()
         evaluate = with_stage_policy(evaluate_model, stages.evaluate)
@@ -200,6 +204,7 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
         }
         timings["evaluation"] = time.perf_counter() - started
     summary["timings"] = timings
+    atomic_write_text(work / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     _publish_summary(summary)
     logger.info("data engine done: %s pairs; %s", pairs["report"]["pairs"],
                 {k: round(v, 1) for k, v in timings.items()})
@@ -287,6 +292,8 @@ def render_summary(summary: dict[str, Any]) -> str:
             cells = [f"{evaluation[n][dataset]['accuracy']:.1%}" if dataset in evaluation[n] else "-" for n in names]
             lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{overall(evaluation[n]):.1%}**" for n in names) + " |")
+        lines.append("| ± standard error | " + " | ".join(f"{overall_standard_error(evaluation[n]):.1%}" for n in names)
+                     + " |")
     lines += ["", "## Time per stage", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary["timings"].items()]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ keyed by model and config like any stage, so re-evaluating a model is free.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,17 @@ def accuracy_table(samples: pl.DataFrame, pairing: PairingConfig) -> dict[str, d
     return {row["dataset"]: {**row, "accuracy": row["correct"] / row["prompts"]} for row in stats.iter_rows(named=True)}
 
 
+def greedy_samples(engine: Engine, prompts_dir: Path | str, out: Path | str, sampling: SamplingConfig,
+                   max_tokens: int = 256) -> pl.DataFrame:
+    """One greedy answer of ``engine``'s model per closed prompt in ``prompts_dir`` (one row each)."""
+    report = run_stage("correctness", prompts_dir, engine, out, greedy_config(sampling, max_tokens))
+    return read_stage_samples(report.out_dir, read_prompts(prompts_dir))
+
+
 def evaluate_accuracy(engine: Engine, prompts_dir: Path | str, out: Path | str, sampling: SamplingConfig,
                       pairing: PairingConfig, max_tokens: int = 256) -> dict[str, dict[str, Any]]:
     """Greedy accuracy of ``engine``'s model on the closed prompts in ``prompts_dir``, per dataset."""
-    report = run_stage("correctness", prompts_dir, engine, out, greedy_config(sampling, max_tokens))
-    samples = read_stage_samples(report.out_dir, read_prompts(prompts_dir))
+    samples = greedy_samples(engine, prompts_dir, out, sampling, max_tokens)
     if samples.height == 0:
         return {}
     return accuracy_table(samples, pairing)
@@ -47,3 +54,15 @@ def evaluate_accuracy(engine: Engine, prompts_dir: Path | str, out: Path | str, 
 def overall(table: dict[str, dict[str, Any]]) -> float:
     """Mean of the per-dataset accuracies (each dataset weighs the same)."""
     return sum(row["accuracy"] for row in table.values()) / len(table) if table else 0.0
+
+
+def overall_standard_error(table: dict[str, dict[str, Any]]) -> float:
+    """Standard error of ``overall`` from the finite held-out sample (binomial per dataset).
+
+    Why: a few hundred held-out prompts leave a few points of noise, so two models whose
+    means differ by about that much are not told apart; the summary prints it beside the mean.
+    """
+    if not table:
+        return 0.0
+    variance = sum(row["accuracy"] * (1 - row["accuracy"]) / row["prompts"] for row in table.values() if row["prompts"])
+    return math.sqrt(variance) / len(table)

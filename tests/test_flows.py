@@ -58,6 +58,9 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
     pairs_dir = Path(summary["training"]["final_model"]).parents[1]
     assert summary["pairs"]["pairs"] > 0 and summary["training"]["steps"] == 2
     assert set(summary["evaluation"]) == {"start", "mpo", "sft"}
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["models"] == summary["models"] and set(written["models"]) == {"start", "mpo", "sft"}
+    assert written["models"]["sft"].endswith("final") and written["evaluation"] == summary["evaluation"]
     assert set(summary["evaluation"]["start"]) == {"synth_arith", "synth_choice", "synth_colour", "synth_compare",
                                                    "synth_count"}
     assert pairs_dir.is_dir()
@@ -268,7 +271,7 @@ def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: P
             "--sample-n", "2", "--train-steps", "2", "--image-size", "112"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    for heading in ("Held-out accuracy", "start", "mpo", "sft", "Time per stage", "pairs"):
+    for heading in ("Held-out accuracy", "start", "mpo", "sft", "± standard error", "Time per stage", "pairs"):
         assert heading in first.output
     built = tmp_path / "run" / "model-start" / "tiny_model.json"
     recipe = json.loads(built.read_text())

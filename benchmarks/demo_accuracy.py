@@ -1,0 +1,109 @@
+"""The demo's models on a large fresh held-out set: how much of a demo's table is noise.
+
+`mpo demo` scores its three models (start, MPO, SFT baseline) on 360 held-out prompts,
+which leaves about 2.6 points of standard error on each mean and more on the difference
+of two. This script draws a larger held-out set (new images, another seed) and scores the
+models of one or more finished demo work folders on it, so that differences between
+MPO and SFT, and between seeds, can be told from noise. The MPO - SFT column gives the
+paired standard error (both models answer the same prompts).
+
+    python benchmarks/demo_accuracy.py demo-run                      # 3,000 prompts
+    python benchmarks/demo_accuracy.py run-seed0 run-seed1 run-seed2 --count 1000 --out /tmp/demo-accuracy
+
+Per work folder it takes the models its last run scored (``summary.json``). Evaluations
+are cached under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import polars as pl  # noqa: E402
+
+from mpo.answers import Verdict  # noqa: E402
+from mpo.cli import DEMO_DATASETS  # noqa: E402
+from mpo.engines.hf import TransformersEngine  # noqa: E402
+from mpo.evaluate import greedy_samples  # noqa: E402
+from mpo.ingest import ingest  # noqa: E402
+from mpo.pairs import PairingConfig, judge_samples  # noqa: E402
+from mpo.sampling import SamplingConfig  # noqa: E402
+from mpo.synth import VERIFY_MODES, generate  # noqa: E402
+
+
+def demo_models(workdir: Path) -> dict[str, Path]:
+    """The models a finished demo scored (start, mpo, sft), from its ``summary.json``."""
+    summary = workdir / "summary.json"
+    if not summary.exists():
+        raise SystemExit(f"{summary} not found: run `mpo demo --workdir {workdir}` first")
+    models = {name: Path(path) for name, path in json.loads(summary.read_text()).get("models", {}).items()}
+    if set(models) != {"start", "mpo", "sft"}:
+        raise SystemExit(f"{summary}: models {sorted(models)}, expected start, mpo and sft (a demo run)")
+    return models
+
+
+def correct_per_prompt(model: Path, prompts_dir: Path, out: Path, pairing: PairingConfig) -> pl.DataFrame:
+    """prompt_id, dataset, correct (0/1) of the model's greedy answer to each held-out prompt."""
+    engine = TransformersEngine(str(model))
+    try:
+        samples = greedy_samples(engine, prompts_dir, out, SamplingConfig(), max_tokens=48)
+    finally:
+        engine.close()
+    return judge_samples(samples, pairing).select(
+        "prompt_id", "dataset", correct=(pl.col("verdict") == Verdict.CORRECT.value).cast(pl.Float64))
+
+
+def mean_and_error(frame: pl.DataFrame, column: str) -> tuple[float, float]:
+    """Mean over datasets (each weighs the same, like the demo's table) and its standard error."""
+    stats = frame.group_by("dataset").agg(mean=pl.col(column).mean(), var=pl.col(column).var(), n=pl.len())
+    count = stats.height
+    mean = stats["mean"].sum() / count
+    error = math.sqrt(sum(v / n for v, n in zip(stats["var"], stats["n"], strict=True))) / count
+    return mean, error
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdirs", type=Path, nargs="+", help="finished `mpo demo` work folders")
+    parser.add_argument("--count", type=int, default=1000, help="held-out prompts per dataset")
+    parser.add_argument("--seed", type=int, default=100, help="seed of the held-out images (not a demo's seed)")
+    parser.add_argument("--out", type=Path, default=Path("demo-accuracy"), help="held-out data and evaluations")
+    args = parser.parse_args()
+
+    closed = tuple(d for d in DEMO_DATASETS.split(",") if d in VERIFY_MODES)
+    prompts_dir = args.out / "heldout" / "prompts"
+    if not prompts_dir.exists():
+        generate(args.out / "data", count=args.count, seed=args.seed, heldout_fraction=0.0, datasets=closed)
+        ingest(args.out / "data" / "meta.json", args.out / "heldout")
+    pairing = PairingConfig(verify_modes=VERIFY_MODES)
+
+    print(f"{args.count} held-out prompts per dataset ({', '.join(closed)}), greedy; mean ± standard error")
+    print("| work folder | start | MPO | SFT | MPO - start | MPO - SFT (paired) | s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for workdir in args.workdirs:
+        started = time.perf_counter()
+        scores = {name: correct_per_prompt(path, prompts_dir, args.out / "eval", pairing)
+                  for name, path in demo_models(workdir).items()}
+        joined = (scores["start"].rename({"correct": "start"})
+                  .join(scores["mpo"].rename({"correct": "mpo"}).drop("dataset"), on="prompt_id")
+                  .join(scores["sft"].rename({"correct": "sft"}).drop("dataset"), on="prompt_id")
+                  .with_columns(gain=pl.col("mpo") - pl.col("start"), edge=pl.col("mpo") - pl.col("sft")))
+        cells = []
+        for column in ("start", "mpo", "sft", "gain", "edge"):
+            mean, error = mean_and_error(joined, column)
+            sign = "+" if column in ("gain", "edge") and mean >= 0 else ""
+            cells.append(f"{sign}{100 * mean:.1f} ± {100 * error:.1f}")
+        print(f"| {workdir} | " + " | ".join(cells) + f" | {time.perf_counter() - started:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
