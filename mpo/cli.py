@@ -59,6 +59,8 @@ def tiny_model(
         help="Learning-rate multiplier of the vision tower and projector during the warm-up")] = 1.0,
     warmup_prior_bias: Annotated[float, typer.Option(
         help="Share of closed warm-up examples whose final answer is the dataset's most common one")] = 0.0,
+    warmup_prior_in_reasoning: Annotated[bool, typer.Option(
+        help="Those examples state the common answer in their steps too, not only in the last line")] = False,
     image_size: Annotated[int, typer.Option(help="Input resolution of the vision tower (patch 14; 224 -> 64 "
                                                  "image tokens, 112 -> 16)")] = 224,
 ) -> None:
@@ -66,7 +68,8 @@ def tiny_model(
     from mpo.tiny_model import TinyModelSpec, WarmupRecipe
 
     summary = _build_tiny_model(out, seed, data, WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale,
-                                                                    warmup_prior_bias), TinyModelSpec(image_size))
+                                                                    warmup_prior_bias, warmup_prior_in_reasoning),
+                                TinyModelSpec(image_size))
     console.print(f"[green]tiny model[/green] written to {out}: {summary['parameters']:,} parameters, "
                   f"vocab {summary['vocab_size']}, {summary['image_seq_length']} image tokens per image")
     if warmup_steps:
@@ -341,6 +344,9 @@ def demo(
     warmup_prior_bias: Annotated[float, typer.Option(
         help="Share of closed warm-up examples taught the dataset's most common answer (a language-prior "
              "shortcut for MPO to repair)")] = 0.5,
+    warmup_prior_in_reasoning: Annotated[bool, typer.Option(
+        help="The shortcut examples state the common answer in their steps too (\"It is red. Final answer: red\"), "
+             "not only in the last line")] = True,
     image_size: Annotated[int, typer.Option(help="Input resolution of the tiny model's vision tower (224 -> 64 "
                                                  "image tokens; 112 -> 16, faster but on some seeds it never "
                                                  "learns to read)")] = 224,
@@ -363,8 +369,12 @@ def demo(
     The defaults give the starting model what MPO is for: it reads images (224 px, the
     vision tower learning 10x faster, 1,000 steps; at 112 px seed 2 had not begun to read
     after 1,500 or 2,500 steps, at 224 px it had by 1,000) but half of its closed warm-up examples
-    end on the dataset's most common answer, a language-prior shortcut; 8 samples at T 1.0
-    per prompt then give correct and wrong answers to pair, at most 4 pairs per prompt.
+    name the dataset's most common answer, in the steps and the last line, a language-prior
+    hallucination; 8 samples at T 1.0 per prompt then give correct and wrong answers to pair,
+    at most 4 pairs per prompt. With the prior in the last line only, the model often read
+    right and answered wrong, and pairs judged by the final answer then pushed its reading
+    both ways: on 3,000 held-out prompts seeds 0/1/2 gained +18.0/+9.9/+13.6 points, against
+    +21.5/+18.0/+17.0 with the prior in the steps too (benchmarks/demo_accuracy.py).
     """
     from mpo.config import PipelineConfig
     from mpo.io import atomic_write_text
@@ -383,7 +393,8 @@ def demo(
                   + ", ".join(f"{split} {sum(counts.values())} prompts" for split, counts in summary.items()))
     model_dir = workdir / "model-start"
     built = model_dir / "tiny_model.json"
-    warmup_recipe = WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale, warmup_prior_bias)
+    warmup_recipe = WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale, warmup_prior_bias,
+                                 warmup_prior_in_reasoning)
     recipe = {**warmup_recipe.summary(), "seed": seed, "datasets": list(names), "warmup_count": warmup_count,
               "image_size": image_size}
     previous = json.loads(built.read_text()) if built.exists() else {}

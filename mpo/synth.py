@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,6 +324,17 @@ def generate(out: Path, count: int, seed: int = 0, heldout_fraction: float = 0.2
 def with_final_answer(solution: str, answer: str) -> str:
     """The worked solution with its final answer line naming ``answer`` (its steps unchanged)."""
     return f"{solution.rsplit(FINAL_ANSWER, 1)[0]}{FINAL_ANSWER} {answer}"
+
+
+def as_if_answered(solution: str, gold: str, answer: str) -> str:
+    """The worked solution of a model that believed ``answer``: every whole-word mention of
+    the gold answer, in the steps and the final line, names ``answer`` instead.
+
+    The steps then agree with the (wrong) final answer ("It is red. Final answer: red"), a
+    hallucination from the answer prior rather than a right reading with a wrong last line.
+    """
+    steps = re.sub(rf"(?<![\w]){re.escape(gold)}(?![\w])", lambda _: answer, solution.rsplit(FINAL_ANSWER, 1)[0])
+    return f"{steps}{FINAL_ANSWER} {answer}"
 
 
 def solution_pairs(synth_dir: Path, out: Path, split: str = "train", seed: int = 0,

@@ -195,7 +195,7 @@ class WarmupExample:
 
 
 def warmup_examples(synth_dir: Path, template: str = "en", prior_bias: float = 0.0,
-                    seed: int = 0) -> list[WarmupExample]:
+                    seed: int = 0, prior_in_reasoning: bool = False) -> list[WarmupExample]:
     """Supervised targets from the train split: worked solutions and descriptions.
 
     ``prior_bias`` is the share of closed examples whose final answer line is replaced by
@@ -217,7 +217,9 @@ def warmup_examples(synth_dir: Path, template: str = "en", prior_bias: float = 0
             if "solution" in row:
                 response = str(row["solution"])
                 if answers and rng.random() < prior_bias:
-                    response = synth.with_final_answer(response, answers.most_common(1)[0][0])
+                    prior = answers.most_common(1)[0][0]
+                    response = (synth.as_if_answered(response, str(row["answer"]), prior) if prior_in_reasoning
+                                else synth.with_final_answer(response, prior))
                 examples.append(WarmupExample(apply_template(row["question"], template), root / row["image"], response))
             elif row.get("chosen"):
                 examples.append(WarmupExample(row["question"], root / row["image"], row["chosen"]))
@@ -289,6 +291,7 @@ class WarmupRecipe:
     lr: float = 1e-3
     vision_lr_scale: float = 1.0
     prior_bias: float = 0.0  # share of closed examples taught the dataset's most common answer (warmup_examples)
+    prior_in_reasoning: bool = False  # those examples also state the prior in their steps (synth.as_if_answered)
 
     def summary(self) -> dict[str, Any]:
         """The recipe under ``warmup_*`` keys, as ``tiny_model.json`` records it."""
@@ -307,7 +310,8 @@ def build_tiny_model(out: Path, seed: int = 0, synth_dir: Path | None = None, sp
     if recipe.steps:
         if synth_dir is None:
             raise ValueError("warm-up needs synthetic data: pass synth_dir (mpo synth output)")
-        examples = warmup_examples(Path(synth_dir), prior_bias=recipe.prior_bias, seed=seed)
+        examples = warmup_examples(Path(synth_dir), prior_bias=recipe.prior_bias, seed=seed,
+                                   prior_in_reasoning=recipe.prior_in_reasoning)
         losses = warmup(model, processor, examples, recipe.steps, seed, lr=recipe.lr,
                         vision_lr_scale=recipe.vision_lr_scale, on_step=on_step)
     out = Path(out)

@@ -276,6 +276,7 @@ def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: P
     built = tmp_path / "run" / "model-start" / "tiny_model.json"
     recipe = json.loads(built.read_text())
     assert recipe["warmup_steps"] == 2 and recipe["image_size"] == 112 and recipe["warmup_prior_bias"] == 0.5
+    assert recipe["warmup_prior_in_reasoning"] is True
     weights = tmp_path / "run" / "model-start" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
 

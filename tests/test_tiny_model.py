@@ -102,3 +102,26 @@ def test_prior_bias_rewrites_only_final_answers_to_the_dataset_majority(synth_di
     assert 0 < changed < len(clean)
     with pytest.raises(ValueError, match="prior_bias"):
         warmup_examples(synth_dir, prior_bias=1.5)
+
+
+def test_prior_in_reasoning_states_the_majority_answer_in_the_steps_too(synth_dir: Path) -> None:
+    clean = [ex for ex in warmup_examples(synth_dir) if "Final answer:" in ex.response]
+    biased = [ex for ex in warmup_examples(synth_dir, prior_bias=1.0, prior_in_reasoning=True)
+              if "Final answer:" in ex.response]
+    colour = [(a.response, b.response) for a, b in zip(clean, biased, strict=True)
+              if a.image_path.parent.name == "synth_colour"]
+    assert colour, "the fixture has colour prompts"
+    for before, after in colour:
+        gold, taught = before.rsplit(" ", 1)[1], after.rsplit(" ", 1)[1]
+        assert f"It is {taught}." in after and (gold == taught or f"It is {gold}." not in after)
+        assert before.split(" It is ")[0] == after.split(" It is ")[0]  # the rest of the steps stay
+    assert any(before != after for before, after in colour)
+
+
+def test_as_if_answered_replaces_whole_words_only() -> None:
+    from mpo.synth import as_if_answered
+
+    assert as_if_answered("I count 2 squares, not 12.\nFinal answer: 2", "2", "4") == \
+        "I count 4 squares, not 12.\nFinal answer: 4"
+    assert as_if_answered("It is red, not redder.\nFinal answer: red", "red", "blue") == \
+        "It is blue, not redder.\nFinal answer: blue"
