@@ -10,8 +10,8 @@ extraction, verifiers). Prints one table row per checkpoint.
     python benchmarks/warmup_curve.py --out /tmp/curve --steps 1500 --every 250
     python benchmarks/warmup_curve.py --out /tmp/curve --steps 800 --every 200 --lr 3e-3 \
         --datasets synth_colour,synth_count,synth_choice,synth_describe
-    python benchmarks/warmup_curve.py --out /tmp/curve --steps 1500 --every 500 --seed 2 \
-        --image-size 112 --vision-lr-scale 10 --prior-bias 0.5 \
+    python benchmarks/warmup_curve.py --out /tmp/curve --steps 1000 --every 500 --seed 2 \
+        --vision-lr-scale 10 --prior-bias 0.5 --prior-in-reasoning \
         --datasets synth_colour,synth_count,synth_choice,synth_describe     # the demo's warm-up
 """
 
@@ -50,7 +50,9 @@ def main() -> None:
     parser.add_argument("--vision-lr-scale", type=float, default=1.0, help="learning-rate multiplier of vision tower + projector")
     parser.add_argument("--prior-bias", type=float, default=0.0,
                         help="share of closed examples taught the dataset's most common answer (the demo: 0.5)")
-    parser.add_argument("--image-size", type=int, default=224, help="vision tower input (the demo: 112)")
+    parser.add_argument("--prior-in-reasoning", action="store_true",
+                        help="those examples name it in their steps too (the demo does)")
+    parser.add_argument("--image-size", type=int, default=224, help="vision tower input (the demo: 224)")
     parser.add_argument("--count", type=int, default=400, help="prompts per dataset (30%% held out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datasets", default=",".join(TASKS))
@@ -84,7 +86,9 @@ def main() -> None:
         cells = " | ".join(f"{table[d]['accuracy']:.1%}" if d in table else "-" for d in closed)
         print(f"| {step + 1} | {time.perf_counter() - started:.0f} | {loss:.3f} | {cells} |", flush=True)
 
-    warmup(model, processor, warmup_examples(warm, prior_bias=args.prior_bias, seed=args.seed), args.steps, args.seed, lr=args.lr,
+    examples = warmup_examples(warm, prior_bias=args.prior_bias, seed=args.seed,
+                               prior_in_reasoning=args.prior_in_reasoning)
+    warmup(model, processor, examples, args.steps, args.seed, lr=args.lr,
            vision_lr_scale=args.vision_lr_scale, on_step=checkpoint)
 
 

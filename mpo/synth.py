@@ -333,8 +333,8 @@ def as_if_answered(solution: str, gold: str, answer: str) -> str:
     The steps then agree with the (wrong) final answer ("It is red. Final answer: red"), a
     hallucination from the answer prior rather than a right reading with a wrong last line.
     """
-    steps = re.sub(rf"(?<![\w]){re.escape(gold)}(?![\w])", lambda _: answer, solution.rsplit(FINAL_ANSWER, 1)[0])
-    return f"{steps}{FINAL_ANSWER} {answer}"
+    believed = re.sub(rf"(?<!\w){re.escape(gold)}(?!\w)", lambda _: answer, solution)
+    return with_final_answer(believed, answer)
 
 
 def solution_pairs(synth_dir: Path, out: Path, split: str = "train", seed: int = 0,
