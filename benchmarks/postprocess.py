@@ -2,12 +2,14 @@
 the same rules that works the way the reference script does (JSON lines in, dicts,
 JSON lines out).
 
-    python benchmarks/postprocess.py [--rows 1000000] [--workdir /tmp/mpo-bench]
+    python benchmarks/postprocess.py [--rows 1000000] [--workdir /tmp/mpo-bench] [--selection closest]
 
 Generates ``rows`` synthetic correctness samples (32 per prompt, 60-250 word responses,
 some wrong, some format failures, truncated or repetitive), writes them both as Parquet
 (our input) and as JSONL (the baseline's input), runs each side in its own process
 (wall time and peak RSS from ``wait4``) and checks both produce the same pair set.
+``--selection closest`` keeps, per prompt, the pairs whose responses share the longest
+prefix (both sides), to price that rule.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def generate(workdir: Path, rows: int, seed: int = 0) -> None:
 # ------------------------------------------------------------------ the plain-Python baseline
 
 
-def baseline(samples_jsonl: Path, out_jsonl: Path) -> None:
+def baseline(samples_jsonl: Path, out_jsonl: Path, selection: str) -> None:
     """Same rules as mpo.pairs (correctness + format sources), one row at a time."""
     import zlib
 
@@ -122,10 +124,13 @@ def baseline(samples_jsonl: Path, out_jsonl: Path) -> None:
                             continue
                         if source == "correctness" and c["extracted"].lower() in r["extracted"].lower():
                             continue
-                        candidates.append((key(pseed, c["sample_index"], r["sample_index"]), c["sample_index"],
-                                           r["sample_index"], c, r))
-                candidates.sort(key=lambda t: t[:3])
-                for _, _, _, c, r in candidates[:PAIRS_PER_PROMPT]:
+                        shared = 0
+                        if selection == "closest":
+                            shared = len(os.path.commonprefix([c["response"].encode(), r["response"].encode()]))
+                        candidates.append((-shared, key(pseed, c["sample_index"], r["sample_index"]),
+                                           c["sample_index"], r["sample_index"], c, r))
+                candidates.sort(key=lambda t: t[:4])
+                for _, _, _, _, c, r in candidates[:PAIRS_PER_PROMPT]:
                     out.write(json.dumps({"prompt_id": prompt_id, "source": source, "chosen": c["response"],
                                           "rejected": r["response"]}) + "\n")
 
@@ -169,17 +174,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mpo-bench-postprocess"))
+    parser.add_argument("--selection", choices=["random", "closest"], default="random",
+                        help="pairs kept under the cap (mpo.pairs.PairSelection)")
     parser.add_argument("--role", choices=["ours", "baseline", "io"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.workdir
     if args.role == "ours":
         from mpo.pairs import PairingConfig, run_pairing
 
-        run_pairing(work / "samples", work / "pairs", PairingConfig(pairs_per_prompt=PAIRS_PER_PROMPT,
-                                                                     max_repetition=MAX_REPETITION))
+        run_pairing(work / "samples", work / "pairs", PairingConfig(
+            pairs_per_prompt=PAIRS_PER_PROMPT, max_repetition=MAX_REPETITION, selection=args.selection))
         return
     if args.role == "baseline":
-        baseline(work / "samples.jsonl", work / "baseline_pairs.jsonl")
+        baseline(work / "samples.jsonl", work / "baseline_pairs.jsonl", args.selection)
         return
     if args.role == "io":
         io_only(work)
@@ -191,8 +198,8 @@ def main() -> None:
         generate(work, args.rows)
         marker.touch()
         print(f"generated {args.rows:,} sample rows in {time.perf_counter() - start:.1f} s")
-    ours = _run(["--role", "ours", "--workdir", str(work)])
-    base = _run(["--role", "baseline", "--workdir", str(work)])
+    ours = _run(["--role", "ours", "--workdir", str(work), "--selection", args.selection])
+    base = _run(["--role", "baseline", "--workdir", str(work), "--selection", args.selection])
     floor_wall, _ = _run(["--role", "io", "--workdir", str(work)])
     floor = floor_wall - float((work / "io-floor" / "rereading_seconds").read_text())
 
@@ -201,7 +208,7 @@ def main() -> None:
     ours_pairs = pl.read_parquet(work / "pairs" / "data" / "*.parquet").select("prompt_id", "source", "chosen", "rejected")
     base_pairs = pl.read_ndjson(work / "baseline_pairs.jsonl").select("prompt_id", "source", "chosen", "rejected")
     identical = set(ours_pairs.iter_rows()) == set(base_pairs.iter_rows())
-    print(f"\nrows: {args.rows:,}   pairs: ours {ours_pairs.height:,}, baseline {base_pairs.height:,}   "
+    print(f"\nrows: {args.rows:,}   selection: {args.selection}   pairs: ours {ours_pairs.height:,}, baseline {base_pairs.height:,}   "
           f"identical pair sets: {identical}")
     print(f"{'':<26}{'wall s':>10}{'peak RSS MiB':>15}")
     print(f"{'mpo pairs (polars)':<26}{ours[0]:>10.1f}{ours[1]:>15.0f}")

@@ -123,6 +123,8 @@ def pairs(
     samples: Annotated[list[Path], typer.Argument(help="Samples directories (Parquet shards), e.g. both stages'")],
     out: Annotated[Path, typer.Option(help="Pairs directory: data/*.parquet, hard_prompts.parquet, report.json")],
     pairs_per_prompt: Annotated[int, typer.Option(help="Cap on pairs per prompt and source")] = 15,
+    selection: Annotated[str, typer.Option(help="Pairs kept under the cap: random (seeded draw) or closest "
+                                                "(chosen and rejected sharing the longest prefix first)")] = "random",
     seed: Annotated[int, typer.Option(help="Seed of the pair draw")] = 0,
     verify: Annotated[list[str] | None, typer.Option(help="DATASET=MODE (exact|choice|numeric|anls); repeatable")] = None,
     default_verify: Annotated[str, typer.Option(help="Verifier for datasets not named by --verify")] = "exact",
@@ -140,7 +142,7 @@ def pairs(
         if not sep:
             raise typer.BadParameter(f"--verify takes DATASET=MODE, got {item!r}")
         modes[dataset] = mode
-    config = PairingConfig(pairs_per_prompt=pairs_per_prompt, seed=seed, verify_modes=modes,
+    config = PairingConfig(pairs_per_prompt=pairs_per_prompt, selection=selection, seed=seed, verify_modes=modes,
                            default_verify_mode=default_verify, max_repetition=max_repetition,
                            max_length_ratio=max_length_ratio)
     prompt_ids = read_prompts(prompts)["prompt_id"] if prompts else None
@@ -354,6 +356,8 @@ def demo(
     temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 1.0,
     pairs_per_prompt: Annotated[int, typer.Option(
         help="Cap on pairs per prompt and source (more prompts, fewer near-duplicate pairs to score)")] = 4,
+    pair_selection: Annotated[str, typer.Option(
+        help="Pairs kept under the cap: random or closest (chosen and rejected sharing the longest prefix)")] = "random",
     train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 600,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 5e-4,
     seed: Annotated[int, typer.Option()] = 0,
@@ -416,7 +420,7 @@ def demo(
         heldout_data=(data / "meta_heldout.json").resolve(), model=str(model_dir.resolve()),
         sampling=SamplingConfig(n=sample_n, temperature=temperature, max_tokens=48, prompts_per_shard=32,
                                 dropout_max_tokens=32, seed=seed),
-        pairing=PairingConfig(verify_modes=VERIFY_MODES, pairs_per_prompt=pairs_per_prompt),
+        pairing=PairingConfig(verify_modes=VERIFY_MODES, pairs_per_prompt=pairs_per_prompt, selection=pair_selection),
         training=TrainConfig(learning_rate=learning_rate, max_steps=train_steps, batch_size=8, max_length=512,
                              warmup_ratio=0.1, seed=seed, save_every=50, loss=MPOLossConfig()),
         sft_baseline=True, baseline_side_by_side=True, eval_max_tokens=48,

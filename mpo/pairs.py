@@ -3,7 +3,9 @@
 Rules, per prompt:
 - **correctness**: correct x wrong cross product, minus pairs whose chosen answer is
   contained in the rejected answer; a truncated response (``finish_reason == length``)
-  is never chosen; up to ``pairs_per_prompt`` pairs, drawn with a fixed seed.
+  is never chosen; up to ``pairs_per_prompt`` pairs, drawn with a fixed seed, or with
+  ``selection="closest"`` the pairs whose two responses share the longest prefix first
+  (hard negatives: they part at the step that went wrong), the draw breaking ties.
 - **format**: correct responses x format failures (no parsable answer), same cap.
 - **dropout_ntp**: chosen = the original answer, rejected = prefix + continuation,
   unless the continuation is empty or rejected equals chosen.
@@ -30,6 +32,7 @@ import re
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +44,26 @@ from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correc
 from mpo.io import atomic_write_text, publish_dir
 from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, shard_files, write_table
 from mpo.templates import TEMPLATES, apply_template
-from mpo.text_stats import content_hash, hex64, repetition
+from mpo.text_stats import common_prefix, content_hash, hex64, repetition
 
 _MINSTD, _PRIME = 48271, 2_147_483_647
 _TRIGGER = "(?:" + "|".join(re.escape(t) for t in TRIGGERS) + ")"
 FAST_TEMPLATES = ("en", "zh")
 
 
+class PairSelection(str, Enum):
+    """Which correct x wrong pairs a prompt keeps when it has more than the cap."""
+
+    RANDOM = "random"  # a seeded draw (InternVL)
+    CLOSEST = "closest"  # the longest shared prefix first: the pair differs where the wrong one went wrong
+
+
 class PairingConfig(BaseModel):
     """How samples become pairs. Every field is a documented knob; defaults follow InternVL."""
 
     pairs_per_prompt: int = Field(15, ge=1, description="cap on pairs per prompt and source")
+    selection: PairSelection = Field(PairSelection.RANDOM, description=(
+        "pairs kept under the cap (correctness and format): random draw, or closest (longest shared prefix first)"))
     seed: int = Field(0, description="seed of the deterministic pair draw")
     verify_modes: dict[str, VerifyMode] = Field(default_factory=dict, description="verifier per dataset")
     default_verify_mode: VerifyMode = Field(VerifyMode.EXACT, description="verifier for datasets not listed")
@@ -141,8 +153,12 @@ def position_in_run(key: str) -> pl.Expr:
     return row - pl.when(starts_run).then(row).otherwise(None).fill_null(strategy="forward")
 
 
-def cap_per_prompt(df: pl.DataFrame, first: str, second: str, cap: int) -> pl.DataFrame:
-    ranked = df.with_columns(_key=draw_key(first, second)).sort(["_p", "_key", first, second])
+def cap_per_prompt(df: pl.DataFrame, first: str, second: str, cap: int, closeness: str | None = None) -> pl.DataFrame:
+    """The first ``cap`` rows of each prompt in the seeded draw's order or, given a
+    ``closeness`` column, the largest closeness first and the draw among equals."""
+    order = ["_p", *([closeness] if closeness else []), "_key", first, second]
+    ranked = df.with_columns(_key=draw_key(first, second)).sort(
+        order, descending=[name == closeness for name in order])
     return ranked.filter(position_in_run("_p") < cap).drop("_key")
 
 
@@ -182,7 +198,8 @@ def _cap_and_count(pairs: pl.DataFrame, first: str, second: str, source: str, co
     if config.max_length_ratio is not None:
         ratio = pl.col("_c_len") / pl.col("_r_len").clip(lower_bound=1)
         pairs = _split(pairs, ratio <= config.max_length_ratio, counter, "length_ratio")
-    capped = cap_per_prompt(pairs, first, second, config.pairs_per_prompt)
+    closeness = "_shared" if "_shared" in pairs.columns else None
+    capped = cap_per_prompt(pairs, first, second, config.pairs_per_prompt, closeness)
     if pairs.height > capped.height:
         kept = dict(capped.group_by("dataset").len().iter_rows())
         for dataset, n in pairs.group_by("dataset").len().iter_rows():
@@ -193,25 +210,28 @@ def _cap_and_count(pairs: pl.DataFrame, first: str, second: str, source: str, co
 
 def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Counts) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Index-level pairs (prompt_id, c_idx, r_idx, answers, source) and the judged samples."""
+    samples = samples.with_row_index("_row")  # a response's position in `samples`, for common_prefix
     judged = judge_samples(samples, config)
     lean = judged.select("prompt_id", "_p", "dataset", "prompt_version", "sample_index", "finish_reason", "_hash",
-                         "extracted", "verdict", "_rep", "_pseed", _len=pl.col("response").str.len_chars())
+                         "extracted", "verdict", "_rep", "_pseed", "_row", _len=pl.col("response").str.len_chars())
     usable = _dedup(lean, "_hash", counter)
     usable = _split(usable, pl.col("_rep") <= config.max_repetition, counter, "repetitive")
     correct = usable.filter(pl.col("verdict") == Verdict.CORRECT.value)
     chosen = _split(correct, pl.col("finish_reason") != "length", counter, "truncated_chosen").select(
         "prompt_id", "_p", "prompt_version", "dataset", "_pseed", c_idx="sample_index", chosen_answer="extracted", _c_len="_len",
-        _c_hash="_hash")
+        _c_hash="_hash", _c_row="_row")
     frames = []
     for source, verdict in (("correctness", Verdict.WRONG), ("format", Verdict.FORMAT_FAILURE)):
         rejected = usable.filter(pl.col("verdict") == verdict.value).select(
             "_p", "prompt_version", r_idx="sample_index", rejected_answer="extracted", _r_len="_len",
-            _r_hash="_hash")
+            _r_hash="_hash", _r_row="_row")
         pairs = chosen.join(rejected, on=["_p", "prompt_version"], how="inner")
         if source == "correctness":
             contained = pl.col("rejected_answer").str.to_lowercase().str.contains(
                 pl.col("chosen_answer").str.to_lowercase(), literal=True)
             pairs = _split(pairs, ~contained, counter, "answer_contained")
+        if config.selection is PairSelection.CLOSEST:  # texts stay in `samples`; pairs carry their rows
+            pairs = pairs.with_columns(_shared=common_prefix(samples["response"], pairs["_c_row"], pairs["_r_row"]))
         frames.append(_cap_and_count(pairs, "c_idx", "r_idx", source, config, counter))
     return pl.concat(frames, how="diagonal_relaxed"), judged
 

@@ -1,5 +1,5 @@
-"""Per-text statistics that need a pass over every byte: word n-gram repetition and a
-stable 64-bit content hash.
+"""Per-text statistics that need a pass over every byte: word n-gram repetition, a
+stable 64-bit content hash, and the prefix two texts share.
 
 Dataframe libraries spend ~40 ns per word splitting text into lists (a million CoT
 responses hold ~130M words), so these two run as small compiled loops (numba) over the
@@ -11,6 +11,10 @@ UTF-8 bytes of an Arrow string array, a slice per thread (the loops release the 
 - ``content_hash``: 64 bits, defined here (8-byte little-endian blocks, multiply-rotate
   rounds, murmur3's finaliser), so the same text hashes the same on every machine and
   library version. Pair ids and duplicate detection build on it.
+- ``common_prefix``: how many leading UTF-8 bytes two texts of one column share, for
+  pairs of row positions (pairing's candidate pairs carry positions, not texts, so
+  millions of candidates cost two integers each); ranks hard negatives
+  (``PairSelection.CLOSEST``).
 """
 
 from __future__ import annotations
@@ -151,6 +155,18 @@ def _repetition_kernel(offsets: np.ndarray, data: np.ndarray, n: int, out: np.nd
         out[i] = 1.0 - distinct / grams  # written as Python's 1 - len(set) / len(grams)
 
 
+@numba.njit(nogil=True, cache=True)
+def _common_prefix_kernel(offsets: np.ndarray, data: np.ndarray, first: np.ndarray, second: np.ndarray,
+                          out: np.ndarray) -> None:
+    for i in range(first.size):
+        a, b = offsets[first[i]], offsets[second[i]]
+        size = min(offsets[first[i] + 1] - a, offsets[second[i] + 1] - b)
+        k = 0
+        while k < size and data[a + k] == data[b + k]:
+            k += 1
+        out[i] = k
+
+
 def _buffers(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (int64) and UTF-8 bytes of a string array, without copying the bytes."""
     texts = texts.cast(pa.large_string())
@@ -160,18 +176,23 @@ def _buffers(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return starts, payload
 
 
+def _in_slices(rows: int, work: Callable[[int, int], None]) -> None:
+    """``work(start, stop)`` over ``SLICE_ROWS``-row slices, one per thread at a time."""
+    slices = [(start, min(start + SLICE_ROWS, rows)) for start in range(0, rows, SLICE_ROWS)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(lambda bounds: work(*bounds), slices))
+
+
 def _run(texts: pl.Series, dtype: type, kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> np.ndarray:
     """Run ``kernel`` over ``texts`` (nulls read as "") a slice per thread."""
     arrow = texts.fill_null("").cast(pl.String).to_arrow()
     out: np.ndarray = np.empty(texts.len(), dtype)
-    slices = [(start, min(start + SLICE_ROWS, texts.len())) for start in range(0, texts.len(), SLICE_ROWS)]
 
-    def one(bounds: tuple[int, int]) -> None:
-        offsets, data = _buffers(arrow.slice(bounds[0], bounds[1] - bounds[0]))
-        kernel(offsets, data, out[bounds[0]:bounds[1]])
+    def one(start: int, stop: int) -> None:
+        offsets, data = _buffers(arrow.slice(start, stop - start))
+        kernel(offsets, data, out[start:stop])
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(one, slices))
+    _in_slices(texts.len(), one)
     return out
 
 
@@ -186,6 +207,24 @@ def repetition(texts: pl.Series, n: int) -> pl.Series:
 def content_hash(texts: pl.Series) -> pl.Series:
     """Stable 64-bit hash of each text's UTF-8 bytes (nulls hash as "")."""
     return pl.Series("content_hash", _run(texts, np.uint64, _hash_kernel), dtype=pl.UInt64)
+
+
+def common_prefix(texts: pl.Series, first: pl.Series, second: pl.Series) -> pl.Series:
+    """Leading UTF-8 bytes that ``texts[first[i]]`` and ``texts[second[i]]`` share (nulls
+    read as ""); ``first`` and ``second`` are row positions in ``texts``."""
+    if first.len() != second.len():
+        raise ValueError(f"common_prefix needs as many first as second positions, got {first.len()} and {second.len()}")
+    a, b = first.cast(pl.Int64).to_numpy(), second.cast(pl.Int64).to_numpy()
+    if a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= texts.len()):
+        raise IndexError(f"common_prefix positions must lie in 0..{texts.len() - 1}")
+    offsets, data = _buffers(texts.fill_null("").cast(pl.String).rechunk().to_arrow())
+    out: np.ndarray = np.empty(a.size, np.int64)
+
+    def one(start: int, stop: int) -> None:
+        _common_prefix_kernel(offsets, data, a[start:stop], b[start:stop], out[start:stop])
+
+    _in_slices(a.size, one)
+    return pl.Series("common_prefix", out, dtype=pl.Int64)
 
 
 def hex64(values: pl.Series | np.ndarray) -> pl.Series:

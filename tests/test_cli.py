@@ -71,7 +71,8 @@ def test_pairs_and_export_commands_on_synth_data(tmp_path: Path, synth_dir: Path
     write_table(pa.Table.from_pylist(rows), tmp_path / "samples" / "part-0.parquet", SAMPLES)
 
     result = runner.invoke(app, ["pairs", str(tmp_path / "samples"), "--out", str(tmp_path / "pairs"),
-                                 "--verify", "synth_choice=choice", "--verify", "synth_count=numeric"])
+                                 "--verify", "synth_choice=choice", "--verify", "synth_count=numeric",
+                                 "--selection", "closest"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "pairs" / "report.json").read_text())
     assert report["pairs_by_source"] == {"correctness": 40, "format": 40}

@@ -65,6 +65,23 @@ def test_cap_is_deterministic_and_seeded() -> None:
     assert report["datasets"]["count"]["filtered"]["over_cap_correctness"] == 31
 
 
+def test_closest_selection_keeps_the_pairs_that_part_latest() -> None:
+    chosen = ["The circle is at the left. It is red.\nFinal answer: red",
+              "The square is at the top. It is red.\nFinal answer: red"]
+    wrong = ["The circle is at the left. It is blue.\nFinal answer: blue",
+             "The square is at the top. It is green.\nFinal answer: green",
+             "Nothing to see. It is blue.\nFinal answer: blue"]
+    rows = [sample("p1", i, text, "red", dataset="colour") for i, text in enumerate(chosen + wrong)]
+    closest = make_pairs(frame(rows), PairingConfig(pairs_per_prompt=2, selection="closest")).pairs
+    assert sorted(zip(closest["chosen"], closest["rejected"], strict=True)) == sorted(
+        [(chosen[0], wrong[0]), (chosen[1], wrong[1])])
+    drawn = [make_pairs(frame(rows), PairingConfig(pairs_per_prompt=2, seed=seed)).pairs for seed in range(6)]
+    assert any(set(pairs["pair_id"]) != set(closest["pair_id"]) for pairs in drawn)  # the draw ignores closeness
+    assert closest.columns == drawn[0].columns  # no helper column leaks out
+    report = make_pairs(frame(rows), PairingConfig(pairs_per_prompt=2, selection="closest")).report
+    assert report["datasets"]["colour"]["filtered"]["over_cap_correctness"] == 4
+
+
 def test_truncated_response_is_never_chosen() -> None:
     rows = [sample("p1", 0, "Counting. Final answer: 2", finish="length"), sample("p1", 1, "Final answer: 2"),
             sample("p1", 2, "Final answer: 9")]

@@ -7,7 +7,7 @@ import random
 import polars as pl
 import pytest
 
-from mpo.text_stats import SLICE_ROWS, content_hash, hex64, repetition
+from mpo.text_stats import SLICE_ROWS, common_prefix, content_hash, hex64, repetition
 
 
 def python_repetition(text: str, n: int) -> float:
@@ -35,6 +35,26 @@ def test_repetition_over_many_slices_keeps_row_order() -> None:
     got = repetition(pl.Series(texts), 2)
     assert got.len() == len(texts)
     assert got.to_list() == [python_repetition(t, 2) for t in texts]
+
+
+def test_common_prefix_counts_shared_leading_bytes_of_row_pairs() -> None:
+    rng = random.Random(2)
+    texts = ["".join(rng.choices("ab é", k=rng.randint(0, 12))) for _ in range(300)]
+    texts += [texts[i][:rng.randint(0, len(texts[i]))] + "".join(rng.choices("ab é", k=3)) for i in range(300)]
+    first = [rng.randrange(len(texts)) for _ in range(2 * SLICE_ROWS + 3)]
+    second = [rng.randrange(len(texts)) for _ in first]
+    got = common_prefix(pl.Series(texts), pl.Series(first), pl.Series(second)).to_list()
+    expected = []
+    for i, j in zip(first, second, strict=True):
+        x, y = texts[i].encode(), texts[j].encode()
+        expected.append(next((k for k in range(min(len(x), len(y))) if x[k] != y[k]), min(len(x), len(y))))
+    assert got == expected
+    assert common_prefix(pl.Series(["It is red.", None, "It is blue."]), pl.Series([0, 1]),
+                         pl.Series([2, 0])).to_list() == [6, 0]
+    with pytest.raises(ValueError, match="as many first as second"):
+        common_prefix(pl.Series(["a", "b"]), pl.Series([0]), pl.Series([0, 1]))
+    with pytest.raises(IndexError, match="0..1"):
+        common_prefix(pl.Series(["a", "b"]), pl.Series([0]), pl.Series([2]))
 
 
 def test_repetition_reads_null_as_empty_and_rejects_bad_n() -> None:
