@@ -360,6 +360,7 @@ def demo(
         help="Pairs kept under the cap: random or closest (chosen and rejected sharing the longest prefix)")] = "random",
     train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 600,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 5e-4,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip of MPO and the SFT baseline")] = 1.0,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """The main job: synthetic data -> tiny model with a warm-up -> the whole DAG, embedded.
@@ -422,6 +423,7 @@ def demo(
                                 dropout_max_tokens=32, seed=seed),
         pairing=PairingConfig(verify_modes=VERIFY_MODES, pairs_per_prompt=pairs_per_prompt, selection=pair_selection),
         training=TrainConfig(learning_rate=learning_rate, max_steps=train_steps, batch_size=8, max_length=512,
+                             max_grad_norm=max_grad_norm,
                              warmup_ratio=0.1, seed=seed, save_every=50, loss=MPOLossConfig()),
         sft_baseline=True, baseline_side_by_side=True, eval_max_tokens=48,
     )
