@@ -176,6 +176,11 @@ def _buffers(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return starts, payload
 
 
+def _arrow_texts(texts: pl.Series) -> pa.Array:
+    """``texts`` as one Arrow string array, nulls read as "" (what every kernel here sees)."""
+    return texts.fill_null("").cast(pl.String).to_arrow()
+
+
 def _in_slices(rows: int, work: Callable[[int, int], None]) -> None:
     """``work(start, stop)`` over ``SLICE_ROWS``-row slices, one per thread at a time."""
     slices = [(start, min(start + SLICE_ROWS, rows)) for start in range(0, rows, SLICE_ROWS)]
@@ -185,7 +190,7 @@ def _in_slices(rows: int, work: Callable[[int, int], None]) -> None:
 
 def _run(texts: pl.Series, dtype: type, kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> np.ndarray:
     """Run ``kernel`` over ``texts`` (nulls read as "") a slice per thread."""
-    arrow = texts.fill_null("").cast(pl.String).to_arrow()
+    arrow = _arrow_texts(texts)
     out: np.ndarray = np.empty(texts.len(), dtype)
 
     def one(start: int, stop: int) -> None:
@@ -217,7 +222,7 @@ def common_prefix(texts: pl.Series, first: pl.Series, second: pl.Series) -> pl.S
     a, b = first.cast(pl.Int64).to_numpy(), second.cast(pl.Int64).to_numpy()
     if a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= texts.len()):
         raise IndexError(f"common_prefix positions must lie in 0..{texts.len() - 1}")
-    offsets, data = _buffers(texts.fill_null("").cast(pl.String).rechunk().to_arrow())
+    offsets, data = _buffers(_arrow_texts(texts))
     out: np.ndarray = np.empty(a.size, np.int64)
 
     def one(start: int, stop: int) -> None:
