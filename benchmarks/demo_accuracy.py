@@ -9,9 +9,12 @@ paired standard error (both models answer the same prompts).
 
     python benchmarks/demo_accuracy.py demo-run                      # 3,000 prompts
     python benchmarks/demo_accuracy.py run-seed0 run-seed1 run-seed2 --count 1000 --out /tmp/demo-accuracy
+    python benchmarks/demo_accuracy.py demo-run --answers synth_colour   # accuracy per gold answer
 
 Per work folder it takes the models its last run scored (``summary.json``). Evaluations
-are cached under ``--out``.
+are cached under ``--out``. A second table splits accuracy by dataset, where MPO and SFT
+part ways; ``--answers DATASET`` splits one dataset by gold answer and counts each model's
+wrong answers, which shows where a model falls back to a default answer.
 """
 
 from __future__ import annotations
@@ -52,14 +55,16 @@ def demo_models(workdir: Path) -> dict[str, Path]:
 
 
 def correct_per_prompt(model: Path, prompts_dir: Path, out: Path, pairing: PairingConfig) -> pl.DataFrame:
-    """prompt_id, dataset, correct (0/1) of the model's greedy answer to each held-out prompt."""
+    """prompt_id, dataset, gold answer, the model's greedy answer (``said``) and whether it
+    is correct (0/1), one row per held-out prompt."""
     engine = TransformersEngine(str(model))
     try:
         samples = greedy_samples(engine, prompts_dir, out, SamplingConfig(), max_tokens=48)
     finally:
         engine.close()
     return judge_samples(samples, pairing).select(
-        "prompt_id", "dataset", correct=(pl.col("verdict") == Verdict.CORRECT.value).cast(pl.Float64))
+        "prompt_id", "dataset", "answer", said="extracted",
+        correct=(pl.col("verdict") == Verdict.CORRECT.value).cast(pl.Float64))
 
 
 def mean_and_error(frame: pl.DataFrame, column: str) -> tuple[float, float]:
@@ -71,12 +76,41 @@ def mean_and_error(frame: pl.DataFrame, column: str) -> tuple[float, float]:
     return mean, error
 
 
+def per_dataset_table(results: dict[Path, pl.DataFrame]) -> None:
+    """Accuracy per dataset of each run's three models (start / MPO / SFT) and MPO - SFT."""
+    datasets = sorted(next(iter(results.values()))["dataset"].unique())
+    print("\nper dataset: start / MPO / SFT (MPO - SFT)")
+    print("| work folder | " + " | ".join(datasets) + " |")
+    print("| --- |" + " ---: |" * len(datasets))
+    for workdir, joined in results.items():
+        means = {row["dataset"]: row for row in joined.group_by("dataset").agg(
+            pl.col("start").mean(), pl.col("mpo").mean(), pl.col("sft").mean()).iter_rows(named=True)}
+        cells = [f"{100 * m['start']:.1f} / {100 * m['mpo']:.1f} / {100 * m['sft']:.1f} "
+                 f"({100 * (m['mpo'] - m['sft']):+.1f})" for m in (means[d] for d in datasets)]
+        print(f"| {workdir} | " + " | ".join(cells) + " |")
+
+
+def answers_table(workdir: Path, scores: dict[str, pl.DataFrame], dataset: str) -> None:
+    """One dataset split by gold answer: each model's accuracy per answer and its most common
+    wrong answers (a model that cannot tell the classes apart says one of them by default)."""
+    print(f"\n{workdir}, {dataset}: accuracy per gold answer; most common wrong answers")
+    for name, frame in scores.items():
+        rows = frame.filter(pl.col("dataset") == dataset)
+        if rows.is_empty():
+            raise SystemExit(f"--answers {dataset}: no held-out prompts of that dataset")
+        per_answer = rows.group_by("answer").agg(pl.col("correct").mean()).sort("answer")
+        wrong = rows.filter(pl.col("correct") == 0)["said"].fill_null("(no answer)").value_counts(sort=True).head(4)
+        print(f"  {name:5} " + "  ".join(f"{answer} {100 * acc:.0f}%" for answer, acc in per_answer.iter_rows())
+              + "  | wrong: " + ", ".join(f"{said} x{n}" for said, n in wrong.iter_rows()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdirs", type=Path, nargs="+", help="finished `mpo demo` work folders")
     parser.add_argument("--count", type=int, default=1000, help="held-out prompts per dataset")
     parser.add_argument("--seed", type=int, default=100, help="seed of the held-out images (not a demo's seed)")
     parser.add_argument("--out", type=Path, default=Path("demo-accuracy"), help="held-out data and evaluations")
+    parser.add_argument("--answers", metavar="DATASET", help="also split this dataset by gold answer")
     args = parser.parse_args()
 
     closed = tuple(d for d in DEMO_DATASETS.split(",") if d in VERIFY_MODES)
@@ -89,20 +123,28 @@ def main() -> None:
     print(f"{args.count} held-out prompts per dataset ({', '.join(closed)}), greedy; mean ± standard error")
     print("| work folder | start | MPO | SFT | MPO - start | MPO - SFT (paired) | s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    results: dict[Path, pl.DataFrame] = {}
+    model_scores: dict[Path, dict[str, pl.DataFrame]] = {}
     for workdir in args.workdirs:
         started = time.perf_counter()
         scores = {name: correct_per_prompt(path, prompts_dir, args.out / "eval", pairing)
                   for name, path in demo_models(workdir).items()}
-        joined = (scores["start"].rename({"correct": "start"})
-                  .join(scores["mpo"].rename({"correct": "mpo"}).drop("dataset"), on="prompt_id")
-                  .join(scores["sft"].rename({"correct": "sft"}).drop("dataset"), on="prompt_id")
+        joined = (scores["start"].select("prompt_id", "dataset", start="correct")
+                  .join(scores["mpo"].select("prompt_id", mpo="correct"), on="prompt_id")
+                  .join(scores["sft"].select("prompt_id", sft="correct"), on="prompt_id")
                   .with_columns(gain=pl.col("mpo") - pl.col("start"), edge=pl.col("mpo") - pl.col("sft")))
+        results[workdir] = joined
         cells = []
         for column in ("start", "mpo", "sft", "gain", "edge"):
             mean, error = mean_and_error(joined, column)
             sign = "+" if column in ("gain", "edge") and mean >= 0 else ""
             cells.append(f"{sign}{100 * mean:.1f} ± {100 * error:.1f}")
         print(f"| {workdir} | " + " | ".join(cells) + f" | {time.perf_counter() - started:.0f} |", flush=True)
+        model_scores[workdir] = scores
+    per_dataset_table(results)
+    if args.answers:
+        for workdir, scores in model_scores.items():
+            answers_table(workdir, scores, args.answers)
 
 
 if __name__ == "__main__":
