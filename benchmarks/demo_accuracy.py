@@ -96,8 +96,6 @@ def answers_table(workdir: Path, scores: dict[str, pl.DataFrame], dataset: str) 
     print(f"\n{workdir}, {dataset}: accuracy per gold answer; most common wrong answers")
     for name, frame in scores.items():
         rows = frame.filter(pl.col("dataset") == dataset)
-        if rows.is_empty():
-            raise SystemExit(f"--answers {dataset}: no held-out prompts of that dataset")
         per_answer = rows.group_by("answer").agg(pl.col("correct").mean()).sort("answer")
         wrong = rows.filter(pl.col("correct") == 0)["said"].fill_null("(no answer)").value_counts(sort=True).head(4)
         print(f"  {name:5} " + "  ".join(f"{answer} {100 * acc:.0f}%" for answer, acc in per_answer.iter_rows())
@@ -114,6 +112,8 @@ def main() -> None:
     args = parser.parse_args()
 
     closed = tuple(d for d in DEMO_DATASETS.split(",") if d in VERIFY_MODES)
+    if args.answers is not None and args.answers not in closed:  # before any model is scored
+        parser.error(f"--answers {args.answers}: not a held-out dataset here ({', '.join(closed)})")
     prompts_dir = args.out / "heldout" / "prompts"
     if not prompts_dir.exists():
         generate(args.out / "data", count=args.count, seed=args.seed, heldout_fraction=0.0, datasets=closed)

@@ -193,12 +193,12 @@ def _dedup(df: pl.DataFrame, text_hash: str, counter: Counts) -> pl.DataFrame:
 
 
 def _cap_and_count(pairs: pl.DataFrame, first: str, second: str, source: str, config: PairingConfig,
-                   counter: Counts) -> pl.DataFrame:
-    """Apply the optional length-ratio filter, then the per-prompt cap, counting both."""
+                   counter: Counts, closeness: str | None = None) -> pl.DataFrame:
+    """Apply the optional length-ratio filter, then the per-prompt cap (largest ``closeness``
+    first when given), counting both."""
     if config.max_length_ratio is not None:
         ratio = pl.col("_c_len") / pl.col("_r_len").clip(lower_bound=1)
         pairs = _split(pairs, ratio <= config.max_length_ratio, counter, "length_ratio")
-    closeness = "_shared" if "_shared" in pairs.columns else None
     capped = cap_per_prompt(pairs, first, second, config.pairs_per_prompt, closeness)
     if pairs.height > capped.height:
         kept = dict(capped.group_by("dataset").len().iter_rows())
@@ -230,9 +230,11 @@ def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Co
             contained = pl.col("rejected_answer").str.to_lowercase().str.contains(
                 pl.col("chosen_answer").str.to_lowercase(), literal=True)
             pairs = _split(pairs, ~contained, counter, "answer_contained")
+        closeness = None
         if config.selection is PairSelection.CLOSEST:  # texts stay in `samples`; pairs carry their rows
+            closeness = "_shared"
             pairs = pairs.with_columns(_shared=common_prefix(samples["response"], pairs["_c_row"], pairs["_r_row"]))
-        frames.append(_cap_and_count(pairs, "c_idx", "r_idx", source, config, counter))
+        frames.append(_cap_and_count(pairs, "c_idx", "r_idx", source, config, counter, closeness))
     return pl.concat(frames, how="diagonal_relaxed"), judged
 
 
