@@ -118,6 +118,17 @@ def ingest(
     console.print(f"quarantined: {quarantined}")
 
 
+def _per_dataset(items: list[str] | None, option: str, value: str) -> dict[str, str]:
+    """``DATASET=VALUE`` option values as a dict (split at the first ``=``: a regex may hold more)."""
+    mapping = {}
+    for item in items or []:
+        dataset, sep, rest = item.partition("=")
+        if not sep or not dataset:
+            raise typer.BadParameter(f"{option} takes DATASET={value}, got {item!r}")
+        mapping[dataset] = rest
+    return mapping
+
+
 @app.command()
 def pairs(
     samples: Annotated[list[Path], typer.Argument(help="Samples directories (Parquet shards), e.g. both stages'")],
@@ -131,20 +142,18 @@ def pairs(
     max_repetition: Annotated[float, typer.Option(help="Drop responses with a larger share of repeated 4-grams")] = 0.3,
     max_length_ratio: Annotated[float | None, typer.Option(help="Drop pairs with len(chosen)/len(rejected) above this")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Pair only these prompts' samples (an `mpo ingest` prompts folder)")] = None,
+    claim: Annotated[list[str] | None, typer.Option(
+        help="DATASET=REGEX with one capture group: the answer a response's steps state; a response whose stated "
+             "answer fails the verifier against its own final answer is paired on neither side; repeatable")] = None,
 ) -> None:
     """Turn samples into preference pairs (correctness, format, DropoutNTP)."""
     from mpo.pairs import PairingConfig, run_pairing
     from mpo.sampling import read_prompts
 
-    modes = {}
-    for item in verify or []:
-        dataset, sep, mode = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--verify takes DATASET=MODE, got {item!r}")
-        modes[dataset] = mode
-    config = PairingConfig(pairs_per_prompt=pairs_per_prompt, selection=selection, seed=seed, verify_modes=modes,
-                           default_verify_mode=default_verify, max_repetition=max_repetition,
-                           max_length_ratio=max_length_ratio)
+    config = PairingConfig(pairs_per_prompt=pairs_per_prompt, selection=selection, seed=seed,
+                           verify_modes=_per_dataset(verify, "--verify", "MODE"), default_verify_mode=default_verify,
+                           max_repetition=max_repetition, max_length_ratio=max_length_ratio,
+                           claim_patterns=_per_dataset(claim, "--claim", "REGEX"))
     prompt_ids = read_prompts(prompts)["prompt_id"] if prompts else None
     report = run_pairing(samples, out, config, prompt_ids)
     table = Table(title=f"{report['pairs']} pairs in {out}")
@@ -358,6 +367,8 @@ def demo(
         help="Cap on pairs per prompt and source (more prompts, fewer near-duplicate pairs to score)")] = 4,
     pair_selection: Annotated[str, typer.Option(
         help="Pairs kept under the cap: random or closest (chosen and rejected sharing the longest prefix)")] = "random",
+    claim_check: Annotated[bool, typer.Option(
+        help="Pair no response whose steps state another answer than its final line (mpo.synth.CLAIM_PATTERNS)")] = True,
     train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 600,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 5e-4,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip of MPO and the SFT baseline")] = 1.0,
@@ -380,13 +391,20 @@ def demo(
     right and answered wrong, and pairs judged by the final answer then pushed its reading
     both ways: on 3,000 held-out prompts seeds 0/1/2 gained +18.0/+9.9/+13.6 points, against
     +21.5/+18.0/+17.0 with the prior in the steps too (benchmarks/demo_accuracy.py).
+
+    No self-contradictory sample is paired (``--claim-check``, mpo.synth.CLAIM_PATTERNS):
+    two of three seeds' starting models wrote "It is red. Final answer: yellow" in most of
+    their colour samples. Paired on the final answer alone, such lucky guesses were
+    chosen and right steps with a wrong last line rejected, and DPO pushed the right
+    reading down; SFT on the same chosen responses only learns their last line. That was
+    where MPO trailed SFT most (colour, seed 2: 2.4 points on 3,000 prompts, 0.2 with the check).
     """
     from mpo.config import PipelineConfig
     from mpo.io import atomic_write_text
     from mpo.loss import MPOLossConfig
     from mpo.pairs import PairingConfig
     from mpo.sampling import SamplingConfig
-    from mpo.synth import VERIFY_MODES, generate
+    from mpo.synth import CLAIM_PATTERNS, VERIFY_MODES, generate
     from mpo.tiny_model import TinyModelSpec, WarmupRecipe
     from mpo.train import TrainConfig
 
@@ -421,7 +439,8 @@ def demo(
         heldout_data=(data / "meta_heldout.json").resolve(), model=str(model_dir.resolve()),
         sampling=SamplingConfig(n=sample_n, temperature=temperature, max_tokens=48, prompts_per_shard=32,
                                 dropout_max_tokens=32, seed=seed),
-        pairing=PairingConfig(verify_modes=VERIFY_MODES, pairs_per_prompt=pairs_per_prompt, selection=pair_selection),
+        pairing=PairingConfig(verify_modes=VERIFY_MODES, pairs_per_prompt=pairs_per_prompt, selection=pair_selection,
+                              claim_patterns=CLAIM_PATTERNS if claim_check else {}),
         training=TrainConfig(learning_rate=learning_rate, max_steps=train_steps, batch_size=8, max_length=512,
                              max_grad_norm=max_grad_norm,
                              warmup_ratio=0.1, seed=seed, save_every=50, loss=MPOLossConfig()),

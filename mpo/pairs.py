@@ -7,6 +7,11 @@ Rules, per prompt:
   ``selection="closest"`` the pairs whose two responses share the longest prefix first
   (hard negatives: they part at the step that went wrong), the draw breaking ties.
 - **format**: correct responses x format failures (no parsable answer), same cap.
+- **self-contradictory** responses are on neither side: where a dataset has a
+  ``claim_patterns`` entry, the answer its steps state (the pattern's last match) must
+  pass the dataset's verifier against the response's own final answer. A right answer
+  after steps that say otherwise is a lucky guess, and a wrong one after right steps
+  would teach the pair to push the right steps down.
 - **dropout_ntp**: chosen = the original answer, rejected = prefix + continuation,
   unless the continuation is empty or rejected equals chosen.
 - everywhere: exact-duplicate responses and heavy n-gram repetition are dropped;
@@ -38,7 +43,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
 from mpo.io import atomic_write_text, publish_dir
@@ -67,11 +72,26 @@ class PairingConfig(BaseModel):
     seed: int = Field(0, description="seed of the deterministic pair draw")
     verify_modes: dict[str, VerifyMode] = Field(default_factory=dict, description="verifier per dataset")
     default_verify_mode: VerifyMode = Field(VerifyMode.EXACT, description="verifier for datasets not listed")
+    claim_patterns: dict[str, str] = Field(default_factory=dict, description=(
+        "per dataset, a regex whose one capture group is the answer a response's steps state (last match counts); "
+        "a response whose stated answer fails the verifier against its own final answer is paired on neither side"))
     repetition_ngram: int = Field(4, ge=1, le=8, description="n of the n-grams checked for repetition")
     max_repetition: float = Field(0.3, ge=0, le=1, description="drop a response whose share of repeated n-grams exceeds this")
     max_length_ratio: float | None = Field(None, gt=0, description="drop pairs with len(chosen)/len(rejected) above this")
     shard_rows: int = Field(100_000, ge=1, description="rows per output Parquet shard")
     chunk_rows: int = Field(50_000, ge=1, description="sample rows held in memory at once by run_pairing")
+
+    @field_validator("claim_patterns")
+    @classmethod
+    def _one_group_each(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for dataset, pattern in patterns.items():
+            try:
+                groups = re.compile(pattern).groups
+            except re.error as error:
+                raise ValueError(f"claim_patterns[{dataset!r}]: not a regex: {error}") from None
+            if groups != 1:
+                raise ValueError(f"claim_patterns[{dataset!r}] must have exactly one capture group, has {groups}")
+        return patterns
 
 
 @dataclass
@@ -127,6 +147,26 @@ def judge_samples(df: pl.DataFrame, config: PairingConfig) -> pl.DataFrame:
         .with_columns(verdict=pl.col("verdict").fill_null(Verdict.FORMAT_FAILURE.value))
         .drop("mode")
     )
+
+
+def claims_consistent(judged: pl.DataFrame, config: PairingConfig) -> pl.Series:
+    """Per judged sample: False where the answer its steps state (``claim_patterns``) fails
+    the dataset's verifier against its own final answer, True otherwise (no pattern for
+    the dataset, no match, or no final answer to compare)."""
+    if not config.claim_patterns:
+        return pl.repeat(True, judged.height, eager=True, dtype=pl.Boolean).alias("consistent")
+    claim = pl.lit(None, pl.String)
+    for dataset, pattern in config.claim_patterns.items():  # greedy (?s).* before it: the last match
+        claim = pl.when(pl.col("dataset") == dataset).then(
+            pl.col("response").str.extract(f"(?s).*{pattern}", 1)).otherwise(claim)
+    modes = {name: mode.value for name, mode in config.verify_modes.items()}
+    claims = judged.select("extracted", claim=claim.str.strip_chars(), mode=pl.col("dataset").replace_strict(
+        modes, default=config.default_verify_mode.value, return_dtype=pl.String))
+    distinct = claims.drop_nulls().unique()
+    agrees = [is_correct(c, e, m) for e, c, m in distinct.select("extracted", "claim", "mode").iter_rows()]
+    distinct = distinct.with_columns(consistent=pl.Series(agrees, dtype=pl.Boolean))
+    joined = claims.join(distinct, on=["extracted", "claim", "mode"], how="left", maintain_order="left")
+    return joined["consistent"].fill_null(True)
 
 
 # ------------------------------------------------------------------ drawing
@@ -212,10 +252,12 @@ def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Co
     """Index-level pairs (prompt_id, c_idx, r_idx, answers, source) and the judged samples."""
     samples = samples.with_row_index("_row")  # a response's position in `samples`, for common_prefix
     judged = judge_samples(samples, config)
-    lean = judged.select("prompt_id", "_p", "dataset", "prompt_version", "sample_index", "finish_reason", "_hash",
+    judged = judged.with_columns(_consistent=claims_consistent(judged, config))
+    lean = judged.select("_consistent", "prompt_id", "_p", "dataset", "prompt_version", "sample_index", "finish_reason", "_hash",
                          "extracted", "verdict", "_rep", "_pseed", "_row", _len=pl.col("response").str.len_chars())
     usable = _dedup(lean, "_hash", counter)
     usable = _split(usable, pl.col("_rep") <= config.max_repetition, counter, "repetitive")
+    usable = _split(usable, pl.col("_consistent"), counter, "self_contradictory")
     correct = usable.filter(pl.col("verdict") == Verdict.CORRECT.value)
     chosen = _split(correct, pl.col("finish_reason") != "length", counter, "truncated_chosen").select(
         "prompt_id", "_p", "prompt_version", "dataset", "_pseed", c_idx="sample_index", chosen_answer="extracted", _c_len="_len",

@@ -261,6 +261,11 @@ CLOSED_DATASETS = tuple(name for name in TASKS if name != "synth_describe")
 # How each closed dataset's answers are verified (mpo.answers.VerifyMode values).
 VERIFY_MODES = {"synth_count": "numeric", "synth_arith": "numeric", "synth_choice": "choice",
                 "synth_colour": "exact", "synth_compare": "exact"}
+# The answer each closed dataset's worked steps state (mpo.pairs.PairingConfig.claim_patterns):
+# a sampled response whose steps say one thing and whose final answer another is paired on
+# neither side. synth_compare's steps state counts, not the Yes/No verdict: no pattern.
+CLAIM_PATTERNS = {"synth_count": r"I count (\d+)", "synth_colour": r"It is (\w+)\.",
+                  "synth_choice": r"Option ([A-D]) says", "synth_arith": r"= (-?\d+)\."}
 OPEN_DATASETS = ("synth_describe",)
 
 

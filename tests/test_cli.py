@@ -78,6 +78,17 @@ def test_pairs_and_export_commands_on_synth_data(tmp_path: Path, synth_dir: Path
     assert report["pairs_by_source"] == {"correctness": 40, "format": 40}
     assert report["datasets"]["synth_count"]["accuracy"] == 1 / 3
 
+    # The wrong responses keep the gold steps: with a claim pattern they contradict themselves.
+    claim = ["--claim", r"synth_count=I count (\d+)", "--verify", "synth_count=numeric"]
+    result = runner.invoke(app, ["pairs", str(tmp_path / "samples"), "--out", str(tmp_path / "pairs-c"), *claim])
+    assert result.exit_code == 0, result.output
+    count = json.loads((tmp_path / "pairs-c" / "report.json").read_text())["datasets"]["synth_count"]
+    assert count["pairs"] == {"format": count["prompts"]}
+    assert count["filtered"]["self_contradictory"] == count["prompts"]
+    result = runner.invoke(app, ["pairs", str(tmp_path / "samples"), "--out", str(tmp_path / "pairs-d"),
+                                 "--claim", "synth_count"])
+    assert result.exit_code != 0 and "--claim takes DATASET=REGEX" in result.output
+
     result = runner.invoke(app, ["export", str(tmp_path / "pairs"), "--format", "internvl", "--out", str(tmp_path / "x")])
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "x" / "meta.json").read_text())

@@ -82,6 +82,32 @@ def test_closest_selection_keeps_the_pairs_that_part_latest() -> None:
     assert report["datasets"]["colour"]["filtered"]["over_cap_correctness"] == 4
 
 
+def test_self_contradictory_responses_are_paired_on_neither_side() -> None:
+    texts = ["The circle is largest. It is red.\nFinal answer: red",  # right, steps agree: chosen
+             "The square is largest. It is blue.\nFinal answer: red",  # right by luck: steps say blue
+             "The circle is largest. It is red.\nFinal answer: green",  # wrong after right steps
+             "The square is largest. It is Blue.\nFinal answer: blue",  # wrong, steps agree (case-blind verifier)
+             "No steps at all.\nFinal answer: yellow"]  # no claim to check: stays
+    rows = [sample("p1", i, text, "red", dataset="colour") for i, text in enumerate(texts)]
+    config = PairingConfig(claim_patterns={"colour": r"It is (\w+)\."})
+    result = make_pairs(frame(rows), config)
+    assert sorted(zip(result.pairs["chosen"], result.pairs["rejected"], strict=True)) == sorted(
+        [(texts[0], texts[3]), (texts[0], texts[4])])
+    assert result.report["datasets"]["colour"]["filtered"]["self_contradictory"] == 2
+    assert make_pairs(frame(rows), PairingConfig()).pairs.height == 6  # off unless the dataset has a pattern
+    numeric = [sample("p2", 0, "I count 3.0 circles.\nFinal answer: 3", "3"),
+               sample("p2", 1, "I count 4 circles.\nFinal answer: 3", "3"), sample("p2", 2, "Final answer: 5", "3")]
+    result = make_pairs(frame(numeric), PairingConfig(verify_modes={"count": "numeric"},
+                                                      claim_patterns={"count": r"I count (\S+) circle"}))
+    assert result.pairs["chosen"].to_list() == [numeric[0]["response"]]  # 3.0 states 3 under the numeric verifier
+
+
+@pytest.mark.parametrize("pattern", [r"It is \w+", r"(It) is (\w+)", r"It is (\w+"])
+def test_a_claim_pattern_needs_one_capture_group(pattern: str) -> None:
+    with pytest.raises(ValueError, match=r"claim_patterns\['colour'\]"):
+        PairingConfig(claim_patterns={"colour": pattern})
+
+
 def test_truncated_response_is_never_chosen() -> None:
     rows = [sample("p1", 0, "Counting. Final answer: 2", finish="length"), sample("p1", 1, "Final answer: 2"),
             sample("p1", 2, "Final answer: 9")]

@@ -63,6 +63,22 @@ def test_answers_are_right_by_construction(synth_dir: Path) -> None:
             assert options[row["answer"]] == total
 
 
+def test_claim_patterns_read_the_gold_answer_from_every_worked_solution(synth_dir: Path) -> None:
+    """A gold solution is never self-contradictory: each pattern finds the answer its steps state."""
+    import re
+
+    from mpo.answers import is_correct
+
+    seen = set()
+    for dataset, row in _rows(synth_dir):
+        if dataset in synth.CLAIM_PATTERNS:
+            steps = row["solution"].rsplit(synth.FINAL_ANSWER, 1)[0]
+            claims = re.findall(synth.CLAIM_PATTERNS[dataset], steps)
+            assert claims and is_correct(claims[-1], row["answer"], synth.VERIFY_MODES[dataset]), (dataset, row)
+            seen.add(dataset)
+    assert seen == set(synth.CLAIM_PATTERNS)
+
+
 def test_largest_shape_is_unique() -> None:
     import random
 
