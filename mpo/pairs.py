@@ -129,19 +129,26 @@ def extract_answers(df: pl.DataFrame) -> pl.Series:
     return answers.alias("extracted")
 
 
+def _verify_mode(config: PairingConfig) -> pl.Expr:
+    """Each row's verifier (a ``VerifyMode`` value) by its dataset."""
+    modes = {name: mode.value for name, mode in config.verify_modes.items()}
+    return pl.col("dataset").replace_strict(modes, default=config.default_verify_mode.value, return_dtype=pl.String)
+
+
+def _verify_distinct(frame: pl.DataFrame, prediction: str, gold: str) -> pl.DataFrame:
+    """The distinct (prediction, gold, mode) rows of ``frame`` with a prediction, and ``_ok``:
+    ``is_correct`` run once per distinct triple, not once per row."""
+    distinct = frame.filter(pl.col(prediction).is_not_null()).select(prediction, gold, "mode").unique()
+    verdicts = [is_correct(p, g, m) for p, g, m in distinct.iter_rows()]
+    return distinct.with_columns(_ok=pl.Series(verdicts, dtype=pl.Boolean))
+
+
 def judge_samples(df: pl.DataFrame, config: PairingConfig) -> pl.DataFrame:
     """Add ``extracted`` (answer or null) and ``verdict`` to correctness samples."""
-    modes = {name: mode.value for name, mode in config.verify_modes.items()}
-    df = df.with_columns(
-        extracted=extract_answers(df),
-        mode=pl.col("dataset").replace_strict(modes, default=config.default_verify_mode.value, return_dtype=pl.String),
-    )
-    distinct = df.filter(pl.col("extracted").is_not_null()).select("extracted", "answer", "mode").unique()
-    verdicts = [
-        Verdict.CORRECT.value if is_correct(e, a, m) else Verdict.WRONG.value
-        for e, a, m in distinct.iter_rows()
-    ]
-    distinct = distinct.with_columns(verdict=pl.Series(verdicts, dtype=pl.String))
+    df = df.with_columns(extracted=extract_answers(df), mode=_verify_mode(config))
+    distinct = _verify_distinct(df, "extracted", "answer").select(
+        "extracted", "answer", "mode",
+        verdict=pl.when("_ok").then(pl.lit(Verdict.CORRECT.value)).otherwise(pl.lit(Verdict.WRONG.value)))
     return (
         df.join(distinct, on=["extracted", "answer", "mode"], how="left", nulls_equal=False)
         .with_columns(verdict=pl.col("verdict").fill_null(Verdict.FORMAT_FAILURE.value))
@@ -158,15 +165,12 @@ def claims_consistent(judged: pl.DataFrame, config: PairingConfig) -> pl.Series:
     claim = pl.lit(None, pl.String)
     for dataset, pattern in config.claim_patterns.items():  # greedy (?s).* before it: the last match
         claim = pl.when(pl.col("dataset") == dataset).then(
-            pl.col("response").str.extract(f"(?s).*{pattern}", 1)).otherwise(claim)
-    modes = {name: mode.value for name, mode in config.verify_modes.items()}
-    claims = judged.select("extracted", claim=claim.str.strip_chars(), mode=pl.col("dataset").replace_strict(
-        modes, default=config.default_verify_mode.value, return_dtype=pl.String))
-    distinct = claims.drop_nulls().unique()
-    agrees = [is_correct(c, e, m) for e, c, m in distinct.select("extracted", "claim", "mode").iter_rows()]
-    distinct = distinct.with_columns(consistent=pl.Series(agrees, dtype=pl.Boolean))
-    joined = claims.join(distinct, on=["extracted", "claim", "mode"], how="left", maintain_order="left")
-    return joined["consistent"].fill_null(True)
+            pl.col("response").str.extract(f"(?s).*(?:{pattern})", 1)).otherwise(claim)
+    claims = judged.select("extracted", mode=_verify_mode(config),
+                           claim=pl.when(pl.col("extracted").is_not_null()).then(claim.str.strip_chars()))
+    distinct = _verify_distinct(claims, "claim", "extracted")
+    joined = claims.join(distinct, on=["claim", "extracted", "mode"], how="left", maintain_order="left")
+    return joined["_ok"].fill_null(True).alias("consistent")
 
 
 # ------------------------------------------------------------------ drawing
