@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -33,12 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polars as pl  # noqa: E402
 
-from mpo.answers import Verdict  # noqa: E402
 from mpo.cli import DEMO_DATASETS  # noqa: E402
 from mpo.engines.hf import TransformersEngine  # noqa: E402
-from mpo.evaluate import greedy_samples  # noqa: E402
+from mpo.evaluate import correct_per_prompt, greedy_samples, mean_and_error  # noqa: E402
 from mpo.ingest import ingest  # noqa: E402
-from mpo.pairs import PairingConfig, judge_samples  # noqa: E402
+from mpo.pairs import PairingConfig  # noqa: E402
 from mpo.sampling import SamplingConfig  # noqa: E402
 from mpo.synth import VERIFY_MODES, generate  # noqa: E402
 
@@ -54,26 +52,14 @@ def demo_models(workdir: Path) -> dict[str, Path]:
     return models
 
 
-def correct_per_prompt(model: Path, prompts_dir: Path, out: Path, pairing: PairingConfig) -> pl.DataFrame:
-    """prompt_id, dataset, gold answer, the model's greedy answer (``said``) and whether it
-    is correct (0/1), one row per held-out prompt."""
+def score_model(model: Path, prompts_dir: Path, out: Path, pairing: PairingConfig) -> pl.DataFrame:
+    """``mpo.evaluate.correct_per_prompt`` of one model's greedy answers to the held-out prompts."""
     engine = TransformersEngine(str(model))
     try:
         samples = greedy_samples(engine, prompts_dir, out, SamplingConfig(), max_tokens=48)
     finally:
         engine.close()
-    return judge_samples(samples, pairing).select(
-        "prompt_id", "dataset", "answer", said="extracted",
-        correct=(pl.col("verdict") == Verdict.CORRECT.value).cast(pl.Float64))
-
-
-def mean_and_error(frame: pl.DataFrame, column: str) -> tuple[float, float]:
-    """Mean over datasets (each weighs the same, like the demo's table) and its standard error."""
-    stats = frame.group_by("dataset").agg(mean=pl.col(column).mean(), var=pl.col(column).var(), n=pl.len())
-    count = stats.height
-    mean = stats["mean"].sum() / count
-    error = math.sqrt(sum(v / n for v, n in zip(stats["var"], stats["n"], strict=True))) / count
-    return mean, error
+    return correct_per_prompt(samples, pairing)
 
 
 def per_dataset_table(results: dict[Path, pl.DataFrame]) -> None:
@@ -127,7 +113,7 @@ def main() -> None:
     model_scores: dict[Path, dict[str, pl.DataFrame]] = {}
     for workdir in args.workdirs:
         started = time.perf_counter()
-        scores = {name: correct_per_prompt(path, prompts_dir, args.out / "eval", pairing)
+        scores = {name: score_model(path, prompts_dir, args.out / "eval", pairing)
                   for name, path in demo_models(workdir).items()}
         joined = (scores["start"].select("prompt_id", "dataset", start="correct")
                   .join(scores["mpo"].select("prompt_id", mpo="correct"), on="prompt_id")

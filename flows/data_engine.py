@@ -25,7 +25,7 @@ from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
 from mpo.config import PipelineConfig
-from mpo.evaluate import overall, overall_standard_error
+from mpo.evaluate import compare_models, overall, overall_standard_error
 from mpo.io import atomic_write_text
 from mpo.sampling import STAGES
 from mpo.train import TrainConfig
@@ -202,6 +202,8 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
                            config.sampling, config.pairing, config.eval_max_tokens, stages.evaluate.time_limit_seconds)
             for name, model in models.items()
         }
+        summary["comparison"] = compare_models(work / "eval", heldout["prompts_dir"], models, config.sampling,
+                                               config.pairing, config.eval_max_tokens)
         timings["evaluation"] = time.perf_counter() - started
     summary["timings"] = timings
     atomic_write_text(work / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
@@ -269,6 +271,14 @@ def _publish_summary(summary: dict[str, Any]) -> None:
                              description="MPO data engine run summary")
 
 
+def _verdict(difference: float, error: float) -> str:
+    """Ahead / behind only outside two standard errors: a few hundred held-out prompts leave
+    points of noise, and a demo's table should not read noise as a result."""
+    if abs(difference) <= 2 * error:
+        return "within noise"
+    return "ahead" if difference > 0 else "behind"
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     lines = ["# MPO data engine run", "", f"Work dir: `{summary['workdir']}`", ""]
     ingest = summary["ingest"]
@@ -294,6 +304,11 @@ def render_summary(summary: dict[str, Any]) -> str:
         lines.append("| **mean** | " + " | ".join(f"**{overall(evaluation[n]):.1%}**" for n in names) + " |")
         lines.append("| ± standard error | " + " | ".join(f"{overall_standard_error(evaluation[n]):.1%}" for n in names)
                      + " |")
+        if summary.get("comparison"):
+            lines += ["", "Paired differences on the same prompts (± standard error; more than two errors apart "
+                      "counts as ahead or behind):"]
+            lines += [f"- {pair}: {100 * c['difference']:+.1f} ± {100 * c['standard_error']:.1f} points, "
+                      f"{_verdict(c['difference'], c['standard_error'])}" for pair, c in summary["comparison"].items()]
     lines += ["", "## Time per stage", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary["timings"].items()]
     return "\n".join(lines) + "\n"

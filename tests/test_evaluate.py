@@ -1,12 +1,13 @@
-"""Held-out accuracy figures: the mean over datasets and its standard error."""
+"""Held-out accuracy figures: the mean over datasets, its standard error, paired differences."""
 
 from __future__ import annotations
 
 import math
 
+import polars as pl
 import pytest
 
-from mpo.evaluate import overall, overall_standard_error
+from mpo.evaluate import mean_and_error, overall, overall_standard_error, paired_difference
 
 
 def test_standard_error_of_the_mean_over_datasets() -> None:
@@ -23,3 +24,27 @@ def test_standard_error_shrinks_with_more_prompts_and_is_zero_without_any() -> N
     assert overall_standard_error(large) == pytest.approx(overall_standard_error(small) / math.sqrt(10))
     assert overall_standard_error({}) == 0.0
     assert overall_standard_error({"a": {"prompts": 0, "accuracy": 0.0}}) == 0.0
+
+
+def scored(correct: dict[str, list[float]]) -> pl.DataFrame:
+    """A ``correct_per_prompt``-shaped frame: prompts ``{dataset}-{i}`` with the given 0/1 scores."""
+    return pl.DataFrame([{"prompt_id": f"{dataset}-{i}", "dataset": dataset, "correct": value}
+                         for dataset, values in correct.items() for i, value in enumerate(values)])
+
+
+def test_paired_difference_is_the_mean_of_per_prompt_differences_with_their_error() -> None:
+    first = scored({"a": [1, 1, 0, 0], "b": [1, 1, 1, 1]})
+    second = scored({"a": [1, 0, 0, 0], "b": [0, 1, 1, 1]})
+    difference, error = paired_difference(first, second)
+    # per dataset: a differs by [0, 1, 0, 0] (mean 1/4, var 1/4), b by [1, 0, 0, 0] (same)
+    assert difference == pytest.approx(0.25)
+    assert error == pytest.approx(math.sqrt(0.25 / 4 + 0.25 / 4) / 2)
+    # the paired error is well under the two means' errors combined: most of the noise is shared
+    unpaired = math.hypot(mean_and_error(first, "correct")[1], mean_and_error(second, "correct")[1])
+    assert error < unpaired
+    assert paired_difference(first, first) == (0.0, 0.0)
+
+
+def test_paired_difference_refuses_models_scored_on_different_prompts() -> None:
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_difference(scored({"a": [1, 0, 1]}), scored({"a": [1, 0]}))

@@ -10,6 +10,7 @@ import pytest
 from prefect import flow, task
 
 from mpo.config import PipelineConfig, StagePolicies, StagePolicy
+from mpo.evaluate import overall
 from mpo.pairs import PairingConfig
 from mpo.sampling import SamplingConfig
 from mpo.synth import VERIFY_MODES, generate
@@ -63,13 +64,19 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
     assert written["models"]["sft"].endswith("final") and written["evaluation"] == summary["evaluation"]
     assert set(summary["evaluation"]["start"]) == {"synth_arith", "synth_choice", "synth_colour", "synth_compare",
                                                    "synth_count"}
+    # the paired differences read back the same answers the accuracy tables counted
+    assert set(summary["comparison"]) == {"mpo - start", "sft - start", "mpo - sft"}
+    for pair, compared in summary["comparison"].items():
+        first, second = pair.split(" - ")
+        expected = overall(summary["evaluation"][first]) - overall(summary["evaluation"][second])
+        assert compared["difference"] == pytest.approx(expected) and compared["standard_error"] >= 0
     assert pairs_dir.is_dir()
     keys = ["mpo-run-summary", "mpo-pairs-per-source", "mpo-training-curves"]
     artifacts = {key: Artifact.get(key) for key in keys}
     assert all(artifacts.values())
     markdown = artifacts["mpo-run-summary"].data
     assert "corrupt_image: 1" in markdown and "malformed_json: 1" in markdown
-    assert "Held-out accuracy" in markdown
+    assert "Held-out accuracy" in markdown and "- mpo - sft: " in markdown
 
 
 def test_a_failed_shard_resumes_without_recomputing_or_duplicating(tiny_model_dir: Path, tmp_path: Path,
@@ -271,7 +278,8 @@ def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: P
             "--sample-n", "2", "--train-steps", "2", "--image-size", "112"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    for heading in ("Held-out accuracy", "start", "mpo", "sft", "± standard error", "Time per stage", "pairs"):
+    for heading in ("Held-out accuracy", "start", "mpo", "sft", "± standard error", "mpo - sft: ", "Time per stage",
+                    "pairs"):
         assert heading in first.output
     built = tmp_path / "run" / "model-start" / "tiny_model.json"
     recipe = json.loads(built.read_text())
