@@ -17,6 +17,9 @@ from rich.table import Table
 # Nothing in this project may reach a model hub; fail fast instead of hanging on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# The commands draw their own progress (rich); transformers' bars for every checkpoint saved
+# and every model loaded (41 in one demo, child processes included) buried the report.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # The demo's synthetic datasets: colour of the largest shape, counting and multiple choice are
 # the closed tasks whose held-out accuracy a ~1M-parameter model starts to move with some
