@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # at chance); describe gives DropoutNTP its open prompts.
 DEMO_DATASETS = "synth_colour,synth_count,synth_choice,synth_describe"
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="MPO data engine: preference data and MPO training for VLMs.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="markdown", help="MPO data engine: preference data and MPO training for VLMs.")
 console = Console()
 
 
@@ -380,28 +380,20 @@ def demo(
     """The main job: synthetic data -> tiny model with a warm-up -> the whole DAG, embedded.
 
     Prints held-out accuracy of the starting model, the MPO model and an SFT-only
-    baseline trained on the same chosen responses, the pairs made and time per stage.
-    The warm-up draws its own images (another seed), so training and held-out prompts
-    are new to the starting model. A re-run reuses the data, the model and every
-    finished stage.
+    baseline trained on the same chosen responses, with their paired differences, the
+    pairs made and time per stage. The warm-up draws its own images (another seed), so
+    training and held-out prompts are new to the starting model. A re-run reuses the
+    data, the model and every finished stage.
 
     The defaults give the starting model what MPO is for: it reads images (224 px, the
-    vision tower learning 10x faster, 1,000 steps; at 112 px seed 2 had not begun to read
-    after 1,500 or 2,500 steps, at 224 px it had by 1,000) but half of its closed warm-up examples
-    name the dataset's most common answer, in the steps and the last line, a language-prior
-    hallucination; 8 samples at T 1.0 per prompt then give correct and wrong answers to pair,
-    at most 4 pairs per prompt. With the prior in the last line only, the model often read
-    right and answered wrong, and pairs judged by the final answer then pushed its reading
-    both ways: on 3,000 held-out prompts seeds 0/1/2 gained +18.0/+9.9/+13.6 points, against
-    +21.5/+18.0/+17.0 with the prior in the steps too (benchmarks/demo_accuracy.py).
-
-    No self-contradictory sample is paired (``--claim-check``, mpo.synth.CLAIM_PATTERNS):
-    two of three seeds' starting models wrote "It is red. Final answer: yellow" in most of
-    their colour samples. Paired on the final answer alone, such lucky guesses were
-    chosen and right steps with a wrong last line rejected, and DPO pushed the right
-    reading down; SFT on the same chosen responses only learns their last line. That was
-    where MPO trailed SFT most (seed 2: 2.4 points behind on 3,000 prompts, most of it on colour;
-    0.2 behind with the check, colour +0.3).
+    vision tower learning 10x faster, 1,000 steps) but half of its closed warm-up
+    examples name the dataset's most common answer, in the steps and the last line, a
+    language-prior hallucination that correctness pairs from its own samples (8 at T 1.0
+    per prompt, at most 4 pairs per prompt) can repair. No response whose steps state
+    another answer than its final line is paired (``--claim-check``): as chosen such
+    lucky guesses, as rejected right readings with a wrong last line, taught DPO to push
+    right readings down. Why each default, and every variant measured:
+    benchmarks/README.md.
     """
     from mpo.config import PipelineConfig
     from mpo.io import atomic_write_text
