@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -48,3 +50,21 @@ def test_paired_difference_is_the_mean_of_per_prompt_differences_with_their_erro
 def test_paired_difference_refuses_models_scored_on_different_prompts() -> None:
     with pytest.raises(ValueError, match="same prompts"):
         paired_difference(scored({"a": [1, 0, 1]}), scored({"a": [1, 0]}))
+
+
+def test_compare_models_reads_back_the_evaluations_and_names_a_model_never_evaluated(
+        hf_engine: Any, tiny_model_dir: Path, prompts_dir: Path, tmp_path: Path) -> None:
+    from mpo.evaluate import compare_models, evaluate_accuracy
+    from mpo.pairs import PairingConfig
+    from mpo.sampling import SamplingConfig
+    from mpo.synth import VERIFY_MODES
+
+    sampling, pairing = SamplingConfig(prompts_per_shard=16), PairingConfig(verify_modes=VERIFY_MODES)
+    table = evaluate_accuracy(hf_engine, prompts_dir, tmp_path, sampling, pairing, max_tokens=8)
+    assert sum(row["prompts"] for row in table.values()) == 40  # the closed prompts, one answer each
+    model = str(tiny_model_dir)
+    # one model under two names: the same answers, so no difference; no sft, so no pair with it
+    assert compare_models(tmp_path, prompts_dir, {"start": model, "mpo": model}, sampling, pairing, 8) == {
+        "mpo - start": {"difference": 0.0, "standard_error": 0.0}}
+    with pytest.raises(FileNotFoundError, match="no evaluation"):
+        compare_models(tmp_path, prompts_dir, {"start": model, "mpo": model}, sampling, pairing, 16)
