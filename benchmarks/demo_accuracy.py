@@ -34,7 +34,7 @@ import polars as pl  # noqa: E402
 
 from mpo.cli import DEMO_DATASETS  # noqa: E402
 from mpo.engines.hf import TransformersEngine  # noqa: E402
-from mpo.evaluate import correct_per_prompt, greedy_samples, mean_and_error  # noqa: E402
+from mpo.evaluate import correct_per_prompt, greedy_samples, mean_and_error, paired_difference  # noqa: E402
 from mpo.ingest import ingest  # noqa: E402
 from mpo.pairs import PairingConfig  # noqa: E402
 from mpo.sampling import SamplingConfig  # noqa: E402
@@ -117,14 +117,12 @@ def main() -> None:
                   for name, path in demo_models(workdir).items()}
         joined = (scores["start"].select("prompt_id", "dataset", start="correct")
                   .join(scores["mpo"].select("prompt_id", mpo="correct"), on="prompt_id")
-                  .join(scores["sft"].select("prompt_id", sft="correct"), on="prompt_id")
-                  .with_columns(gain=pl.col("mpo") - pl.col("start"), edge=pl.col("mpo") - pl.col("sft")))
+                  .join(scores["sft"].select("prompt_id", sft="correct"), on="prompt_id"))
         results[workdir] = joined
-        cells = []
-        for column in ("start", "mpo", "sft", "gain", "edge"):
-            mean, error = mean_and_error(joined, column)
-            sign = "+" if column in ("gain", "edge") and mean >= 0 else ""
-            cells.append(f"{sign}{100 * mean:.1f} ± {100 * error:.1f}")
+        means = [mean_and_error(scores[name], "correct") for name in ("start", "mpo", "sft")]
+        differences = [paired_difference(scores["mpo"], scores[other]) for other in ("start", "sft")]
+        cells = ([f"{100 * mean:.1f} ± {100 * error:.1f}" for mean, error in means]
+                 + [f"{100 * mean:+.1f} ± {100 * error:.1f}" for mean, error in differences])
         print(f"| {workdir} | " + " | ".join(cells) + f" | {time.perf_counter() - started:.0f} |", flush=True)
         model_scores[workdir] = scores
     per_dataset_table(results)

@@ -127,12 +127,9 @@ def compare_models(out: Path | str, prompts_dir: Path | str, models: dict[str, s
                    pairing: PairingConfig, max_tokens: int = 256) -> dict[str, dict[str, float]]:
     """Paired differences (``COMPARISONS``) between evaluated models, keyed ``"mpo - sft"``:
     ``difference`` and ``standard_error`` as fractions."""
-    wanted = {name for pair in COMPARISONS for name in pair if all(n in models for n in pair)}
+    pairs = [(first, second) for first, second in COMPARISONS if first in models and second in models]
     scores = {name: evaluated_prompts(out, prompts_dir, models[name], sampling, pairing, max_tokens)
-              for name in sorted(wanted)}
-    comparison = {}
-    for first, second in COMPARISONS:
-        if first in scores and second in scores:
-            difference, error = paired_difference(scores[first], scores[second])
-            comparison[f"{first} - {second}"] = {"difference": difference, "standard_error": error}
-    return comparison
+              for name in sorted({name for pair in pairs for name in pair})}
+    return {f"{first} - {second}": dict(zip(("difference", "standard_error"),
+                                            paired_difference(scores[first], scores[second]), strict=True))
+            for first, second in pairs}
