@@ -14,7 +14,9 @@ Rules, per prompt:
   would teach the pair to push the right steps down.
 - **dropout_ntp**: chosen = the original answer, rejected = prefix + continuation,
   unless the continuation is empty or rejected equals chosen.
-- everywhere: exact-duplicate responses and heavy n-gram repetition are dropped;
+- everywhere: a request the engine gave up on (finish reason other than stop/length,
+  e.g. abort or error) is no response and is dropped as ``failed_request``;
+  exact-duplicate responses and heavy n-gram repetition are dropped;
   optional length balancing caps len(chosen) / len(rejected).
 
 How it stays fast and small: answer extraction is vectorised for the trigger templates
@@ -37,7 +39,7 @@ import re
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, field_validator
 
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
+from mpo.engines.base import FINISHED
 from mpo.io import atomic_write_text, publish_dir
 from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, shard_files, write_table
 from mpo.templates import TEMPLATES, apply_template
@@ -56,7 +59,7 @@ _TRIGGER = "(?:" + "|".join(re.escape(t) for t in TRIGGERS) + ")"
 FAST_TEMPLATES = ("en", "zh")
 
 
-class PairSelection(str, Enum):
+class PairSelection(StrEnum):
     """Which correct x wrong pairs a prompt keeps when it has more than the cap."""
 
     RANDOM = "random"  # a seeded draw (InternVL)
@@ -349,6 +352,7 @@ def pair_chunk(samples: pl.DataFrame, config: PairingConfig) -> ChunkResult:
                                    _rep=repetition(samples["response"], config.repetition_ngram),
                                    _hash=content_hash(samples["response"]))
     _count(counter, samples.filter(~pl.col("source").is_in(["correctness", "dropout_ntp"])), "unknown_source")
+    samples = _split(samples, pl.col("finish_reason").is_in(list(FINISHED)), counter, "failed_request")
     correctness = samples.filter(pl.col("source") == "correctness")
     dropout = samples.filter(pl.col("source") == "dropout_ntp")
 

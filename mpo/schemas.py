@@ -51,7 +51,7 @@ SAMPLES = pa.schema([
     ("answer", pa.string()),  # gold; null for open prompts
     ("prompt_version", pa.string()),  # template id, or the DropoutNTP variant
     ("response", pa.string()),
-    ("finish_reason", pa.string()),  # stop | length
+    ("finish_reason", pa.string()),  # stop | length; anything else (abort, error) is a failed request
     ("num_tokens", pa.int64()),
     ("sample_index", pa.int64()),
     ("source", pa.string()),  # correctness | dropout_ntp

@@ -37,6 +37,18 @@ def test_cross_product_of_correct_and_wrong() -> None:
     assert result.pairs["pair_id"].n_unique() == 6
 
 
+def test_failed_requests_are_never_paired() -> None:
+    """An aborted or errored request (its text may look like an answer) is counted, not paired."""
+    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "Final answer: 2", finish="abort"),
+            sample("p1", 2, "Final answer: 3", finish="error"), sample("p1", 3, "Final answer: 4", finish="length")]
+    rows += [sample("p2", 0, "a cat on", source="dropout_ntp", chosen="a cat on a mat", prefix="a cat ",
+                    finish="error", answer=None)]
+    result = make_pairs(frame(rows), PairingConfig())
+    assert result.pairs.select("chosen", "rejected").rows() == [("Final answer: 2", "Final answer: 4")]
+    assert result.report["datasets"]["count"]["filtered"]["failed_request"] == 3
+    assert result.report["datasets"]["count"]["samples"] == 2  # accuracy is over finished samples only
+
+
 def test_chosen_answer_contained_in_rejected_is_skipped() -> None:
     rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "Final answer: 12"), sample("p1", 2, "Final answer: 5")]
     result = make_pairs(frame(rows), PairingConfig(verify_modes={"count": "numeric"}))

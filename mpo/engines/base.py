@@ -48,11 +48,29 @@ class GenerationRequest:
     seed: int = 0  # vLLM seeds child i with seed + i: space the seeds of requests >= n apart
 
 
+# Chat stop tokens of InternVL2.x / Qwen-style templates (a turn can end on any of them).
+STOP_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|end|>")
+FINISHED = ("stop", "length")  # a response the model ended, or one cut at max_tokens
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str  # only the newly generated text (without the prefix)
     num_tokens: int
-    finish_reason: str  # "stop" (end of turn / stop token) or "length" (hit max_tokens)
+    finish_reason: str  # "stop" or "length" when finished; else the engine's own word (see ``finish_reason``)
+
+
+def finish_reason(reason: object) -> str:
+    """An engine's finish reason as stored with a sample.
+
+    "stop" and "length" pass through; any other (vLLM's abort, error or repetition,
+    lmdeploy's abort or error) is kept under its own name, and a missing one becomes
+    "error". Only ``FINISHED`` samples are ever paired: a request the engine gave up on
+    is a failed request, not a response.
+    """
+    if reason is None:
+        return "error"
+    return str(getattr(reason, "value", reason)).lower() or "error"  # .value: an engine's enum
 
 
 class Engine(Protocol):
@@ -60,8 +78,22 @@ class Engine(Protocol):
 
     name: str
     model_id: str
-    tokenizer: Any  # the model's tokenizer (DropoutNTP cuts answers by its tokens)
+    tokenizer: Any  # the model's Hugging Face tokenizer (DropoutNTP cuts answers by its tokens)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]: ...
 
     def close(self) -> None: ...
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+    """The model's own Hugging Face tokenizer, for engines whose tokenizer object has another API
+    (lmdeploy's takes no ``add_special_tokens``): DropoutNTP cuts by the same tokens on every engine."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the chat stop tokens this tokenizer has (InternVL2.x ends turns with several)."""
+    vocab = tokenizer.get_vocab()
+    return sorted({vocab[t] for t in STOP_TOKENS if t in vocab} | ({tokenizer.eos_token_id} - {None}))

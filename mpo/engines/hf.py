@@ -8,7 +8,7 @@ noise from one generator per sequence, seeded ``request.seed + i`` (vLLM's conve
 the arg-max of ``logits / T + Gumbel`` is an exact draw from ``softmax(logits / T)``.
 Image special tokens are suppressed (a small model samples them otherwise, and a response
 holding them breaks re-encoding later). A trailing assistant prefix is continued
-(``continue_final_message``).
+(``continue_final_message``). ``max_dynamic_patch`` caps an image's tiles as on vLLM.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model: str, device: str | None = None, trust_remote_code: bool = False,
-                 max_batch_sequences: int = 64) -> None:
+                 max_batch_sequences: int = 64, max_dynamic_patch: int | None = None) -> None:
+        from mpo.engines.tiles import processor_kwargs
         from mpo.logps import load_vlm
 
         if max_batch_sequences < 1:
@@ -95,6 +96,7 @@ class TransformersEngine:
         self.model_id = str(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.max_batch_sequences = max_batch_sequences
+        self.image_kwargs = processor_kwargs(self.model_id, max_dynamic_patch)
         loaded, self.processor = load_vlm(self.model_id, self.device, trust_remote_code=trust_remote_code)
         self.model: Any = loaded.eval()
         self.tokenizer = tokenizer = self.processor.tokenizer
@@ -114,7 +116,7 @@ class TransformersEngine:
             prompts += [prompt] * copies
             images += loaded * copies
         inputs = self.processor(text=prompts, images=images or None, return_tensors="pt", padding=True,
-                                padding_side="left")
+                                padding_side="left", **(self.image_kwargs if images else {}))
         return inputs.to(self.device)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:

