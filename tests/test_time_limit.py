@@ -108,3 +108,55 @@ def test_a_child_that_answered_is_left_to_exit_on_its_own(tmp_path: Path) -> Non
     result = call_with_time_limit(leaves_with_a_slow_exit_handler, {"marker": str(marker)}, 60, grace_seconds=10)
     assert result == "done"
     assert marker.read_text() == "clean exit", "the child was terminated while it shut down"
+
+
+class EngineOnlyError(Exception):
+    """Stands in for an exception class that exists only in the engine's environment."""
+
+    def __reduce__(self) -> Any:
+        return (_missing_class, ())
+
+
+def _missing_class() -> None:
+    raise ModuleNotFoundError("No module named 'vllm'")
+
+
+def raises_engine_error(emit: Any) -> None:
+    raise EngineOnlyError("engine core died")
+
+
+@pytest.fixture
+def importable_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another interpreter imports the job by module name: let it find this test module."""
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+
+
+def test_another_interpreter_runs_the_job_with_events_result_and_error_types(importable_tests: None) -> None:
+    """``python=``: the job runs under the given interpreter (an engine's environment), not multiprocessing."""
+    import sys
+
+    events: list[Any] = []
+    assert call_with_time_limit(counts, {"n": 2}, None, events.append, python=sys.executable) == 4
+    assert [e["progress"] for e in events] == [50.0, 100.0]
+    assert call_with_time_limit(pid, {}, None, python=sys.executable) != os.getpid()
+    with pytest.raises(ValueError, match="field 'answer'"):
+        call_with_time_limit(rejects_input, {}, None, python=sys.executable)
+    with pytest.raises(RuntimeError, match="EngineOnlyError: engine core died") as raised:
+        call_with_time_limit(raises_engine_error, {}, None, python=sys.executable)
+    assert any("raise EngineOnlyError" in note for note in raised.value.__notes__)
+    with pytest.raises(ChildProcessDied, match="exited with code 9"):
+        call_with_time_limit(dies, {}, 60, python=sys.executable)
+
+
+def test_another_interpreter_is_killed_at_its_limit(importable_tests: None, tmp_path: Path) -> None:
+    import sys
+
+    with pytest.raises(StageTimeout, match="hard limit of 3 s"):
+        call_with_time_limit(stuck, {"pid_file": str(tmp_path / "pid")}, 3, grace_seconds=1, python=sys.executable)
+    assert not _alive(int((tmp_path / "pid").read_text()))
+
+
+def test_a_missing_interpreter_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="cannot start the stage's interpreter"):
+        call_with_time_limit(counts, {"n": 1}, None, python=str(tmp_path / "no-python"))
