@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import math
 import re
-from enum import Enum
+from enum import StrEnum
 from fractions import Fraction
 
 TRIGGERS = ("Final answer:", "Final Answer:", "Answer:", "答案:", "答案：")
 BOXED = "\\boxed{"
 
 
-class VerifyMode(str, Enum):
+class VerifyMode(StrEnum):
     EXACT = "exact"  # VQA-normalised exact match
     CHOICE = "choice"  # multiple-choice letter A-N
     NUMERIC = "numeric"  # numbers with relative tolerance
     ANLS = "anls"  # document VQA: normalised Levenshtein similarity >= 0.5
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     CORRECT = "correct"
     WRONG = "wrong"
     FORMAT_FAILURE = "format_failure"

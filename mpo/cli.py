@@ -121,15 +121,23 @@ def ingest(
     console.print(f"quarantined: {quarantined}")
 
 
-def _per_dataset(items: list[str] | None, option: str, value: str) -> dict[str, str]:
-    """``DATASET=VALUE`` option values as a dict (split at the first ``=``: a regex may hold more)."""
+def _key_values(items: list[str] | None, option: str, form: str) -> dict[str, str]:
+    """``KEY=VALUE`` option values as a dict (split at the first ``=``: a regex may hold more); ``form``
+    names the expected shape in the error, e.g. ``DATASET=REGEX``."""
     mapping = {}
     for item in items or []:
-        dataset, sep, rest = item.partition("=")
-        if not sep or not dataset:
-            raise typer.BadParameter(f"{option} takes DATASET={value}, got {item!r}")
-        mapping[dataset] = rest
+        key, sep, rest = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{option} takes {form}, got {item!r}")
+        mapping[key] = rest
     return mapping
+
+
+def _yaml_value(text: str) -> Any:
+    """An option value as YAML reads it: 6 -> int, true -> bool, {a: 1} -> dict, float32 -> str."""
+    import yaml
+
+    return yaml.safe_load(text) if text else text
 
 
 @app.command()
@@ -154,9 +162,9 @@ def pairs(
     from mpo.sampling import read_prompts
 
     config = PairingConfig(pairs_per_prompt=pairs_per_prompt, selection=selection, seed=seed,
-                           verify_modes=_per_dataset(verify, "--verify", "MODE"), default_verify_mode=default_verify,
+                           verify_modes=_key_values(verify, "--verify", "DATASET=MODE"), default_verify_mode=default_verify,
                            max_repetition=max_repetition, max_length_ratio=max_length_ratio,
-                           claim_patterns=_per_dataset(claim, "--claim", "REGEX"))
+                           claim_patterns=_key_values(claim, "--claim", "DATASET=REGEX"))
     prompt_ids = read_prompts(prompts)["prompt_id"] if prompts else None
     report = run_pairing(samples, out, config, prompt_ids)
     table = Table(title=f"{report['pairs']} pairs in {out}")
@@ -184,6 +192,9 @@ def sample(
     prompts_per_shard: Annotated[int, typer.Option(help="Prompts per shard, the unit of resume")] = 64,
     seed: Annotated[int, typer.Option()] = 0,
     trust_remote_code: Annotated[bool, typer.Option(help="Needed by original (non -hf) InternVL checkpoints")] = False,
+    engine_option: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE passed to the engine, value read as YAML (e.g. max_dynamic_patch=6, dtype=float32, "
+             "max_model_len=4096, or any vllm.LLM / lmdeploy backend-config argument); repeatable")] = None,
 ) -> None:
     """Sample CoT responses (correctness) and DropoutNTP continuations; resumes finished shards."""
     from mpo.engines import load_engine
@@ -195,7 +206,8 @@ def sample(
     config = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, prompts_per_shard=prompts_per_shard,
                             seed=seed)
     prompts_dir = prompts / "prompts" if (prompts / "prompts").is_dir() else prompts
-    sampler = load_engine(engine, model, trust_remote_code=trust_remote_code)
+    options = {key: _yaml_value(value) for key, value in _key_values(engine_option, "--engine-option", "KEY=VALUE").items()}
+    sampler = load_engine(engine, model, trust_remote_code=trust_remote_code, **options)
     try:
         for name in stages:
             with Progress(TextColumn(name), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),

@@ -18,7 +18,7 @@ With the policy equal to the reference, the preference part starts at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 
-class SFTReduction(str, Enum):
+class SFTReduction(StrEnum):
     SEQUENCE = "sequence"  # mean over sequences of the per-token mean (paper)
     TOKEN = "token"  # mean over every chosen token of the batch (TRL, ms-swift)
 
 
-class DeltaMode(str, Enum):
+class DeltaMode(StrEnum):
     CUMULATIVE = "cumulative"  # mean of every reward seen so far (InternVL, TRL <= 0.28)
     EMA = "ema"  # exponential moving average (NeMo-RL)
 
