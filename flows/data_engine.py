@@ -74,7 +74,8 @@ def sample_prompts(config: PipelineConfig, prompts: dict[str, Any]) -> list[dict
     out = str(Path(config.workdir) / "samples")
     futures = [sample.with_options(refresh_cache=not stage_store(out, stage, config.sampling, config.model).is_dir())
                .submit(stage, prompts["prompts_dir"], prompts["version"], config.model, model_fingerprint(config.model),
-                       config.engine, config.engine_options, config.sampling, out)
+                       config.engine, config.engine_options, config.sampling, out,
+                       config.stages.sampling.time_limit_seconds, config.engine_python)
                for stage in STAGES]
     return [f.result() for f in futures]
 
@@ -199,7 +200,8 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
         evaluate = with_stage_policy(evaluate_model, stages.evaluate)
         summary["evaluation"] = {
             name: evaluate(model, heldout["prompts_dir"], str(work / "eval"), config.engine, config.engine_options,
-                           config.sampling, config.pairing, config.eval_max_tokens, stages.evaluate.time_limit_seconds)
+                           config.sampling, config.pairing, config.eval_max_tokens, stages.evaluate.time_limit_seconds,
+                           config.engine_python)
             for name, model in models.items()
         }
         summary["comparison"] = compare_models(work / "eval", heldout["prompts_dir"], models, config.sampling,

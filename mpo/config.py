@@ -59,6 +59,10 @@ class PipelineConfig(BaseModel):
     model: str = Field(..., description="starting policy (and reference) model folder")
     engine: str = Field("transformers", description="sampling engine: transformers | vllm | lmdeploy")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="passed to the engine")
+    engine_python: str | None = Field(
+        None, description="the Python of the engine's own environment (e.g. .venv-vllm/bin/python): sampling and "
+        "evaluation run there, in a child process; needed where the engine cannot share the orchestrator's "
+        "environment (vLLM 0.32 and Prefect 3.8 pin disjoint fastapi ranges); empty: this environment")
     strict_ingest: bool = Field(False, description="stop at the first bad input row instead of quarantining")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     pairing: PairingConfig = Field(default_factory=PairingConfig)
@@ -99,8 +103,10 @@ class PipelineConfig(BaseModel):
             value = getattr(config, name)
             if value is not None and not Path(value).is_absolute():
                 updates[name] = base / value
-        if not Path(config.model).is_absolute() and (base / config.model).exists():
-            updates["model"] = str(base / config.model)
+        for name in ("model", "engine_python"):
+            value = getattr(config, name)
+            if value is not None and not Path(value).is_absolute() and (base / value).exists():
+                updates[name] = str(base / value)
         return config.model_copy(update=updates)
 
     def fingerprint(self, *parts: str) -> str:

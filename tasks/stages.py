@@ -28,8 +28,9 @@ from mpo.train import TrainConfig
 
 T = TypeVar("T")
 BAD_INPUT = (ValueError, FileNotFoundError, KeyError, TypeError)
-# No run id: a new run with the same inputs reuses the result; a time limit changes no result.
-STAGE_CACHE = (INPUTS - "time_limit") + TASK_SOURCE
+# No run id: a new run with the same inputs reuses the result; neither a time limit nor the
+# interpreter that runs the engine changes a result.
+STAGE_CACHE = (INPUTS - "time_limit" - "python") + TASK_SOURCE
 
 
 def _logger() -> Any:
@@ -62,10 +63,10 @@ def with_stage_policy(stage_task: Task[Any, Any], policy: StagePolicy, **options
 
 
 def _run_job(job: Callable[..., T], kwargs: dict[str, Any], time_limit: float | None,
-             progress: str | None = None, own_process: bool = False) -> T:
+             progress: str | None = None, own_process: bool = False, python: str | None = None) -> T:
     """Run an ``mpo.jobs`` job (in a killable child process when ``time_limit`` is set or
-    ``own_process`` asked for), its log lines into the run logger and its progress into a
-    progress artifact."""
+    ``own_process`` asked for; under the interpreter ``python`` when given), its log lines into
+    the run logger and its progress into a progress artifact."""
     from mpo.time_limit import call_with_time_limit
 
     logger = _logger()
@@ -77,7 +78,7 @@ def _run_job(job: Callable[..., T], kwargs: dict[str, Any], time_limit: float | 
         if "progress" in event and artifact is not None:
             update_progress_artifact(artifact, progress=event["progress"])
 
-    return call_with_time_limit(job, kwargs, time_limit, on_event, own_process=own_process)
+    return call_with_time_limit(job, kwargs, time_limit, on_event, own_process=own_process, python=python)
 
 
 @task(name="ingest")
@@ -97,7 +98,7 @@ def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any
 @task(name="sample", cache_policy=STAGE_CACHE, persist_result=True)
 def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str, model_fingerprint: str,
                  engine: str, engine_options: dict[str, Any], sampling: SamplingConfig, out: str,
-                 time_limit: float | None = None) -> dict[str, Any]:
+                 time_limit: float | None = None, python: str | None = None) -> dict[str, Any]:
     """One sampling stage with one engine load: samples only the prompts its store lacks; a
     progress artifact per stage.
 
@@ -108,7 +109,7 @@ def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str,
 
     return _run_job(sample_job, dict(stage=stage, prompts_dir=prompts_dir, model=model, engine=engine,
                                      engine_options=engine_options, sampling=sampling, out=out),
-                    time_limit, progress=f"{stage} sampling: shards done")
+                    time_limit, progress=f"{stage} sampling: shards done", python=python)
 
 
 @task(name="pairs", cache_policy=STAGE_CACHE, persist_result=True)
@@ -148,10 +149,10 @@ def train_policy(pairs_dir: str, model: str, out: str, training: TrainConfig, ev
 @task(name="evaluate")
 def evaluate_model(model: str, prompts_dir: str, out: str, engine: str, engine_options: dict[str, Any],
                    sampling: SamplingConfig, pairing: PairingConfig, max_tokens: int,
-                   time_limit: float | None = None) -> dict[str, dict[str, Any]]:
+                   time_limit: float | None = None, python: str | None = None) -> dict[str, dict[str, Any]]:
     """Greedy held-out accuracy per dataset (reuses finished evaluation shards)."""
     from mpo.jobs import evaluate_job
 
     return _run_job(evaluate_job, dict(model=model, prompts_dir=prompts_dir, out=out, engine=engine,
                                        engine_options=engine_options, sampling=sampling, pairing=pairing,
-                                       max_tokens=max_tokens), time_limit)
+                                       max_tokens=max_tokens), time_limit, python=python)

@@ -291,3 +291,31 @@ def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: P
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert weights.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.engines
+def test_data_engine_samples_with_vllm_in_the_engines_own_environment(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The flow (Prefect's environment) hands sampling to vLLM's environment (``engine_python``):
+    the two cannot share one. ``make test-engines`` sets MPO_VLLM_PYTHON."""
+    import os
+
+    from flows.data_engine import data_engine
+    from mpo.schemas import SAMPLES, read_dir
+
+    python = os.environ.get("MPO_VLLM_PYTHON")
+    if not python:
+        pytest.skip("needs the vLLM environment's interpreter in MPO_VLLM_PYTHON (make test-engines)")
+    data = tmp_path / "data"
+    generate(data, count=5, seed=0)
+    options = {"max_model_len": 2048, "dtype": "float32", "max_num_seqs": 16}
+    config = tiny_config(data, tiny_model_dir, tmp_path / "run", engine="vllm", engine_options=options,
+                         engine_python=python, train=False, evaluate=False)
+
+    summary = data_engine(config)
+
+    assert [s["stage"] for s in summary["sampling"]] == ["correctness", "dropout_ntp"]
+    for stage in summary["sampling"]:
+        samples = pl.from_arrow(read_dir(stage["samples_dir"], SAMPLES))
+        assert samples.height == stage["samples_written"] > 0
+        assert samples["sampling_config"].str.contains('"engine": "vllm"').all()
+    assert summary["pairs"]["pairs"] >= 0 and "training" not in summary
