@@ -172,7 +172,8 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
         else:
             with_stage_policy(reference_logps, stages.ref_logps)(str(pairs_dir), config.model,
                                                                  config.training.max_length,
-                                                                 stages.ref_logps.time_limit_seconds)
+                                                                 stages.ref_logps.time_limit_seconds,
+                                                                 config.training.bf16)
             timings["reference log-probs"] = time.perf_counter() - started
             started = time.perf_counter()
             if config.sft_baseline and config.baseline_side_by_side:

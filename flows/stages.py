@@ -33,5 +33,6 @@ def training(config: PipelineConfig, pairs_dir: str, sft_baseline: bool = False)
     if sft_baseline:
         return train_on_pairs(config, pairs_dir, sft_only(config), "sft")
     with_stage_policy(reference_logps, config.stages.ref_logps)(pairs_dir, config.model, config.training.max_length,
-                                                                config.stages.ref_logps.time_limit_seconds)
+                                                                config.stages.ref_logps.time_limit_seconds,
+                                                                config.training.bf16)
     return train_on_pairs(config, pairs_dir, config.training, "mpo")

@@ -246,15 +246,18 @@ def ref_logps(
     max_length: Annotated[int, typer.Option(help="Must equal the trainer's --max-length")] = 2048,
     batch_size: Annotated[int, typer.Option(help="Pairs per forward")] = 8,
     device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when present)")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast, as the trainer's --bf16 "
+                                                                       "(default: on with CUDA)")] = None,
 ) -> None:
-    """Write the frozen reference's log-probs into the pairs (ref_chosen_logp, ref_rejected_logp)."""
+    """Write the frozen reference's log-probs into the pairs (ref_chosen_logp, ref_rejected_logp),
+    computed as training computes (float32 weights, the same autocast)."""
     from mpo.ref_logps import compute_reference_logps
 
     with Progress(TextColumn("reference log-probs"), BarColumn(), TextColumn("{task.completed} pairs"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("ref", total=None)
         report = compute_reference_logps(pairs, model, max_length=max_length, batch_size=batch_size, device=device,
-                                         on_shard=lambda _path, rows: progress.advance(task, rows))
+                                         bf16=bf16, on_shard=lambda _path, rows: progress.advance(task, rows))
     console.print(f"reference log-probs: {report.pairs} pairs in {report.shards} shards written, "
                   f"{report.skipped_shards} shards already done, {report.too_long} pairs too long for "
                   f"max_length {max_length}")
@@ -282,6 +285,10 @@ def train(
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     stop_after: Annotated[int | None, typer.Option(help="Stop (with a checkpoint) after N steps; re-run to go on")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: on with CUDA)")] = None,
+    keep_dropout: Annotated[bool, typer.Option(help="Keep the model's dropout (default: all dropout off, as TRL)")] = False,
+    allow_other_reference: Annotated[bool, typer.Option(
+        help="Accept precomputed reference log-probs of another model than --model")] = False,
 ) -> None:
     """Train with MPO (0.8·DPO + 0.2·BCO + 1.0·SFT). Works under `torchrun` (DDP)."""
     from mpo.train import LoraSettings, TrainConfig
@@ -291,7 +298,9 @@ def train(
     overrides = {"learning_rate": learning_rate, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size,
                  "grad_accum": grad_accum, "max_length": max_length, "reference": reference,
                  "freeze_vision": freeze_vision, "freeze_projector": freeze_projector,
-                 "gradient_checkpointing": gradient_checkpointing, "save_every": save_every, "seed": seed}
+                 "gradient_checkpointing": gradient_checkpointing, "save_every": save_every, "seed": seed,
+                 "bf16": bf16, "disable_dropout": False if keep_dropout else None,
+                 "allow_other_reference": True if allow_other_reference else None}
     base.update({k: v for k, v in overrides.items() if v is not None})
     if beta is not None:
         base.setdefault("loss", {})["beta"] = beta

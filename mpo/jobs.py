@@ -37,11 +37,12 @@ def sample_job(stage: str, prompts_dir: str, model: str, engine: str, engine_opt
             "skipped_shards": report.skipped, "samples_written": report.samples_written}
 
 
-def reference_job(pairs_dir: str, model: str, max_length: int, emit: Emit) -> dict[str, Any]:
-    """Frozen reference log-probs into each pairs shard (finished shards are skipped)."""
+def reference_job(pairs_dir: str, model: str, max_length: int, emit: Emit, bf16: bool | None = None) -> dict[str, Any]:
+    """Frozen reference log-probs into each pairs shard (finished shards are skipped), computed as
+    training will compute (``bf16``: the training config's)."""
     from mpo.ref_logps import compute_reference_logps
 
-    report = compute_reference_logps(pairs_dir, model, max_length=max_length)
+    report = compute_reference_logps(pairs_dir, model, max_length=max_length, bf16=bf16)
     emit({"log": f"reference log-probs: {report.shards} shards written, {report.skipped_shards} already done, "
                  f"{report.too_long} pairs too long"})
     return {"pairs_dir": pairs_dir, "shards": report.shards, "skipped_shards": report.skipped_shards,

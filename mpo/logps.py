@@ -16,6 +16,7 @@ Two things make this cheaper than the usual DPO forward:
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,41 @@ def load_vlm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
                                                                  trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         return model.to(device), processor
+
+
+def precision(device: torch.device | str, bf16: bool | None) -> dict[str, str | None]:
+    """How a log-prob forward computes: float32 weights, under bf16 autocast when ``bf16`` (default: on
+    CUDA). The policy and its reference must compute the same way: bf16 weights on one side and fp32
+    weights under autocast on the other give different log-probs for the same model, and the step-0
+    margin is no longer zero. Recorded with precomputed reference log-probs and checked by the trainer."""
+    device = torch.device(device)
+    on = bf16 if bf16 is not None else device.type == "cuda"
+    return {"device": device.type, "weights": "float32", "autocast": "bfloat16" if on else None}
+
+
+def autocast(numerics: dict[str, str | None]) -> AbstractContextManager[Any]:
+    """The autocast context a ``precision`` record asks for."""
+    if numerics["autocast"] is None:
+        return nullcontext()
+    return torch.autocast(str(numerics["device"]), dtype=getattr(torch, str(numerics["autocast"])))
+
+
+# Output processing some models apply to their logits in ``forward`` (Gemma 2/3: tanh soft-capping;
+# Cohere: a scale). The log-probs here are built from the LM head directly, so such a model would
+# train against log-probs it never produces: it is refused rather than trained silently wrong.
+LOGIT_PROCESSING = {"final_logit_softcapping": (None, 0, 0.0), "logit_scale": (None, 1, 1.0)}
+
+
+def refuse_logit_processing(model: Any) -> None:
+    """Raise ``ValueError`` for a model whose config declares logit processing (see ``LOGIT_PROCESSING``)."""
+    config = unwrap(model).config
+    for owner in (config, getattr(config, "text_config", None)):
+        for name, neutral in LOGIT_PROCESSING.items():
+            value = getattr(owner, name, None) if owner is not None else None
+            if value not in neutral:
+                raise ValueError(f"{type(unwrap(model)).__name__} declares {name}={value}: its forward processes "
+                                 "the logits, which the chunked log-probs of training and the reference skip; "
+                                 "such models are not supported")
 
 
 def unwrap(model: Any) -> Any:
@@ -111,6 +147,7 @@ class PairLogps(nn.Module):
         super().__init__()
         if vision_pass not in VISION_PASSES:
             raise ValueError(f"vision_pass must be one of {VISION_PASSES}, got {vision_pass!r}")
+        refuse_logit_processing(model)
         self.model = model
         self.vision_pass = vision_pass
         self.chunk_tokens = chunk_tokens

@@ -144,16 +144,20 @@ class MPOLossOutput:
 
 def mpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tensor,
              ref_chosen_logp: torch.Tensor, ref_rejected_logp: torch.Tensor, chosen_tokens: torch.Tensor,
-             config: MPOLossConfig, shift: RewardShift, update_shift: bool = True) -> MPOLossOutput:
+             config: MPOLossConfig, shift: RewardShift, update_shift: bool = True,
+             counted: bool = True) -> MPOLossOutput:
     """0.8·DPO + 0.2·BCO + 1.0·SFT (weights from ``config``) over one batch of pairs.
 
     ``update_shift=False`` (evaluation) reads δ without folding this batch in.
+    ``counted=False`` is a placeholder batch (a rank with nothing to train, kept in step with
+    the others): δ's update still runs, with its all-reduce, but folds in none of its rewards.
     """
     chosen_logratio = policy_chosen_logp - ref_chosen_logp.to(policy_chosen_logp.dtype)
     rejected_logratio = policy_rejected_logp - ref_rejected_logp.to(policy_rejected_logp.dtype)
     chosen_rewards = (config.beta * chosen_logratio).detach()
     rejected_rewards = (config.beta * rejected_logratio).detach()
-    delta = shift.update(torch.cat([chosen_rewards, rejected_rewards])) if update_shift else shift.value
+    rewards = torch.cat([chosen_rewards, rejected_rewards])
+    delta = shift.update(rewards if counted else rewards[:0]) if update_shift else shift.value
     dpo = dpo_sigmoid(chosen_logratio, rejected_logratio, config.beta).mean()
     bco = bco_pair(chosen_logratio, rejected_logratio, config.beta, delta).mean()
     nll = sft(policy_chosen_logp, chosen_tokens, config.sft_reduction)

@@ -32,8 +32,9 @@ from pydantic import BaseModel, Field, model_validator
 
 from mpo import distributed, parallel
 from mpo.io import atomic_write_text, publish_dir
-from mpo.logps import PairLogps, load_vlm, split_pairs, unwrap
+from mpo.logps import PairLogps, autocast, load_vlm, precision, split_pairs, unwrap
 from mpo.loss import MPOLossConfig, MPOLossOutput, RewardShift, mpo_loss
+from mpo.model_identity import model_fingerprint
 from mpo.pair_data import PairBatch, PairTable, encode_batch
 from mpo.ref_logps import reference_specs
 
@@ -72,7 +73,13 @@ class TrainConfig(BaseModel):
     freeze_projector: bool = False
     lora: LoraSettings | None = None
     gradient_checkpointing: bool = False
-    bf16: bool | None = Field(None, description="bf16 autocast; default on with CUDA")
+    disable_dropout: bool = Field(
+        True, description="set every dropout of the policy (LoRA's too) to 0, as TRL does: with dropout on, the "
+        "policy's log-probs are noisy and an online LoRA reference (the policy, adapter off) is random")
+    bf16: bool | None = Field(None, description="bf16 autocast; default on with CUDA (the reference must match)")
+    allow_other_reference: bool = Field(
+        False, description="accept precomputed reference log-probs of another model than the starting (or ref_model) "
+        "one: for a deliberately different reference")
     seed: int = 0
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (always at the end)")
     keep_checkpoints: int = Field(2, ge=1)
@@ -113,8 +120,19 @@ def _find_module(model: Any, names: tuple[str, ...], what: str) -> torch.nn.Modu
     raise ValueError(f"{type(model).__name__} has no {what} (looked for {', '.join(names)})")
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout: ``nn.Dropout`` modules (LoRA's included) and the float rates attention
+    layers read in train mode (``attention_dropout``, ``dropout``, ...), which are no modules."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
 def prepare_policy(model: Any, config: TrainConfig, adapter_dir: Path | None = None) -> Any:
-    """Apply LoRA / freezing / gradient checkpointing; returns the model to train."""
+    """Apply LoRA / freezing / gradient checkpointing / no dropout; returns the model to train."""
     if config.lora is not None:
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -131,6 +149,8 @@ def prepare_policy(model: Any, config: TrainConfig, adapter_dir: Path | None = N
         _find_module(hf, PROJECTOR_MODULES, "projector").requires_grad_(False)
     if config.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.disable_dropout:  # after the LoRA wrap, so that the adapter's dropout goes too
+        disable_dropout(model)
     return model
 
 
@@ -276,17 +296,41 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
 
 # --- the loop -------------------------------------------------------------------------------------
 
+METRIC_KEYS = ("loss", "dpo", "bco", "sft", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
+
+
+class _Filler:
+    """One pair that fits ``max_length``, encoded on first use: what a rank trains at weight zero
+    when its own micro-batch holds only over-long pairs."""
+
+    def __init__(self, pairs: PairTable, processor: Any, max_length: int) -> None:
+        self.pairs, self.processor, self.max_length = pairs, processor, max_length
+        self.encoded: PairBatch | None = None
+
+    def batch(self) -> PairBatch:
+        row = 0
+        while self.encoded is None:
+            if row == len(self.pairs):
+                raise ValueError(f"{self.pairs.source}: no pair fits max_length {self.max_length}")
+            self.encoded, _ = encode_batch(self.pairs, self.processor, [row], self.max_length)
+            row += 1
+        return self.encoded
+
 
 class _Reference:
     """Where reference log-probs come from: the pairs tables, or a frozen model run each batch.
 
     One instance serves the training pairs and the held-out pairs, so an online
-    reference model is loaded once.
+    reference model is loaded once. Either way the reference computes as the policy does
+    (``numerics``: float32 weights, the same autocast), so that at step 0 the policy's
+    log-probs equal the reference's exactly.
     """
 
-    def __init__(self, config: TrainConfig, model_dir: Path, policy: Any, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, model_dir: Path, policy: Any, device: torch.device,
+                 numerics: dict[str, str | None]) -> None:
         self.config = config
-        self.model_dir = model_dir
+        self.model_dir = Path(config.ref_model or model_dir)
+        self.numerics = numerics
         self.forward: PairLogps | None = None
         self.adapter_off = False
         if config.reference == "precomputed":
@@ -294,21 +338,36 @@ class _Reference:
         if config.lora is not None and config.ref_model is None:
             self.forward, self.adapter_off = PairLogps(policy, config.vision_pass, config.logp_chunk_tokens), True
         else:
-            ref_model, _ = load_vlm(config.ref_model or model_dir, device)
+            ref_model, _ = load_vlm(self.model_dir, device, dtype=torch.float32)
             self.forward = PairLogps(ref_model.eval().requires_grad_(False), config.vision_pass,
                                      config.logp_chunk_tokens)
 
     def check(self, pairs: PairTable) -> None:
-        """Refuse, before training starts, a table whose precomputed log-probs are missing or do not fit."""
+        """Refuse, before training starts, a table whose precomputed log-probs are missing or do not fit:
+        another max_length, another precision, or (unless allowed) another model's weights."""
         if self.forward is not None:
             return
+        rerun = f"re-run `mpo ref-logps --pairs {pairs.source} --model {self.model_dir}`"
         if pairs.ref is None:
-            raise ValueError(f"{pairs.source}: no reference log-probs; run `mpo ref-logps --pairs ... "
-                             f"--model {self.model_dir}` first, or train with --reference online")
-        lengths = {s["max_length"] for s in reference_specs(pairs.source) if s}
+            raise ValueError(f"{pairs.source}: no reference log-probs; {rerun} first, or train with --reference online")
+        specs = [s for s in reference_specs(pairs.source) if s]
+        lengths = {s["max_length"] for s in specs}
         if lengths != {self.config.max_length}:
             raise ValueError(f"{pairs.source}: reference log-probs were computed with max_length "
-                             f"{sorted(lengths)}, training uses {self.config.max_length}; re-run `mpo ref-logps`")
+                             f"{sorted(lengths)}, training uses {self.config.max_length}; {rerun} "
+                             f"--max-length {self.config.max_length}")
+        computed = {json.dumps(s.get("precision"), sort_keys=True) for s in specs}
+        if computed != {json.dumps(self.numerics, sort_keys=True)}:
+            raise ValueError(f"{pairs.source}: reference log-probs were computed under {sorted(computed)}, training "
+                             f"computes under {self.numerics}; {rerun} on the training device with the same bf16 "
+                             "setting, or the step-0 margin is not zero")
+        expected = model_fingerprint(self.model_dir)
+        others = {(s["model"], s["fingerprint"]) for s in specs if s["fingerprint"] != expected}
+        if others and not self.config.allow_other_reference:
+            named = ", ".join(f"{model} (weights {fingerprint})" for model, fingerprint in sorted(others))
+            raise ValueError(f"{pairs.source}: reference log-probs come from {named}, but the reference of this run "
+                             f"is {self.model_dir} (weights {expected}); {rerun}, or set allow_other_reference "
+                             "(--allow-other-reference) if the other model is the reference you mean")
 
     @torch.no_grad()
     def logps(self, pairs: PairTable, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +381,7 @@ class _Reference:
             return ref[:, 0], ref[:, 1]
         peft_model: Any = self.forward.model
         context = peft_model.disable_adapter() if self.adapter_off else nullcontext()
-        with context:
+        with context, autocast(self.numerics):
             return split_pairs(self.forward.batch_logps(batch).double())
 
 
@@ -334,7 +393,7 @@ def evaluate(forward: PairLogps, reference: _Reference, pairs: PairTable, proces
     outputs: list[MPOLossOutput] = []
     weights: list[int] = []
     dtype = next(forward.parameters()).dtype
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision(device, config.bf16)):
         for rows in micro_batches(list(range(len(pairs))), config.batch_size):
             batch, _ = encode_batch(pairs, processor, rows, config.max_length)
             if batch is None:
@@ -382,7 +441,8 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
         # Text-only pairs leave the vision tower unused in their step.
         text_only = any(not images for images in pairs.images)
         module = parallel.wrap(forward, config.parallel, info.device, find_unused_parameters=text_only)
-    reference = _Reference(config, model_dir, model, info.device)
+    numerics = precision(info.device, config.bf16)
+    reference = _Reference(config, model_dir, model, info.device, numerics)
     for table in (pairs, held_out):
         if table is not None:
             reference.check(table)
@@ -405,8 +465,6 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
         _set_rng_state(torch.load(resume_from / f"rng-rank{info.rank}.pt", weights_only=False))
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", position.step, info.is_main)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
-        config.bf16 if config.bf16 is not None else info.device.type == "cuda") else nullcontext()
     result = TrainResult(out, position.step, out / "final", log.path, resumed_from=position.step)
 
     def batches() -> Iterator[list[int]]:
@@ -421,41 +479,51 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
     stream = batches()
     rejected_grad = config.loss.dpo_weight > 0 or config.loss.bco_weight > 0
     end = min(total_steps, stop_after) if stop_after else total_steps
+    filler = _Filler(pairs, processor, config.max_length)
     while position.step < end:
         started = time.perf_counter()
-        step_metrics: list[dict[str, float]] = []
-        tokens = 0
+        # Summed over this rank's micro-batches, then over ranks: metrics weighted by pairs, the pairs
+        # trained, tokens, and pairs skipped as too long. Fixed length, so every rank all-reduces alike.
+        totals = torch.zeros(len(METRIC_KEYS) + 3, dtype=torch.float64)
         for micro in range(config.grad_accum):
             batch, too_long = encode_batch(pairs, processor, next(stream), config.max_length)
-            result.skipped_too_long += too_long
-            if batch is None:
+            totals[-1] += too_long
+            if batch is None and not info.enabled:
                 continue
-            batch = batch.to(info.device)
+            # Under DDP/FSDP a rank with nothing to train still takes part in every collective (the
+            # gradient all-reduce, δ's all-reduce): it runs one pair that fits at weight zero.
+            counted = batch is not None
+            batch = (batch if batch is not None else filler.batch()).to(info.device)
             ref_c, ref_r = reference.logps(pairs, batch)
             sync = micro == config.grad_accum - 1 or not info.enabled
-            with parallel.gradient_sync(module, sync), autocast:
+            with parallel.gradient_sync(module, sync), autocast(numerics):
                 logps = module(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values,
                                rejected_grad=rejected_grad)
                 chosen, rejected = split_pairs(logps.float())
                 output = mpo_loss(chosen, rejected, ref_c.to(info.device), ref_r.to(info.device),
-                                  batch.chosen_tokens(), config.loss, shift)
-                (output.loss / config.grad_accum).backward()
-            step_metrics.append(output.metrics())
-            tokens += int(batch.attention_mask.sum())
+                                  batch.chosen_tokens(), config.loss, shift, counted=counted)
+                (output.loss * float(counted) / config.grad_accum).backward()
+            if counted:
+                metrics = output.metrics()
+                totals[:len(METRIC_KEYS)] += torch.tensor([metrics[k] for k in METRIC_KEYS],
+                                                          dtype=torch.float64) * batch.pairs
+                totals[-3] += batch.pairs
+                totals[-2] += int(batch.attention_mask.sum())
         grad_norm = parallel.clip_gradients([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         position.step += 1
-        keys = list(step_metrics[0]) if step_metrics else []
-        averaged = distributed.mean_across_ranks(torch.tensor(
-            [sum(m[k] for m in step_metrics) / max(1, len(step_metrics)) for k in keys] + [float(tokens)],
-            dtype=torch.float64))
+        totals = distributed.sum_across_ranks(totals)
+        trained, tokens, skipped = (float(v) for v in totals[-3:])
+        result.skipped_too_long += int(skipped)
         elapsed = time.perf_counter() - started
-        record: dict[str, Any] = {"step": position.step, "epoch": position.epoch, "lr": lr,
-                                  "grad_norm": grad_norm, **dict(zip(keys, averaged[:-1].tolist(), strict=True)),
-                                  "tokens_per_s": float(averaged[-1]) * info.world_size / elapsed,
+        means = (totals[:len(METRIC_KEYS)] / trained).tolist() if trained else [math.nan] * len(METRIC_KEYS)
+        record: dict[str, Any] = {"step": position.step, "epoch": position.epoch, "lr": lr, "grad_norm": grad_norm,
+                                  **dict(zip(METRIC_KEYS, means, strict=True)),
+                                  "pairs": int(trained), "skipped_too_long": int(skipped),
+                                  "tokens_per_s": tokens / elapsed,
                                   "delta": shift.value}  # this rank's δ (in sync: it is all-reduced)
         log.write(record)
         if on_step:

@@ -126,11 +126,13 @@ def make_pairs(samples_dirs: list[str], prompts_dir: str, out: str, pairing: Pai
 
 
 @task(name="reference-logps")
-def reference_logps(pairs_dir: str, model: str, max_length: int, time_limit: float | None = None) -> dict[str, Any]:
+def reference_logps(pairs_dir: str, model: str, max_length: int, time_limit: float | None = None,
+                    bf16: bool | None = None) -> dict[str, Any]:
     """Frozen reference pass into the pairs; shards already done are skipped (no task cache needed)."""
     from mpo.jobs import reference_job
 
-    return _run_job(reference_job, dict(pairs_dir=pairs_dir, model=model, max_length=max_length), time_limit)
+    return _run_job(reference_job, dict(pairs_dir=pairs_dir, model=model, max_length=max_length, bf16=bf16),
+                    time_limit)
 
 
 @task(name="train")
