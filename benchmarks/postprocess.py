@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -100,6 +101,9 @@ def baseline(samples_jsonl: Path, out_jsonl: Path, selection: str) -> None:
         grams = [" ".join(words[i:i + 4]) for i in range(len(words) - 3)]
         return bool(grams) and 1 - len(set(grams)) / len(grams) > MAX_REPETITION
 
+    def tokens(answer: str) -> str:
+        return " " + " ".join(re.findall(r"-?\d+(?:[.,]\d+)*|[^\W\d_]+", answer.lower())) + " "
+
     def key(pseed: int, first: int, second: int) -> int:
         base = (pseed + first * 1031 + second) % _PRIME
         return ((base * _MINSTD) % _PRIME * _MINSTD) % _PRIME
@@ -122,7 +126,7 @@ def baseline(samples_jsonl: Path, out_jsonl: Path, selection: str) -> None:
                     for r in usable:
                         if r["verdict"] != verdict:
                             continue
-                        if source == "correctness" and c["extracted"].lower() in r["extracted"].lower():
+                        if source == "correctness" and tokens(c["extracted"]) in tokens(r["extracted"]):
                             continue
                         shared = 0
                         if selection == "closest":

@@ -2,7 +2,8 @@
 
 Extraction follows the prompt template the response was sampled with; a response with no
 parsable answer is a *format failure*, its own verdict, never scored as an answer.
-Verifiers are chosen per dataset (``VerifyMode``) in config, never guessed from names.
+Verifiers are chosen per dataset (``VerifyMode``) in config, never guessed from dataset
+names; ``auto`` (the default) picks one per prompt from the shape of its gold answer.
 
 Deliberately unlike the reference pipeline (each pinned by a test):
 - ANLS is similarity = 1 - dist / max_len, correct at >= 0.5 (it was inverted there);
@@ -26,6 +27,7 @@ class VerifyMode(StrEnum):
     CHOICE = "choice"  # multiple-choice letter A-N
     NUMERIC = "numeric"  # numbers with relative tolerance
     ANLS = "anls"  # document VQA: normalised Levenshtein similarity >= 0.5
+    AUTO = "auto"  # per gold answer: choice for a lone letter, numeric for a number (with a unit), else exact
 
 
 class Verdict(StrEnum):
@@ -169,11 +171,29 @@ def anls_similarity(prediction: str, gold: str) -> float:
 # ---------------------------------------------------------------- verification
 
 
+# A bare capital (B) or a letter in parentheses ((c)); a bare lower-case "a" is a word.
+_LONE_LETTER = re.compile(r"^\s*(?:\(\s*[A-Na-n]\s*\)|[A-N])\s*\.?\s*$")
+_LEADING_NUMBER = re.compile(r"^\s*[$€£]?\s*-?\d")
+
+
+def auto_mode(gold: str) -> VerifyMode:
+    """The verifier ``auto`` uses for one gold answer: ``choice`` for a lone option letter (``B``,
+    ``(C)``), ``numeric`` for an answer that starts with a number (``12``, ``3/10``, ``45 degrees``,
+    ``$5``), ``exact`` otherwise (``Route 66`` stays text)."""
+    if _LONE_LETTER.match(gold):
+        return VerifyMode.CHOICE
+    if _LEADING_NUMBER.match(gold):
+        return VerifyMode.NUMERIC
+    return VerifyMode.EXACT
+
+
 def is_correct(prediction: str, gold: str | list[str], mode: VerifyMode | str, rel_tol: float = 1e-4,
                anls_threshold: float = 0.5) -> bool:
     """Whether an extracted ``prediction`` matches ``gold`` (any of several golds)."""
     golds = [gold] if isinstance(gold, str) else list(gold)
     mode = VerifyMode(mode)
+    if mode is VerifyMode.AUTO:
+        return any(is_correct(prediction, g, auto_mode(g), rel_tol, anls_threshold) for g in golds)
     if mode is VerifyMode.ANLS:
         return max(anls_similarity(prediction, g) for g in golds) >= anls_threshold
     if mode is VerifyMode.CHOICE:

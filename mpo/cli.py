@@ -148,8 +148,10 @@ def pairs(
     selection: Annotated[str, typer.Option(help="Pairs kept under the cap: random (seeded draw) or closest "
                                                 "(chosen and rejected sharing the longest prefix first)")] = "random",
     seed: Annotated[int, typer.Option(help="Seed of the pair draw")] = 0,
-    verify: Annotated[list[str] | None, typer.Option(help="DATASET=MODE (exact|choice|numeric|anls); repeatable")] = None,
-    default_verify: Annotated[str, typer.Option(help="Verifier for datasets not named by --verify")] = "exact",
+    verify: Annotated[list[str] | None, typer.Option(
+        help="DATASET=MODE (auto|exact|choice|numeric|anls); repeatable")] = None,
+    default_verify: Annotated[str, typer.Option(help="Verifier for datasets not named by --verify (auto: per prompt, "
+                                                     "from the shape of its gold answer)")] = "auto",
     max_repetition: Annotated[float, typer.Option(help="Drop responses with a larger share of repeated 4-grams")] = 0.3,
     max_length_ratio: Annotated[float | None, typer.Option(help="Drop pairs with len(chosen)/len(rejected) above this")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Pair only these prompts' samples (an `mpo ingest` prompts folder)")] = None,

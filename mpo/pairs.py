@@ -2,7 +2,8 @@
 
 Rules, per prompt:
 - **correctness**: correct x wrong cross product, minus pairs whose chosen answer is
-  contained in the rejected answer; a truncated response (``finish_reason == length``)
+  contained in the rejected answer (whole numbers and words: ``4`` is in ``4 or 5``,
+  ``3`` is not in ``3.14``); a truncated response (``finish_reason == length``)
   is never chosen; up to ``pairs_per_prompt`` pairs, drawn with a fixed seed, or with
   ``selection="closest"`` the pairs whose two responses share the longest prefix first
   (hard negatives: they part at the step that went wrong), the draw breaking ties.
@@ -74,7 +75,8 @@ class PairingConfig(BaseModel):
         "pairs kept under the cap (correctness and format): random draw, or closest (longest shared prefix first)"))
     seed: int = Field(0, description="seed of the deterministic pair draw")
     verify_modes: dict[str, VerifyMode] = Field(default_factory=dict, description="verifier per dataset")
-    default_verify_mode: VerifyMode = Field(VerifyMode.EXACT, description="verifier for datasets not listed")
+    default_verify_mode: VerifyMode = Field(
+        VerifyMode.AUTO, description="verifier for datasets not listed (auto: per prompt, from its gold answer)")
     claim_patterns: dict[str, str] = Field(default_factory=dict, description=(
         "per dataset, a regex whose one capture group is the answer a response's steps state (last match counts); "
         "a response whose stated answer fails the verifier against its own final answer is paired on neither side"))
@@ -255,6 +257,13 @@ def _cap_and_count(pairs: pl.DataFrame, first: str, second: str, source: str, co
     return capped.with_columns(source=pl.lit(source))
 
 
+def _answer_tokens(column: str) -> pl.Expr:
+    """An answer as space-padded tokens (whole numbers such as ``3.14``, and words), so that containment
+    compares whole answers: ``4`` is in ``4 or 5``, but ``3`` is not in ``3.14`` nor ``2`` in ``12``."""
+    tokens = pl.col(column).str.to_lowercase().str.extract_all(r"-?\d+(?:[.,]\d+)*|[^\W\d_]+").list.join(" ")
+    return pl.lit(" ") + tokens + pl.lit(" ")
+
+
 def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Counts) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Index-level pairs (prompt_id, c_idx, r_idx, answers, source) and the judged samples."""
     samples = samples.with_row_index("_row")  # a response's position in `samples`, for common_prefix
@@ -276,8 +285,7 @@ def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Co
             _r_hash="_hash", _r_row="_row")
         pairs = chosen.join(rejected, on=["_p", "prompt_version"], how="inner")
         if source == "correctness":
-            contained = pl.col("rejected_answer").str.to_lowercase().str.contains(
-                pl.col("chosen_answer").str.to_lowercase(), literal=True)
+            contained = _answer_tokens("rejected_answer").str.contains(_answer_tokens("chosen_answer"), literal=True)
             pairs = _split(pairs, ~contained, counter, "answer_contained")
         closeness = None
         if config.selection is PairSelection.CLOSEST:  # texts stay in `samples`; pairs carry their rows

@@ -157,3 +157,11 @@ def test_reference_bug_answer_fix_never_rewrites() -> None:
 
 def test_judge_correct() -> None:
     assert judge("Two circles.\nFinal answer: 2", "2", "en", "numeric") == (Verdict.CORRECT, "2")
+
+
+def test_auto_mode_follows_the_gold_answers_shape() -> None:
+    from mpo.answers import auto_mode
+
+    assert [auto_mode(g) for g in ("B", "(c)", "12", "-3.5", "3/10", "45 degrees", "$5", "Route 66", "red", "A cat")] == [
+        "choice", "choice", "numeric", "numeric", "numeric", "numeric", "numeric", "exact", "exact", "exact"]
+    assert is_correct("12.0", "12", "auto") and is_correct("B", "(b)", "auto") and not is_correct("66", "Route 66", "auto")

@@ -49,11 +49,28 @@ def test_failed_requests_are_never_paired() -> None:
     assert result.report["datasets"]["count"]["samples"] == 2  # accuracy is over finished samples only
 
 
-def test_chosen_answer_contained_in_rejected_is_skipped() -> None:
-    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "Final answer: 12"), sample("p1", 2, "Final answer: 5")]
+def test_chosen_answer_contained_in_rejected_is_skipped_as_a_whole_answer() -> None:
+    """"2 or 5" hedges with the right answer: skipped. "12" and "2.5" are other numbers: paired."""
+    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "Final answer: 12"), sample("p1", 2, "Final answer: 5"),
+            sample("p1", 3, "Final answer: 2 or 5"), sample("p1", 4, "Final answer: 2.5")]
     result = make_pairs(frame(rows), PairingConfig(verify_modes={"count": "numeric"}))
-    assert result.pairs["rejected_answer"].to_list() == ["5"]
+    assert sorted(result.pairs["rejected_answer"].to_list()) == ["12", "2.5", "5"]
     assert result.report["datasets"]["count"]["filtered"]["answer_contained"] == 1
+    pi = [sample("p2", 0, "Final answer: 3", "3"), sample("p2", 1, "Final answer: 3.14", "3"),
+          sample("p2", 2, "Final answer: about 3 or 4", "3")]
+    kept = make_pairs(frame(pi), PairingConfig(verify_modes={"count": "numeric"})).pairs["rejected_answer"].to_list()
+    assert kept == ["3.14"]
+
+
+def test_auto_verifier_reads_numbers_and_letters_by_the_gold_answers_shape() -> None:
+    """The default verifier: 12.0 is 12, 0.3 is 3/10, 45 is "45 degrees", (b) is B; text stays exact."""
+    cases = [("12", "12.0"), ("3/10", "0.3"), ("45 degrees", "45"), ("B", "(b)"), ("red", "Red")]
+    rows = []
+    for index, (gold, said) in enumerate(cases):
+        rows += [sample(f"q{index}", 0, f"Final answer: {said}", gold), sample(f"q{index}", 1, "Final answer: 7", gold)]
+    result = make_pairs(frame(rows), PairingConfig())
+    assert result.pairs.height == len(cases)
+    assert sorted(result.pairs["chosen_answer"].to_list()) == sorted(said for _, said in cases)
 
 
 def test_reference_bug_rejected_response_is_never_rewritten() -> None:
