@@ -12,8 +12,6 @@ The run summary (the models scored, accuracy, pairs, time per stage) is also wri
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import time
 from pathlib import Path
@@ -25,8 +23,8 @@ from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
 from mpo.config import PipelineConfig
-from mpo.evaluate import compare_models, overall, overall_standard_error
-from mpo.io import atomic_write_text
+from mpo.evaluate import compare_models
+from mpo.pipeline import RunLayout, render_summary, sft_only, side_by_side_threads
 from mpo.sampling import STAGES
 from mpo.train import TrainConfig
 from tasks.stages import (
@@ -38,12 +36,6 @@ from tasks.stages import (
     train_policy,
     with_stage_policy,
 )
-
-
-def sft_only(config: PipelineConfig) -> TrainConfig:
-    """The training config with only the SFT term: the baseline MPO is compared against."""
-    loss = config.training.loss.model_copy(update={"dpo_weight": 0.0, "bco_weight": 0.0, "sft_weight": 1.0})
-    return config.training.model_copy(update={"loss": loss})
 
 
 def result_storage(config: PipelineConfig) -> dict[str, Any]:
@@ -80,25 +72,9 @@ def sample_prompts(config: PipelineConfig, prompts: dict[str, Any]) -> list[dict
     return [f.result() for f in futures]
 
 
-def data_version(config: PipelineConfig, prompts_version: str, sampled: list[dict[str, Any]]) -> str:
-    """The pairs' data version: the prompt set, the sample stores and the pairing config.
-
-    A scheduled refresh that brings new prompts gets a new version (a new pairs folder),
-    while the stores only sample what they lack; the same inputs give the same version.
-    """
-    stores = sorted(Path(s["samples_dir"]).name for s in sampled)
-    digest = hashlib.sha256(json.dumps([config.fingerprint("pairing"), stores]).encode()).hexdigest()[:8]
-    return f"v-{prompts_version[:8]}-{digest}"
-
-
 def _training_arguments(config: PipelineConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
-    """``train_policy``'s arguments: a folder per (pairs version, model, training config), so a
-    changed config trains afresh."""
-    from mpo.model_identity import model_fingerprint
-
-    key = config.model_copy(update={"training": training}).fingerprint("training", "model")
-    key = hashlib.sha256(f"{key}/{model_fingerprint(config.model)}".encode()).hexdigest()[:12]
-    out = Path(config.workdir) / "train" / Path(pairs_dir).name / f"{name}-{key}"
+    """``train_policy``'s arguments, its folder from the run layout."""
+    out = RunLayout(Path(config.workdir)).training(config, pairs_dir, training, name)
     return {"pairs_dir": pairs_dir, "model": config.model, "out": str(out), "training": training,
             "time_limit": config.stages.train.time_limit_seconds}
 
@@ -111,16 +87,12 @@ def train_on_pairs(config: PipelineConfig, pairs_dir: str, training: TrainConfig
 
 
 def train_mpo_and_baseline_side_by_side(config: PipelineConfig, pairs_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """MPO and the SFT baseline at once, each in its own process with half the CPU threads.
-
-    A tiny model's step is bound by Python's per-op overhead, not by cores: on the 2-core
-    development machine one training ran as fast on one torch thread as on two, and two
-    single-threaded trainings side by side each kept that speed."""
-    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    """MPO and the SFT baseline at once, each in its own process with half the CPU threads."""
+    threads = side_by_side_threads()
     task = with_stage_policy(train_policy, config.stages.train)
     futures = [task.submit(**_training_arguments(config, pairs_dir, training, name), own_process=True,
                            torch_threads=threads)
-               for training, name in ((config.training, "mpo"), (sft_only(config), "sft"))]
+               for training, name in ((config.training, "mpo"), (sft_only(config.training), "sft"))]
     mpo, sft = (future.result() for future in futures)
     return mpo, sft
 
@@ -129,7 +101,8 @@ def train_mpo_and_baseline_side_by_side(config: PipelineConfig, pairs_dir: str) 
 def data_engine(config: PipelineConfig) -> dict[str, Any]:
     """The whole DAG on one config; returns the run summary (also published as artifacts)."""
     logger = get_run_logger()
-    work = Path(config.workdir)
+    layout = RunLayout(Path(config.workdir))
+    work = layout.workdir
     stages = config.stages
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"workdir": str(work)}
@@ -151,8 +124,8 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     summary["sampling"] = sampled
 
     started = time.perf_counter()
-    pairs_version = data_version(config, prompts["version"], sampled)
-    pairs_dir = work / "pairs" / pairs_version
+    pairs_dir = layout.pairs(config, prompts["version"], [s["samples_dir"] for s in sampled])
+    pairs_version = pairs_dir.name
     make = with_stage_policy(make_pairs, stages.pairs, refresh_cache=not (pairs_dir / "report.json").exists(),
                              **result_storage(config))
     pairs = make([s["samples_dir"] for s in sampled], prompts["prompts_dir"], str(pairs_dir), config.pairing)
@@ -191,7 +164,8 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
             started = time.perf_counter()
             baseline = (run_stage_deployment(config.training_deployment, config, pairs_dir=str(pairs_dir),
                                              sft_baseline=True)
-                        if config.training_deployment else train_on_pairs(config, str(pairs_dir), sft_only(config), "sft"))
+                        if config.training_deployment else train_on_pairs(config, str(pairs_dir),
+                                                                          sft_only(config.training), "sft"))
             models["sft"] = baseline["final_model"]
             timings["SFT baseline"] = time.perf_counter() - started
 
@@ -209,7 +183,7 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
                                                config.pairing, config.eval_max_tokens)
         timings["evaluation"] = time.perf_counter() - started
     summary["timings"] = timings
-    atomic_write_text(work / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    layout.write_summary(summary)
     _publish_summary(summary)
     logger.info("data engine done: %s pairs; %s", pairs["report"]["pairs"],
                 {k: round(v, 1) for k, v in timings.items()})
@@ -272,46 +246,3 @@ def _publish_summary(summary: dict[str, Any]) -> None:
         for d, stats in pairs["datasets"].items()])
     create_markdown_artifact(key="mpo-run-summary", markdown=render_summary(summary),
                              description="MPO data engine run summary")
-
-
-def _verdict(difference: float, error: float) -> str:
-    """Ahead / behind only outside two standard errors: a few hundred held-out prompts leave
-    points of noise, and a demo's table should not read noise as a result."""
-    if abs(difference) <= 2 * error:
-        return "within noise"
-    return "ahead" if difference > 0 else "behind"
-
-
-def render_summary(summary: dict[str, Any]) -> str:
-    lines = ["# MPO data engine run", "", f"Work dir: `{summary['workdir']}`", ""]
-    ingest = summary["ingest"]
-    lines += ["## Inputs", f"{ingest['total_prompts']} prompts, {ingest['total_quarantined']} quarantined"]
-    lines += [f"- {reason}: {count}" for reason, count in sorted(ingest["quarantined"].items())]
-    pairs = summary["pairs"]
-    lines += ["", "## Pairs", f"{pairs['pairs']} pairs: "
-              + ", ".join(f"{k} {v}" for k, v in pairs["pairs_by_source"].items()), "",
-              "| dataset | sampled accuracy | pairs |", "| --- | ---: | ---: |"]
-    for dataset, stats in pairs["datasets"].items():
-        accuracy = stats.get("accuracy")
-        lines.append(f"| {dataset} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
-                     f"{sum(stats.get('pairs', {}).values())} |")
-    if "evaluation" in summary:
-        evaluation = summary["evaluation"]
-        names = list(evaluation)
-        datasets = sorted({d for table in evaluation.values() for d in table})
-        lines += ["", "## Held-out accuracy (greedy)", "| dataset | " + " | ".join(names) + " |",
-                  "| --- |" + " ---: |" * len(names)]
-        for dataset in datasets:
-            cells = [f"{evaluation[n][dataset]['accuracy']:.1%}" if dataset in evaluation[n] else "-" for n in names]
-            lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
-        lines.append("| **mean** | " + " | ".join(f"**{overall(evaluation[n]):.1%}**" for n in names) + " |")
-        lines.append("| ± standard error | " + " | ".join(f"{overall_standard_error(evaluation[n]):.1%}" for n in names)
-                     + " |")
-        if summary.get("comparison"):
-            lines += ["", "Paired differences on the same prompts (± standard error; more than two errors apart "
-                      "counts as ahead or behind):"]
-            lines += [f"- {pair}: {100 * c['difference']:+.1f} ± {100 * c['standard_error']:.1f} points, "
-                      f"{_verdict(c['difference'], c['standard_error'])}" for pair, c in summary["comparison"].items()]
-    lines += ["", "## Time per stage", "| stage | seconds |", "| --- | ---: |"]
-    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary["timings"].items()]
-    return "\n".join(lines) + "\n"

@@ -13,8 +13,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.data_engine import sample_prompts, sft_only, train_on_pairs
+from flows.data_engine import sample_prompts, train_on_pairs
 from mpo.config import PipelineConfig
+from mpo.pipeline import sft_only
 from tasks.stages import ingest_prompts, reference_logps, with_stage_policy
 
 
@@ -31,7 +32,7 @@ def training(config: PipelineConfig, pairs_dir: str, sft_baseline: bool = False)
     """Reference log-probs into ``pairs_dir``, then MPO training on it (or, with ``sft_baseline``,
     the SFT-only baseline on the same chosen responses)."""
     if sft_baseline:
-        return train_on_pairs(config, pairs_dir, sft_only(config), "sft")
+        return train_on_pairs(config, pairs_dir, sft_only(config.training), "sft")
     with_stage_policy(reference_logps, config.stages.ref_logps)(pairs_dir, config.model, config.training.max_length,
                                                                 config.stages.ref_logps.time_limit_seconds,
                                                                 config.training.bf16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -336,33 +337,48 @@ def _load_yaml(path: Path) -> dict:
     return loaded
 
 
+RUNNERS = ("prefect", "local")
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config YAML (mpo.config.PipelineConfig fields)")],
+    runner: Annotated[str, typer.Option(help="prefect: the flow `mpo-data-engine`, embedded (retries, caching, "
+                                             "artifacts); local: stage after stage in this process, no orchestrator")
+                      ] = "prefect",
 ) -> None:
-    """Run the whole DAG (Prefect flow `mpo-data-engine`) embedded: no server to start.
+    """Run the whole DAG on one config.
 
-    Set PREFECT_API_URL to a running server (`prefect server start`) to watch it in the UI.
+    With the Prefect runner, set PREFECT_API_URL to a running server (`prefect server start`)
+    to watch the run in the UI.
     """
-    from mpo.config import PipelineConfig
-
-    settings = PipelineConfig.from_yaml(config)
-    summary = _run_flow(settings)
     from rich.markdown import Markdown
 
-    from flows.data_engine import render_summary
+    from mpo.config import PipelineConfig
+    from mpo.pipeline import render_summary
 
-    console.print(Markdown(render_summary(summary)))
+    settings = PipelineConfig.from_yaml(config)
+    console.print(Markdown(render_summary(_run_pipeline(settings, runner))))
 
 
-def _run_flow(settings: Any) -> dict:
-    """The one bridge from the CLI to Prefect (the library itself never imports it)."""
-    # Measured: the ephemeral API takes 20-32 s to start on 2 cores; the default 20 s timeout is too short.
+def _run_pipeline(settings: Any, runner: str) -> dict:
+    """The pipeline under the chosen runner. The Prefect runner lives in ``flows/`` and is looked up
+    by name only when asked for, so the library runs where Prefect is not installed."""
+    if runner not in RUNNERS:
+        raise typer.BadParameter(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if runner == "local":
+        from mpo.pipeline import run_local
+
+        return run_local(settings, on_event=lambda event: console.print(event["log"]) if "log" in event else None)
+    # The ephemeral API takes 20-32 s to start on 2 cores; Prefect's default timeout is 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.data_engine import run_pipeline
-
-    summary: dict = run_pipeline(settings)
+    try:
+        flows = importlib.import_module("flows.data_engine")
+    except ModuleNotFoundError as error:
+        raise typer.BadParameter(f"the prefect runner needs Prefect ({error}): pip install "
+                                 "'mpo-data-engine[prefect]', or use --runner local") from None
+    summary: dict = flows.run_pipeline(settings)
     return summary
 
 
@@ -465,10 +481,10 @@ def demo(
                              warmup_ratio=0.1, seed=seed, save_every=50, loss=MPOLossConfig()),
         sft_baseline=True, baseline_side_by_side=True, eval_max_tokens=48,
     )
-    result = _run_flow(config)
+    result = _run_pipeline(config, "prefect")
     from rich.markdown import Markdown
 
-    from flows.data_engine import render_summary
+    from mpo.pipeline import render_summary
 
     console.print(Markdown(render_summary(result)))
     console.print(f"total {time.perf_counter() - started:.0f} s")

@@ -18,6 +18,30 @@ from mpo.time_limit import Emit
 from mpo.train import TrainConfig
 
 
+def ingest_job(source: str, out: str, strict: bool, emit: Emit) -> dict[str, Any]:
+    """meta.json / JSONL / Parquet -> prompts table + quarantine; returns its path, version and counts."""
+    from mpo.ingest import ingest
+    from mpo.sampling import prompts_version, read_prompts
+
+    report = ingest(Path(source), Path(out), strict=strict)
+    prompts_dir = Path(out) / "prompts"
+    table = read_prompts(prompts_dir)
+    emit({"log": f"ingested {table.height} prompts from {source}, {report.as_dict()['total_quarantined']} quarantined"})
+    return {"prompts_dir": str(prompts_dir), "version": prompts_version(table), **report.as_dict()}
+
+
+def pairs_job(samples_dirs: list[str], prompts_dir: str, out: str, pairing: PairingConfig,
+              emit: Emit) -> dict[str, Any]:
+    """The samples of the prompts in ``prompts_dir`` -> preference pairs; returns the folder and the report."""
+    from mpo.pairs import run_pairing
+    from mpo.sampling import read_prompts
+
+    prompt_ids = read_prompts(prompts_dir)["prompt_id"]
+    report = run_pairing([Path(d) for d in samples_dirs], Path(out), pairing, prompt_ids)
+    emit({"log": f"{report['pairs']} pairs: {report['pairs_by_source']}"})
+    return {"pairs_dir": out, "report": report}
+
+
 def sample_job(stage: str, prompts_dir: str, model: str, engine: str, engine_options: dict[str, Any],
                sampling: SamplingConfig, out: str, emit: Emit) -> dict[str, Any]:
     """One sampling stage with one engine load: samples only the prompts its store lacks."""

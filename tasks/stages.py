@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from prefect import Task, task
@@ -84,15 +83,9 @@ def _run_job(job: Callable[..., T], kwargs: dict[str, Any], time_limit: float | 
 @task(name="ingest")
 def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any]:
     """meta.json / JSONL / Parquet -> prompts table + quarantine; returns its path, version and counts."""
-    from mpo.ingest import ingest
-    from mpo.sampling import prompts_version, read_prompts
+    from mpo.jobs import ingest_job
 
-    report = ingest(Path(source), Path(out), strict=strict)
-    prompts_dir = Path(out) / "prompts"
-    table = read_prompts(prompts_dir)
-    _logger().info("ingested %s prompts from %s, %s quarantined", table.height, source,
-                          report.as_dict()["total_quarantined"])
-    return {"prompts_dir": str(prompts_dir), "version": prompts_version(table), **report.as_dict()}
+    return _run_job(ingest_job, dict(source=source, out=out, strict=strict), None)
 
 
 @task(name="sample", cache_policy=STAGE_CACHE, persist_result=True)
@@ -116,13 +109,10 @@ def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str,
 def make_pairs(samples_dirs: list[str], prompts_dir: str, out: str, pairing: PairingConfig) -> dict[str, Any]:
     """The samples of the prompts in ``prompts_dir`` -> preference pairs (polars); returns the
     pairs folder and the pairing report. ``out`` names the data version, so it keys the cache."""
-    from mpo.pairs import run_pairing
-    from mpo.sampling import read_prompts
+    from mpo.jobs import pairs_job
 
-    prompt_ids = read_prompts(prompts_dir)["prompt_id"]
-    report = run_pairing([Path(d) for d in samples_dirs], Path(out), pairing, prompt_ids)
-    _logger().info("%s pairs: %s", report["pairs"], report["pairs_by_source"])
-    return {"pairs_dir": out, "report": report}
+    return _run_job(pairs_job, dict(samples_dirs=samples_dirs, prompts_dir=prompts_dir, out=out, pairing=pairing),
+                    None)
 
 
 @task(name="reference-logps")

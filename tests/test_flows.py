@@ -319,3 +319,27 @@ def test_data_engine_samples_with_vllm_in_the_engines_own_environment(tiny_model
         assert samples.height == stage["samples_written"] > 0
         assert samples["sampling_config"].str.contains('"engine": "vllm"').all()
     assert summary["pairs"]["pairs"] >= 0 and "training" not in summary
+
+
+def test_the_local_runner_and_the_prefect_flow_make_the_same_pairs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One pipeline, two runners: ``mpo.pipeline.run_local`` (no orchestrator) and the Prefect flow,
+    on the same config in two work folders, sample, pair and train alike."""
+    from flows.data_engine import data_engine
+    from mpo.pipeline import run_local
+
+    data = tmp_path / "data"
+    generate(data, count=6, seed=0)
+    summaries = {}
+    for name, runner in (("local", run_local), ("prefect", data_engine)):
+        config = tiny_config(data, tiny_model_dir, tmp_path / name, evaluate=False, sft_baseline=True)
+        summaries[name] = runner(config)
+    local, prefect = summaries["local"], summaries["prefect"]
+    assert local["data_version"] == prefect["data_version"] and local["pairs"] == prefect["pairs"]
+    pairs = {name: pl.read_parquet(tmp_path / name / "pairs" / s["data_version"] / "data" / "*.parquet")
+             for name, s in summaries.items()}
+    assert pairs["local"].height > 0
+    assert pairs["local"].select("pair_id", "chosen", "rejected").sort("pair_id").equals(
+        pairs["prefect"].select("pair_id", "chosen", "rejected").sort("pair_id"))
+    assert set(local["models"]) == set(prefect["models"]) == {"start", "mpo", "sft"}
+    assert local["training"]["steps"] == prefect["training"]["steps"] == 2
+    assert json.loads((tmp_path / "local" / "summary.json").read_text())["data_version"] == local["data_version"]
