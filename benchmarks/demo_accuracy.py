@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polars as pl  # noqa: E402
 
-from mpo.cli import DEMO_DATASETS  # noqa: E402
+from mpo.demo import DemoConfig  # noqa: E402
 from mpo.engines.hf import TransformersEngine  # noqa: E402
 from mpo.evaluate import correct_per_prompt, greedy_samples, mean_and_error, paired_difference  # noqa: E402
 from mpo.ingest import ingest  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--answers", metavar="DATASET", help="also split this dataset by gold answer")
     args = parser.parse_args()
 
-    closed = tuple(d for d in DEMO_DATASETS.split(",") if d in VERIFY_MODES)
+    closed = tuple(d for d in DemoConfig.load().data.datasets if d in VERIFY_MODES)
     if args.answers is not None and args.answers not in closed:  # before any model is scored
         parser.error(f"--answers {args.answers}: not a held-out dataset here ({', '.join(closed)})")
     prompts_dir = args.out / "heldout" / "prompts"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import tempfile
 import time
@@ -22,11 +21,6 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # and every model loaded (41 in one demo, child processes included) buried the report.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-# The demo's synthetic datasets: colour of the largest shape, counting and multiple choice are
-# the closed tasks whose held-out accuracy a ~1M-parameter model starts to move with some
-# thousand supervised examples (benchmarks/warmup_curve.py; compare and digit arithmetic stay
-# at chance); describe gives DropoutNTP its open prompts.
-DEMO_DATASETS = "synth_colour,synth_count,synth_choice,synth_describe"
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="markdown", help="MPO data engine: preference data and MPO training for VLMs.")
 console = Console()
@@ -346,6 +340,8 @@ def run(
     runner: Annotated[str, typer.Option(help="prefect: the flow `mpo-data-engine`, embedded (retries, caching, "
                                              "artifacts); local: stage after stage in this process, no orchestrator")
                       ] = "prefect",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.FIELD=VALUE on top of the YAML, value read "
+                                                                 "as YAML (e.g. training.max_steps=50); repeatable")] = None,
 ) -> None:
     """Run the whole DAG on one config.
 
@@ -357,7 +353,7 @@ def run(
     from mpo.config import PipelineConfig
     from mpo.pipeline import render_summary
 
-    settings = PipelineConfig.from_yaml(config)
+    settings = PipelineConfig.from_yaml(config, _assignments(set_))
     console.print(Markdown(render_summary(_run_pipeline(settings, runner))))
 
 
@@ -382,111 +378,94 @@ def _run_pipeline(settings: Any, runner: str) -> dict:
     return summary
 
 
+# `mpo demo`'s options, kept from before the demo became configs/demo.yaml: each sets one field.
+DEMO_OPTIONS = {"workdir": "workdir", "datasets": "data.datasets", "count": "data.count",
+                "heldout_fraction": "data.heldout_fraction", "warmup_steps": "tiny_model.warmup.steps",
+                "warmup_count": "tiny_model.warmup_count", "warmup_lr": "tiny_model.warmup.lr",
+                "warmup_vision_lr_scale": "tiny_model.warmup.vision_lr_scale",
+                "warmup_prior_bias": "tiny_model.warmup.prior_bias",
+                "warmup_prior_in_reasoning": "tiny_model.warmup.prior_in_reasoning",
+                "image_size": "tiny_model.image_size", "sample_n": "pipeline.sampling.n",
+                "temperature": "pipeline.sampling.temperature", "pairs_per_prompt": "pipeline.pairing.pairs_per_prompt",
+                "pair_selection": "pipeline.pairing.selection", "train_steps": "pipeline.training.max_steps",
+                "learning_rate": "pipeline.training.learning_rate", "max_grad_norm": "pipeline.training.max_grad_norm",
+                "seed": "seed"}
+
+
+def _assignments(sets: list[str] | None) -> dict[str, Any]:
+    """``--set section.field=value`` options (values read as YAML) as dotted assignments."""
+    return {key: _yaml_value(value) for key, value in _key_values(sets, "--set", "SECTION.FIELD=VALUE").items()}
+
+
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo writes data, model and outputs")] = Path("demo-run"),
-    datasets: Annotated[str, typer.Option(help="Synthetic datasets, comma-separated (default: the closed ones a ~1M-parameter "
-                                               "model begins to learn, plus the open one for DropoutNTP)")] = DEMO_DATASETS,
-    count: Annotated[int, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = 400,
-    heldout_fraction: Annotated[float, typer.Option(help="Share of each dataset kept for evaluation")] = 0.3,
-    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps of the tiny model")] = 1000,
-    warmup_count: Annotated[int, typer.Option(help="Warm-up examples per dataset (their own images)")] = 500,
-    warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up")] = 1e-3,
-    warmup_vision_lr_scale: Annotated[float, typer.Option(
-        help="Warm-up learning-rate multiplier of the vision tower and projector")] = 10.0,
-    warmup_prior_bias: Annotated[float, typer.Option(
-        help="Share of closed warm-up examples taught the dataset's most common answer (a language-prior "
-             "shortcut for MPO to repair)")] = 0.5,
-    warmup_prior_in_reasoning: Annotated[bool, typer.Option(
-        help="The shortcut examples state the common answer in their steps too (\"It is red. Final answer: red\"), "
-             "not only in the last line")] = True,
-    image_size: Annotated[int, typer.Option(help="Input resolution of the tiny model's vision tower (224 -> 64 "
-                                                 "image tokens; 112 -> 16, faster but on some seeds it never "
-                                                 "learns to read)")] = 224,
-    sample_n: Annotated[int, typer.Option(help="CoT samples per closed prompt")] = 8,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of both sampling stages")] = 1.0,
-    pairs_per_prompt: Annotated[int, typer.Option(
-        help="Cap on pairs per prompt and source (more prompts, fewer near-duplicate pairs to score)")] = 4,
-    pair_selection: Annotated[str, typer.Option(
-        help="Pairs kept under the cap: random or closest (chosen and rejected sharing the longest prefix)")] = "random",
+    config: Annotated[Path | None, typer.Option(help="Demo config (default: the repository's configs/demo.yaml)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.FIELD=VALUE on top of the config, value read "
+                                                                 "as YAML (e.g. pipeline.training.max_steps=50); repeatable")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where the demo writes data, model and outputs")] = None,
+    datasets: Annotated[str | None, typer.Option(help="Synthetic datasets, comma-separated")] = None,
+    count: Annotated[int | None, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = None,
+    heldout_fraction: Annotated[float | None, typer.Option(help="Share of each dataset kept for evaluation")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps of the tiny model")] = None,
+    warmup_count: Annotated[int | None, typer.Option(help="Warm-up examples per dataset (their own images)")] = None,
+    warmup_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the warm-up")] = None,
+    warmup_vision_lr_scale: Annotated[float | None, typer.Option(
+        help="Warm-up learning-rate multiplier of the vision tower and projector")] = None,
+    warmup_prior_bias: Annotated[float | None, typer.Option(
+        help="Share of closed warm-up examples taught the dataset's most common answer")] = None,
+    warmup_prior_in_reasoning: Annotated[bool | None, typer.Option(
+        "--warmup-prior-in-reasoning/--no-warmup-prior-in-reasoning",
+        help="The shortcut examples state the common answer in their steps too")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input resolution of the tiny model's vision tower")] = None,
+    sample_n: Annotated[int | None, typer.Option(help="CoT samples per closed prompt")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature of both sampling stages")] = None,
+    pairs_per_prompt: Annotated[int | None, typer.Option(help="Cap on pairs per prompt and source")] = None,
+    pair_selection: Annotated[str | None, typer.Option(help="Pairs kept under the cap: random or closest")] = None,
     claim_check: Annotated[bool, typer.Option(
-        help="Pair no response whose steps state another answer than its final line (mpo.synth.CLAIM_PATTERNS)")] = True,
-    train_steps: Annotated[int, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = 600,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")] = 5e-4,
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip of MPO and the SFT baseline")] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
+        help="Pair no response whose steps state another answer than its final line")] = True,
+    train_steps: Annotated[int | None, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")
+                             ] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Gradient-norm clip of MPO and the SFT baseline")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data, the model, sampling and training")] = None,
+    runner: Annotated[str, typer.Option(help="prefect or local (see `mpo run`)")] = "prefect",
 ) -> None:
-    """The main job: synthetic data -> tiny model with a warm-up -> the whole DAG, embedded.
+    """The main job: synthetic data -> tiny model with a warm-up -> the whole DAG.
 
-    Prints held-out accuracy of the starting model, the MPO model and an SFT-only
-    baseline trained on the same chosen responses, with their paired differences, the
-    pairs made and time per stage. The warm-up draws its own images (another seed), so
-    training and held-out prompts are new to the starting model. A re-run reuses the
-    data, the model and every finished stage.
-
-    The defaults give the starting model what MPO is for: it reads images (224 px, the
-    vision tower learning 10x faster, 1,000 steps) but half of its closed warm-up
-    examples name the dataset's most common answer, in the steps and the last line, a
-    language-prior hallucination that correctness pairs from its own samples (8 at T 1.0
-    per prompt, at most 4 pairs per prompt) can repair. No response whose steps state
-    another answer than its final line is paired (``--claim-check``): as chosen such
-    lucky guesses, as rejected right readings with a wrong last line, taught DPO to push
-    right readings down. Why each default, and every variant measured:
-    benchmarks/README.md.
+    `configs/demo.yaml` says what it runs (`--set` or the options below change one field).
+    Prints held-out accuracy of the starting model, the MPO model and an SFT-only baseline
+    trained on the same chosen responses, with their paired differences, the pairs made and
+    time per stage. A re-run reuses the data, the model and every finished stage.
     """
-    from mpo.config import PipelineConfig
-    from mpo.io import atomic_write_text
-    from mpo.loss import MPOLossConfig
-    from mpo.pairs import PairingConfig
-    from mpo.sampling import SamplingConfig
-    from mpo.synth import CLAIM_PATTERNS, VERIFY_MODES, generate
-    from mpo.tiny_model import TinyModelSpec, WarmupRecipe
-    from mpo.train import TrainConfig
-
-    started = time.perf_counter()
-    names = tuple(name.strip() for name in datasets.split(",") if name.strip())
-    data = workdir / "data"
-    summary = generate(data, count=count, seed=seed, heldout_fraction=heldout_fraction, datasets=names)
-    console.print(f"[bold]synthetic data[/bold] in {data}: "
-                  + ", ".join(f"{split} {sum(counts.values())} prompts" for split, counts in summary.items()))
-    model_dir = workdir / "model-start"
-    built = model_dir / "tiny_model.json"
-    warmup_recipe = WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale, warmup_prior_bias,
-                                 warmup_prior_in_reasoning)
-    recipe = {**warmup_recipe.summary(), "seed": seed, "datasets": list(names), "warmup_count": warmup_count,
-              "image_size": image_size}
-    previous = json.loads(built.read_text()) if built.exists() else {}
-    if all(previous.get(key) == value for key, value in recipe.items()):
-        model = previous  # same recipe: keep it, so finished stages stay valid
-    else:
-        warmup_data = workdir / "warmup-data"
-        generate(warmup_data, count=warmup_count, seed=seed + 1, heldout_fraction=0.0, datasets=names)
-        model = _build_tiny_model(model_dir, seed, warmup_data, warmup_recipe, TinyModelSpec(image_size))
-        model.update(recipe)
-        atomic_write_text(built, json.dumps(model, indent=2) + "\n")
-    prepared = time.perf_counter() - started
-    console.print(f"[bold]tiny model[/bold] in {model_dir}: {model['parameters']:,} parameters, warm-up "
-                  f"{warmup_steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
-                  f"{model['last_loss'] or float('nan'):.3f} ({prepared:.0f} s with the data)")
-
-    config = PipelineConfig(
-        workdir=workdir.resolve(), train_data=(data / "meta.json").resolve(),
-        heldout_data=(data / "meta_heldout.json").resolve(), model=str(model_dir.resolve()),
-        sampling=SamplingConfig(n=sample_n, temperature=temperature, max_tokens=48, prompts_per_shard=32,
-                                dropout_max_tokens=32, seed=seed),
-        pairing=PairingConfig(verify_modes=VERIFY_MODES, pairs_per_prompt=pairs_per_prompt, selection=pair_selection,
-                              claim_patterns=CLAIM_PATTERNS if claim_check else {}),
-        training=TrainConfig(learning_rate=learning_rate, max_steps=train_steps, batch_size=8, max_length=512,
-                             max_grad_norm=max_grad_norm,
-                             warmup_ratio=0.1, seed=seed, save_every=50, loss=MPOLossConfig()),
-        sft_baseline=True, baseline_side_by_side=True, eval_max_tokens=48,
-    )
-    result = _run_pipeline(config, "prefect")
     from rich.markdown import Markdown
 
+    from mpo.demo import DEFAULT_CONFIG, DemoConfig, prepare
     from mpo.pipeline import render_summary
 
-    console.print(Markdown(render_summary(result)))
+    given = {"workdir": workdir, "datasets": [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None,
+             "count": count, "heldout_fraction": heldout_fraction, "warmup_steps": warmup_steps,
+             "warmup_count": warmup_count, "warmup_lr": warmup_lr, "warmup_vision_lr_scale": warmup_vision_lr_scale,
+             "warmup_prior_bias": warmup_prior_bias, "warmup_prior_in_reasoning": warmup_prior_in_reasoning,
+             "image_size": image_size, "sample_n": sample_n, "temperature": temperature,
+             "pairs_per_prompt": pairs_per_prompt, "pair_selection": pair_selection, "train_steps": train_steps,
+             "learning_rate": learning_rate, "max_grad_norm": max_grad_norm, "seed": seed}
+    assignments: dict[str, Any] = {DEMO_OPTIONS[name]: value for name, value in given.items() if value is not None}
+    if not claim_check:
+        assignments["pipeline.pairing.claim_patterns"] = {}
+    settings = DemoConfig.load(config or DEFAULT_CONFIG, {**assignments, **_assignments(set_)})
+
+    started = time.perf_counter()
+    warmup = settings.tiny_model.warmup
+    with Progress(TextColumn("warm-up"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console,
+                  disable=not warmup.steps) as progress:
+        task = progress.add_task("warm-up", total=warmup.steps, loss=float("nan"))
+        pipeline, model = prepare(settings, on_step=lambda step, loss: progress.update(task, completed=step + 1,
+                                                                                         loss=loss))
+    console.print(f"[bold]tiny model[/bold] in {pipeline.model}: {model['parameters']:,} parameters, warm-up "
+                  f"{warmup.steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
+                  f"{model['last_loss'] or float('nan'):.3f} ({time.perf_counter() - started:.0f} s with the data)")
+    console.print(Markdown(render_summary(_run_pipeline(pipeline, runner))))
     console.print(f"total {time.perf_counter() - started:.0f} s")
 
 

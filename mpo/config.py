@@ -21,6 +21,22 @@ from mpo.sampling import SamplingConfig
 from mpo.train import TrainConfig
 
 
+def set_fields(raw: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (a config as loaded from YAML) with dotted paths set: ``{"training.max_steps": 10}``.
+    The CLI's ``--set section.field=value``; the config model validates the result."""
+    out = json.loads(json.dumps(raw, default=str))
+    for path, value in assignments.items():
+        *parents, last = path.split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {path}: {part} is a value, not a section")
+            node = child
+        node[last] = value
+    return out
+
+
 class StagePolicy(BaseModel):
     """How the orchestrator runs one stage: retries with backoff and jitter, tags for concurrency limits,
     a hard time limit."""
@@ -90,13 +106,14 @@ class PipelineConfig(BaseModel):
     dask_processes: bool = Field(True, description="local Dask workers as processes (False: threads)")
 
     @classmethod
-    def from_yaml(cls, path: Path | str) -> PipelineConfig:
-        """Load a config; relative paths in it are resolved against the YAML file's folder."""
+    def from_yaml(cls, path: Path | str, assignments: dict[str, Any] | None = None) -> PipelineConfig:
+        """Load a config (``assignments``: dotted fields set on top, see ``set_fields``); relative
+        paths in it are resolved against the YAML file's folder."""
         path = Path(path)
         loaded = yaml.safe_load(path.read_text())
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of PipelineConfig fields")
-        config = cls.model_validate(loaded)
+        config = cls.model_validate(set_fields(loaded, assignments or {}))
         base = path.resolve().parent
         updates: dict[str, Any] = {}
         for name in ("workdir", "train_data", "heldout_data"):

@@ -330,3 +330,26 @@ def build_tiny_model(out: Path, seed: int = 0, synth_dir: Path | None = None, sp
     }
     (out / "tiny_model.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def ensure_tiny_model(out: Path, seed: int, recipe: WarmupRecipe, spec: TinyModelSpec, datasets: tuple[str, ...],
+                      warmup_count: int, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """The tiny model at ``out`` built with this recipe: kept when ``tiny_model.json`` records the same
+    recipe (so every finished stage that used it stays valid), else built, warmed up on its own
+    synthetic images (``seed + 1``, ``warmup_count`` per dataset), and recorded."""
+    from mpo.io import atomic_write_text
+
+    wanted = {**recipe.summary(), "seed": seed, "datasets": list(datasets), "warmup_count": warmup_count,
+              "image_size": spec.image_size}
+    recorded = out / "tiny_model.json"
+    previous = json.loads(recorded.read_text()) if recorded.exists() else {}
+    if previous and all(previous.get(key) == value for key, value in wanted.items()):
+        return dict(previous)
+    warmup_data = out.parent / f"{out.name}-warmup-data"
+    if recipe.steps:
+        synth.generate(warmup_data, count=warmup_count, seed=seed + 1, heldout_fraction=0.0, datasets=datasets)
+    summary = build_tiny_model(out, seed=seed, synth_dir=warmup_data if recipe.steps else None, spec=spec,
+                               recipe=recipe, on_step=on_step)
+    summary.update(wanted)
+    atomic_write_text(recorded, json.dumps(summary, indent=2) + "\n")
+    return summary
