@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
+from flows.config import FlowConfig
 from mpo.config import PipelineConfig
 from mpo.evaluate import compare_models
 from mpo.pipeline import RunLayout, render_summary, sft_only, side_by_side_threads
@@ -38,7 +39,7 @@ from tasks.stages import (
 )
 
 
-def result_storage(config: PipelineConfig) -> dict[str, Any]:
+def result_storage(config: FlowConfig) -> dict[str, Any]:
     """Task options that persist cached results where the config says (a folder or a block slug)."""
     if config.result_storage is None:
         return {}
@@ -53,7 +54,7 @@ def result_storage(config: PipelineConfig) -> dict[str, Any]:
     return {"result_storage": f"local-file-system/{name}"}
 
 
-def sample_prompts(config: PipelineConfig, prompts: dict[str, Any]) -> list[dict[str, Any]]:
+def sample_prompts(config: FlowConfig, prompts: dict[str, Any]) -> list[dict[str, Any]]:
     """Both sampling stages at once (each loads its engine once and loops over its shards).
 
     A cached result whose store folder is gone (a deleted work folder) is recomputed,
@@ -72,21 +73,21 @@ def sample_prompts(config: PipelineConfig, prompts: dict[str, Any]) -> list[dict
     return [f.result() for f in futures]
 
 
-def _training_arguments(config: PipelineConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
+def _training_arguments(config: FlowConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
     """``train_policy``'s arguments, its folder from the run layout."""
     out = RunLayout(Path(config.workdir)).training(config, pairs_dir, training, name)
     return {"pairs_dir": pairs_dir, "model": config.model, "out": str(out), "training": training,
             "time_limit": config.stages.train.time_limit_seconds}
 
 
-def train_on_pairs(config: PipelineConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
+def train_on_pairs(config: FlowConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
     """Train one model on the pairs (``name``: mpo or sft), resuming what its folder holds."""
     result: dict[str, Any] = with_stage_policy(train_policy, config.stages.train)(
         **_training_arguments(config, pairs_dir, training, name))
     return result
 
 
-def train_mpo_and_baseline_side_by_side(config: PipelineConfig, pairs_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def train_mpo_and_baseline_side_by_side(config: FlowConfig, pairs_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """MPO and the SFT baseline at once, each in its own process with half the CPU threads."""
     threads = side_by_side_threads()
     task = with_stage_policy(train_policy, config.stages.train)
@@ -98,7 +99,7 @@ def train_mpo_and_baseline_side_by_side(config: PipelineConfig, pairs_dir: str) 
 
 
 @flow(name="mpo-data-engine", log_prints=True)
-def data_engine(config: PipelineConfig) -> dict[str, Any]:
+def data_engine(config: FlowConfig) -> dict[str, Any]:
     """The whole DAG on one config; returns the run summary (also published as artifacts)."""
     logger = get_run_logger()
     layout = RunLayout(Path(config.workdir))
@@ -190,7 +191,7 @@ def data_engine(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-def run_stage_deployment(name: str, config: PipelineConfig, **parameters: Any) -> Any:
+def run_stage_deployment(name: str, config: FlowConfig, **parameters: Any) -> Any:
     """Run a stage flow as its deployment (on its own work pool, e.g. GPU workers), wait for it
     and return its result. It shows in the UI as a sub-flow of this run.
 
@@ -208,7 +209,7 @@ def run_stage_deployment(name: str, config: PipelineConfig, **parameters: Any) -
     return state.result()
 
 
-def task_runner(config: PipelineConfig) -> Any:
+def task_runner(config: FlowConfig) -> Any:
     """The task runner the config asks for (Dask needs the `dask` extra: prefect-dask + distributed)."""
     if config.task_runner == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
@@ -223,8 +224,10 @@ def task_runner(config: PipelineConfig) -> Any:
 
 
 def run_pipeline(config: PipelineConfig, **options: Any) -> Any:
-    """Run ``data_engine`` with the configured task runner (what ``mpo run`` and ``mpo demo`` call)."""
-    return data_engine.with_options(task_runner=task_runner(config))(config, **options)
+    """Run ``data_engine`` with the configured task runner (what ``mpo run`` and ``mpo demo`` call);
+    a plain ``PipelineConfig`` runs with the Prefect settings' defaults."""
+    flow_config = config if isinstance(config, FlowConfig) else FlowConfig.model_validate(config.model_dump())
+    return data_engine.with_options(task_runner=task_runner(flow_config))(flow_config, **options)
 
 
 def _training_curves(metrics_file: str) -> None:

@@ -13,14 +13,14 @@ from typing import Any
 
 from prefect import flow
 
+from flows.config import FlowConfig
 from flows.data_engine import sample_prompts, train_on_pairs
-from mpo.config import PipelineConfig
 from mpo.pipeline import sft_only
 from tasks.stages import ingest_prompts, reference_logps, with_stage_policy
 
 
 @flow(name="mpo-sampling", log_prints=True, persist_result=True)
-def sampling(config: PipelineConfig) -> list[dict[str, Any]]:
+def sampling(config: FlowConfig) -> list[dict[str, Any]]:
     """Ingest the prompts and run both sampling stages; returns the samples folders."""
     ingest = with_stage_policy(ingest_prompts, config.stages.ingest)
     prompts = ingest(str(config.train_data), str(Path(config.workdir) / "ingested"), config.strict_ingest)
@@ -28,7 +28,7 @@ def sampling(config: PipelineConfig) -> list[dict[str, Any]]:
 
 
 @flow(name="mpo-training", log_prints=True, persist_result=True)
-def training(config: PipelineConfig, pairs_dir: str, sft_baseline: bool = False) -> dict[str, Any]:
+def training(config: FlowConfig, pairs_dir: str, sft_baseline: bool = False) -> dict[str, Any]:
     """Reference log-probs into ``pairs_dir``, then MPO training on it (or, with ``sft_baseline``,
     the SFT-only baseline on the same chosen responses)."""
     if sft_baseline:

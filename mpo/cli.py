@@ -353,28 +353,33 @@ def run(
     from mpo.config import PipelineConfig
     from mpo.pipeline import render_summary
 
-    settings = PipelineConfig.from_yaml(config, _assignments(set_))
+    schema = PipelineConfig if runner == "local" else _prefect_runner(runner).FlowConfig
+    settings = schema.from_yaml(config, _assignments(set_))
     console.print(Markdown(render_summary(_run_pipeline(settings, runner))))
 
 
-def _run_pipeline(settings: Any, runner: str) -> dict:
-    """The pipeline under the chosen runner. The Prefect runner lives in ``flows/`` and is looked up
-    by name only when asked for, so the library runs where Prefect is not installed."""
+def _prefect_runner(runner: str) -> Any:
+    """The Prefect runner's module. It lives in ``flows/`` and is looked up by name only when asked
+    for, so the library and the local runner work where Prefect is not installed."""
     if runner not in RUNNERS:
         raise typer.BadParameter(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
-    if runner == "local":
-        from mpo.pipeline import run_local
-
-        return run_local(settings, on_event=lambda event: console.print(event["log"]) if "log" in event else None)
     # The ephemeral API takes 20-32 s to start on 2 cores; Prefect's default timeout is 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        flows = importlib.import_module("flows.data_engine")
+        return importlib.import_module("flows.data_engine")
     except ModuleNotFoundError as error:
         raise typer.BadParameter(f"the prefect runner needs Prefect ({error}): pip install "
                                  "'mpo-data-engine[prefect]', or use --runner local") from None
-    summary: dict = flows.run_pipeline(settings)
+
+
+def _run_pipeline(settings: Any, runner: str) -> dict:
+    """The pipeline under the chosen runner (``local``: ``mpo.pipeline.run_local``)."""
+    if runner == "local":
+        from mpo.pipeline import run_local
+
+        return run_local(settings, on_event=lambda event: console.print(event["log"]) if "log" in event else None)
+    summary: dict = _prefect_runner(runner).run_pipeline(settings)
     return summary
 
 

@@ -1,7 +1,8 @@
 """One pydantic config for the whole pipeline, loadable from YAML.
 
-The same object is the Prefect flow's parameter (the UI renders it as a form), the body
-of ``mpo run CONFIG.yaml``, and what each stage reads its settings from. Stage configs
+The same object is the body of ``mpo run CONFIG.yaml``, what each stage reads its settings
+from, and (extended with Prefect's settings in ``flows.config``) the Prefect flow's parameter,
+which the UI renders as a form. Stage configs
 are the library's own (``SamplingConfig``, ``PairingConfig``, ``TrainConfig``), so a
 field means the same thing on the command line, in YAML and in the UI.
 """
@@ -11,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mpo.pairs import PairingConfig
 from mpo.sampling import SamplingConfig
@@ -37,37 +38,36 @@ def set_fields(raw: dict[str, Any], assignments: dict[str, Any]) -> dict[str, An
     return out
 
 
-class StagePolicy(BaseModel):
-    """How the orchestrator runs one stage: retries with backoff and jitter, tags for concurrency limits,
-    a hard time limit."""
+class StageLimit(BaseModel):
+    """What every runner honours for one stage: a hard time limit."""
 
-    retries: int = Field(2, ge=0, description="retries after a failure that is not a bad-input error")
-    retry_delay_seconds: float = Field(10.0, ge=0, description="first retry delay; doubles each retry")
-    retry_jitter_factor: float = Field(0.2, ge=0, description="random spread of each delay (0.2 = ±20%)")
-    tags: list[str] = Field(default_factory=list, description="task tags, e.g. 'gpu' for a concurrency limit")
+    model_config = ConfigDict(extra="forbid")
+
     time_limit_seconds: float | None = Field(
         None, gt=0, description="hard limit for the sampling, reference, training and evaluation stages: each runs "
         "in its own process, killed at the limit (a thread timeout cannot stop a CUDA call); empty: no limit")
 
-    def delays(self) -> list[float]:
-        return [self.retry_delay_seconds * 2**i for i in range(self.retries)]
 
+class StageLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-def _gpu_policy() -> StagePolicy:
-    return StagePolicy(tags=["gpu"])
-
-
-class StagePolicies(BaseModel):
-    ingest: StagePolicy = Field(default_factory=lambda: StagePolicy(retries=0))
-    sampling: StagePolicy = Field(default_factory=_gpu_policy)
-    pairs: StagePolicy = Field(default_factory=StagePolicy)
-    ref_logps: StagePolicy = Field(default_factory=_gpu_policy)
-    train: StagePolicy = Field(default_factory=_gpu_policy)
-    evaluate: StagePolicy = Field(default_factory=_gpu_policy)
+    ingest: StageLimit = Field(default_factory=StageLimit)
+    sampling: StageLimit = Field(default_factory=StageLimit)
+    pairs: StageLimit = Field(default_factory=StageLimit)
+    ref_logps: StageLimit = Field(default_factory=StageLimit)
+    train: StageLimit = Field(default_factory=StageLimit)
+    evaluate: StageLimit = Field(default_factory=StageLimit)
 
 
 class PipelineConfig(BaseModel):
-    """The data engine: ingest -> sampling (both stages) -> pairs -> reference log-probs -> MPO -> evaluation."""
+    """The data engine: ingest -> sampling (both stages) -> pairs -> reference log-probs -> MPO -> evaluation.
+
+    Only what any runner needs; an orchestrator's own settings (Prefect's retries, result
+    storage, deployments, task runners) extend it in its layer (``flows.config.FlowConfig``).
+    An unknown field is an error, not ignored: a misspelt setting would silently not apply.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     workdir: Path = Field(Path("mpo-run"), description="every stage's output goes under here")
     train_data: Path = Field(..., description="prompts to sample: InternVL meta.json, .jsonl or .parquet")
@@ -90,20 +90,7 @@ class PipelineConfig(BaseModel):
         "CPU threads (a small model on a CPU is bound by Python, not by cores); leave off on one GPU")
     evaluate: bool = Field(True, description="greedy held-out accuracy before and after training")
     eval_max_tokens: int = Field(256, ge=1, description="new tokens per greedy evaluation answer")
-    stages: StagePolicies = Field(default_factory=StagePolicies)
-    result_storage: str | None = Field(
-        None, description="where cached stage results persist: a local folder, or a storage block slug such as "
-                          "'s3-bucket/mpo-results' (default: Prefect's local storage)")
-    sampling_deployment: str | None = Field(
-        None, description="run sampling as this deployment (e.g. 'mpo-sampling/sampling' on a gpu pool) and wait "
-                          "for it, instead of in this flow run; the work folder must be shared")
-    training_deployment: str | None = Field(
-        None, description="run reference log-probs + training as this deployment (e.g. 'mpo-training/training')")
-    task_runner: Literal["threads", "dask"] = Field(
-        "threads", description="where submitted stages run: a thread pool, or a Dask cluster (`dask` extra)")
-    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")
-    dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster when no address is given")
-    dask_processes: bool = Field(True, description="local Dask workers as processes (False: threads)")
+    stages: StageLimits = Field(default_factory=StageLimits)
 
     @classmethod
     def from_yaml(cls, path: Path | str, assignments: dict[str, Any] | None = None) -> PipelineConfig:

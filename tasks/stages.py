@@ -20,7 +20,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
-from mpo.config import StagePolicy
+from flows.config import StagePolicy
 from mpo.pairs import PairingConfig
 from mpo.sampling import SamplingConfig
 from mpo.train import TrainConfig

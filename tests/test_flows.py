@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from prefect import flow, task
 
-from mpo.config import PipelineConfig, StagePolicies, StagePolicy
+from flows.config import FlowConfig, StagePolicies, StagePolicy
 from mpo.evaluate import overall
 from mpo.pairs import PairingConfig
 from mpo.sampling import SamplingConfig
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 NO_RETRIES = StagePolicies(**{name: StagePolicy(retries=0) for name in StagePolicies.model_fields})
 
 
-def tiny_config(data: Path, model: Path, workdir: Path, **overrides) -> PipelineConfig:
+def tiny_config(data: Path, model: Path, workdir: Path, **overrides) -> FlowConfig:
     fields = dict(
         workdir=workdir, train_data=data / "meta.json", heldout_data=data / "meta_heldout.json", model=str(model),
         sampling=SamplingConfig(n=2, max_tokens=12, dropout_max_tokens=8, prompts_per_shard=8),
@@ -30,7 +30,7 @@ def tiny_config(data: Path, model: Path, workdir: Path, **overrides) -> Pipeline
         training=TrainConfig(max_steps=2, batch_size=4, max_length=512, learning_rate=1e-4),
         eval_max_tokens=12, stages=NO_RETRIES,
     )
-    return PipelineConfig(**{**fields, **overrides})
+    return FlowConfig(**{**fields, **overrides})
 
 
 def shard_stats(folder: Path) -> dict[str, tuple[int, int]]:
@@ -242,7 +242,7 @@ def test_ingest_task_body(synth_dir: Path, tmp_path: Path) -> None:
 def test_config_loads_from_yaml_with_relative_paths(tmp_path: Path) -> None:
     (tmp_path / "cfg.yaml").write_text(
         "workdir: run\ntrain_data: data/meta.json\nmodel: /models/x\nsampling:\n  n: 4\ntraining:\n  max_steps: 3\n")
-    config = PipelineConfig.from_yaml(tmp_path / "cfg.yaml")
+    config = FlowConfig.from_yaml(tmp_path / "cfg.yaml")
     assert config.workdir == tmp_path / "run" and config.train_data == tmp_path / "data" / "meta.json"
     assert config.sampling.n == 4 and config.training.max_steps == 3
     assert config.stages.sampling.tags == ["gpu"]

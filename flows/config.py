@@ -1,0 +1,59 @@
+"""The Prefect runner's settings, on top of the library's ``PipelineConfig``.
+
+Retries with backoff and jitter, tags for concurrency limits, where cached results persist,
+which stages run as deployments on other work pools, and the task runner: none of it means
+anything outside Prefect, so none of it lives in ``mpo/``. ``FlowConfig`` is the flow's
+parameter (the UI form) and what ``mpo run`` loads for the Prefect runner.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mpo.config import PipelineConfig, StageLimit, StageLimits
+
+
+class StagePolicy(StageLimit):
+    """How Prefect runs one stage: retries with backoff and jitter, tags, and the hard time limit."""
+
+    retries: int = Field(2, ge=0, description="retries after a failure that is not a bad-input error")
+    retry_delay_seconds: float = Field(10.0, ge=0, description="first retry delay; doubles each retry")
+    retry_jitter_factor: float = Field(0.2, ge=0, description="random spread of each delay (0.2 = ±20%)")
+    tags: list[str] = Field(default_factory=list, description="task tags, e.g. 'gpu' for a concurrency limit")
+
+    def delays(self) -> list[float]:
+        return [self.retry_delay_seconds * 2**i for i in range(self.retries)]
+
+
+def _gpu_policy() -> StagePolicy:
+    return StagePolicy(tags=["gpu"])
+
+
+class StagePolicies(StageLimits):
+    ingest: StagePolicy = Field(default_factory=lambda: StagePolicy(retries=0))
+    sampling: StagePolicy = Field(default_factory=_gpu_policy)
+    pairs: StagePolicy = Field(default_factory=StagePolicy)
+    ref_logps: StagePolicy = Field(default_factory=_gpu_policy)
+    train: StagePolicy = Field(default_factory=_gpu_policy)
+    evaluate: StagePolicy = Field(default_factory=_gpu_policy)
+
+
+class FlowConfig(PipelineConfig):
+    """``PipelineConfig`` plus what the Prefect flow does with it."""
+
+    stages: StagePolicies = Field(default_factory=StagePolicies)
+    result_storage: str | None = Field(
+        None, description="where cached stage results persist: a local folder, or a storage block slug such as "
+                          "'s3-bucket/mpo-results' (default: Prefect's local storage)")
+    sampling_deployment: str | None = Field(
+        None, description="run sampling as this deployment (e.g. 'mpo-sampling/sampling' on a gpu pool) and wait "
+                          "for it, instead of in this flow run; the work folder must be shared")
+    training_deployment: str | None = Field(
+        None, description="run reference log-probs + training as this deployment (e.g. 'mpo-training/training')")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="where submitted stages run: a thread pool, or a Dask cluster (`dask` extra)")
+    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")
+    dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster when no address is given")
+    dask_processes: bool = Field(True, description="local Dask workers as processes (False: threads)")
