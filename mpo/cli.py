@@ -183,25 +183,30 @@ def sample(
     out: Annotated[Path, typer.Option(help="Samples root: one <stage>-<config hash>/ folder per stage")],
     engine: Annotated[str, typer.Option(help="transformers | vllm | lmdeploy")] = "transformers",
     stage: Annotated[str, typer.Option(help="correctness | dropout_ntp | both")] = "both",
-    n: Annotated[int, typer.Option(help="Samples per closed prompt")] = 32,
-    temperature: Annotated[float, typer.Option()] = 0.7,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per response")] = 4096,
-    prompts_per_shard: Annotated[int, typer.Option(help="Prompts per shard, the unit of resume")] = 64,
-    seed: Annotated[int, typer.Option()] = 0,
+    n: Annotated[int | None, typer.Option(help="Samples per closed prompt (SamplingConfig.n)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="SamplingConfig.temperature")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="New tokens per response (SamplingConfig.max_tokens)")] = None,
+    prompts_per_shard: Annotated[int | None, typer.Option(help="Prompts per shard, the unit of resume")] = None,
+    seed: Annotated[int | None, typer.Option(help="SamplingConfig.seed")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="FIELD=VALUE of SamplingConfig (e.g. top_p=0.9, "
+                                                                 "dropout_variants=[sr0.5_with_image]); repeatable")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Needed by original (non -hf) InternVL checkpoints")] = False,
     engine_option: Annotated[list[str] | None, typer.Option(
         help="KEY=VALUE passed to the engine, value read as YAML (e.g. max_dynamic_patch=6, dtype=float32, "
              "max_model_len=4096, or any vllm.LLM / lmdeploy backend-config argument); repeatable")] = None,
 ) -> None:
     """Sample CoT responses (correctness) and DropoutNTP continuations; resumes finished shards."""
+    from mpo.config import set_fields
     from mpo.engines import load_engine
     from mpo.sampling import STAGES, SamplingConfig, run_stage
 
     stages = STAGES if stage == "both" else (stage,)
     if any(s not in STAGES for s in stages):
         raise typer.BadParameter(f"--stage must be one of {', '.join(STAGES)} or both")
-    config = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens, prompts_per_shard=prompts_per_shard,
-                            seed=seed)
+    given = {"n": n, "temperature": temperature, "max_tokens": max_tokens, "prompts_per_shard": prompts_per_shard,
+             "seed": seed}
+    config = SamplingConfig.model_validate(set_fields({k: v for k, v in given.items() if v is not None},
+                                                      _assignments(set_)))
     prompts_dir = prompts / "prompts" if (prompts / "prompts").is_dir() else prompts
     options = {key: _yaml_value(value) for key, value in _key_values(engine_option, "--engine-option", "KEY=VALUE").items()}
     sampler = load_engine(engine, model, trust_remote_code=trust_remote_code, **options)
@@ -267,13 +272,13 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, final/, metrics.jsonl; re-running resumes")],
     config: Annotated[Path | None, typer.Option(help="YAML with TrainConfig fields; options below override it")] = None,
     eval_pairs: Annotated[Path | None, typer.Option(help="Held-out pairs for reward accuracy")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 5e-6)")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch)")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option(help="Pairs per micro-batch per process")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per sequence")] = None,
-    beta: Annotated[float | None, typer.Option(help="β of DPO and BCO (default 0.1)")] = None,
+    beta: Annotated[float | None, typer.Option(help="β of DPO and BCO")] = None,
     reference: Annotated[str | None, typer.Option(help="precomputed | online")] = None,
     lora_r: Annotated[int | None, typer.Option(help="Train a LoRA adapter of this rank instead of all weights")] = None,
     freeze_vision: Annotated[bool | None, typer.Option("--freeze-vision/--train-vision")] = None,
@@ -286,8 +291,12 @@ def train(
     keep_dropout: Annotated[bool, typer.Option(help="Keep the model's dropout (default: all dropout off, as TRL)")] = False,
     allow_other_reference: Annotated[bool, typer.Option(
         help="Accept precomputed reference log-probs of another model than --model")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.FIELD=VALUE of TrainConfig on top of "
+                                                                 "--config and the options (e.g. loss.beta=0.2); "
+                                                                 "repeatable")] = None,
 ) -> None:
     """Train with MPO (0.8·DPO + 0.2·BCO + 1.0·SFT). Works under `torchrun` (DDP)."""
+    from mpo.config import set_fields
     from mpo.train import LoraSettings, TrainConfig
     from mpo.train import train as run_train
 
@@ -303,7 +312,7 @@ def train(
         base.setdefault("loss", {})["beta"] = beta
     if lora_r is not None:
         base["lora"] = LoraSettings(r=lora_r, alpha=2 * lora_r).model_dump()
-    settings = TrainConfig.model_validate(base)
+    settings = TrainConfig.model_validate(set_fields(base, _assignments(set_)))
     main = os.environ.get("RANK", "0") == "0"
     with Progress(TextColumn("MPO"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,

@@ -101,3 +101,19 @@ def test_pairs_and_export_commands_on_synth_data(tmp_path: Path, synth_dir: Path
 
     result = runner.invoke(app, ["export", str(tmp_path / "pairs"), "--format", "llava", "--out", str(tmp_path / "y")])
     assert result.exit_code != 0
+
+
+def test_sample_command_takes_config_fields_and_engine_options(tmp_path: Path, prompts_dir: Path,
+                                                               tiny_model_dir: Path) -> None:
+    """`mpo sample`: unset options keep SamplingConfig's defaults, --set reaches any field,
+    --engine-option reaches the engine (a bad one is the engine's error, not ignored)."""
+    args = ["sample", "--prompts", str(prompts_dir), "--model", str(tiny_model_dir), "--out", str(tmp_path / "s"),
+            "--stage", "dropout_ntp", "--set", "dropout_max_tokens=4", "--set", "top_k=5",
+            "--engine-option", "max_batch_sequences=8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (store,) = (tmp_path / "s").glob("dropout_ntp-*")
+    config = json.loads((store / "_stage.json").read_text())["config"]
+    assert (config["dropout_max_tokens"], config["top_k"], config["n"], config["temperature"]) == (4, 5, 32, 0.7)
+    bad = CliRunner().invoke(app, [*args[:-2], "--engine-option", "no_such_option=1"])
+    assert bad.exit_code != 0 and "no_such_option" in str(bad.exception)
