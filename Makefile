@@ -39,6 +39,7 @@ test-engines: $(VLLM_VENV)/.installed $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check mpo tasks flows tests benchmarks deployments
+	$(BIN)/ruff format --check mpo tasks flows tests benchmarks deployments
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy

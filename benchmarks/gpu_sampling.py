@@ -20,7 +20,9 @@ from pathlib import Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=str, default=None)
     parser.add_argument("--prompts", type=int, default=64, help="closed prompts")
     parser.add_argument("--n", type=int, default=8)
@@ -48,12 +50,22 @@ def main() -> None:
     config = SamplingConfig(n=args.n, max_tokens=args.max_tokens, temperature=1.0, prompts_per_shard=16)
     prompts = pl.from_arrow(read_dir(work / "ingested" / "prompts", PROMPTS))
     assert isinstance(prompts, pl.DataFrame)
-    requests = [r for shard in strided_shards(prompts, config.prompts_per_shard)
-                for _, r, _ in _correctness_requests(shard, config)]
+    requests = [
+        r
+        for shard in strided_shards(prompts, config.prompts_per_shard)
+        for _, r, _ in _correctness_requests(shard, config)
+    ]
 
-    available = {"transformers": True, "vllm": importlib.util.find_spec("vllm") is not None and torch.cuda.is_available(),
-                 "lmdeploy": importlib.util.find_spec("lmdeploy") is not None and torch.cuda.is_available()}
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    available = {
+        "transformers": True,
+        "vllm": importlib.util.find_spec("vllm") is not None and torch.cuda.is_available(),
+        "lmdeploy": importlib.util.find_spec("lmdeploy") is not None and torch.cuda.is_available(),
+    }
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
     rows = []
     for name in args.engines or ENGINES:
         if not available.get(name):
@@ -72,12 +84,18 @@ def main() -> None:
         engine.close()
         rows.append((name, samples, tokens, bare, staged))
 
-    print(f"\ndevice: {device}   model: {'tiny (random weights)' if args.model is None else model}   "
-          f"prompts: {prompts.height}   n: {args.n}   max_tokens: {args.max_tokens}")
-    print(f"{'engine':<14}{'samples':>9}{'out tok':>10}{'bare s':>9}{'tok/s':>10}{'samples/s':>11}{'stage s':>9}{'overhead':>10}")
+    print(
+        f"\ndevice: {device}   model: {'tiny (random weights)' if args.model is None else model}   "
+        f"prompts: {prompts.height}   n: {args.n}   max_tokens: {args.max_tokens}"
+    )
+    print(
+        f"{'engine':<14}{'samples':>9}{'out tok':>10}{'bare s':>9}{'tok/s':>10}{'samples/s':>11}{'stage s':>9}{'overhead':>10}"
+    )
     for name, samples, tokens, bare, staged in rows:
-        print(f"{name:<14}{samples:>9}{tokens:>10}{bare:>9.1f}{tokens / bare:>10.0f}{samples / bare:>11.1f}"
-              f"{staged:>9.1f}{(staged / bare - 1):>9.1%}")
+        print(
+            f"{name:<14}{samples:>9}{tokens:>10}{bare:>9.1f}{tokens / bare:>10.0f}{samples / bare:>11.1f}"
+            f"{staged:>9.1f}{(staged / bare - 1):>9.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def generate(workdir: Path, rows: int, seed: int = 0) -> None:
     from mpo.schemas import SAMPLES, write_table
 
     rng = random.Random(seed)
-    words = [f"{rng.choice('bcdfglmnprst')}{rng.choice('aeiou')}{rng.choice('lmnrst')}{i}" for i in range(3000)]
+    words = [
+        f"{rng.choice('bcdfglmnprst')}{rng.choice('aeiou')}{rng.choice('lmnrst')}{i}" for i in range(3000)
+    ]
     sentences = [" ".join(rng.choices(words, k=rng.randint(8, 16))) + "." for _ in range(4000)]
     prompts = rows // SAMPLES_PER_PROMPT
     (workdir / "samples").mkdir(parents=True, exist_ok=True)
@@ -64,14 +66,30 @@ def generate(workdir: Path, rows: int, seed: int = 0) -> None:
                         response = f"{body}\nFinal answer: {gold}"
                     else:
                         response = f"{body}\nFinal answer: {int(gold) + rng.choice([1, 2, 3, 10, -1])}"
-                    batch.append({
-                        "prompt_id": f"{p:08x}", "dataset": f"set{p % 4}", "images": [f"/data/img/{p}.png"],
-                        "question": f"<image>\nHow many objects are in picture {p}?", "answer": gold,
-                        "prompt_version": "en", "response": response, "finish_reason": finish,
-                        "num_tokens": len(response) // 4, "sample_index": i, "source": "correctness",
-                        "model": "bench", "chosen": None, "prefix": None, "seed": 0, "sampling_config": "{}",
-                    })
-            write_table(pa.Table.from_pylist(batch, schema=SAMPLES), workdir / "samples" / f"part-{shard // 2000:05d}.parquet")
+                    batch.append(
+                        {
+                            "prompt_id": f"{p:08x}",
+                            "dataset": f"set{p % 4}",
+                            "images": [f"/data/img/{p}.png"],
+                            "question": f"<image>\nHow many objects are in picture {p}?",
+                            "answer": gold,
+                            "prompt_version": "en",
+                            "response": response,
+                            "finish_reason": finish,
+                            "num_tokens": len(response) // 4,
+                            "sample_index": i,
+                            "source": "correctness",
+                            "model": "bench",
+                            "chosen": None,
+                            "prefix": None,
+                            "seed": 0,
+                            "sampling_config": "{}",
+                        }
+                    )
+            write_table(
+                pa.Table.from_pylist(batch, schema=SAMPLES),
+                workdir / "samples" / f"part-{shard // 2000:05d}.parquet",
+            )
             jsonl.writelines(json.dumps(row) + "\n" for row in batch)
 
 
@@ -92,13 +110,17 @@ def baseline(samples_jsonl: Path, out_jsonl: Path, selection: str) -> None:
             if answer is None:
                 row["verdict"] = Verdict.FORMAT_FAILURE.value
             else:
-                row["verdict"] = Verdict.CORRECT.value if is_correct(answer, row["answer"], "exact") else Verdict.WRONG.value
+                row["verdict"] = (
+                    Verdict.CORRECT.value
+                    if is_correct(answer, row["answer"], "exact")
+                    else Verdict.WRONG.value
+                )
             row["extracted"] = answer
             groups[row["prompt_id"]].append(row)
 
     def repetitive(text: str) -> bool:
         words = text.split(" ")
-        grams = [" ".join(words[i:i + 4]) for i in range(len(words) - 3)]
+        grams = [" ".join(words[i : i + 4]) for i in range(len(words) - 3)]
         return bool(grams) and 1 - len(set(grams)) / len(grams) > MAX_REPETITION
 
     def tokens(answer: str) -> str:
@@ -130,13 +152,32 @@ def baseline(samples_jsonl: Path, out_jsonl: Path, selection: str) -> None:
                             continue
                         shared = 0
                         if selection == "closest":
-                            shared = len(os.path.commonprefix([c["response"].encode(), r["response"].encode()]))
-                        candidates.append((-shared, key(pseed, c["sample_index"], r["sample_index"]),
-                                           c["sample_index"], r["sample_index"], c, r))
+                            shared = len(
+                                os.path.commonprefix([c["response"].encode(), r["response"].encode()])
+                            )
+                        candidates.append(
+                            (
+                                -shared,
+                                key(pseed, c["sample_index"], r["sample_index"]),
+                                c["sample_index"],
+                                r["sample_index"],
+                                c,
+                                r,
+                            )
+                        )
                 candidates.sort(key=lambda t: t[:4])
                 for _, _, _, _, c, r in candidates[:PAIRS_PER_PROMPT]:
-                    out.write(json.dumps({"prompt_id": prompt_id, "source": source, "chosen": c["response"],
-                                          "rejected": r["response"]}) + "\n")
+                    out.write(
+                        json.dumps(
+                            {
+                                "prompt_id": prompt_id,
+                                "source": source,
+                                "chosen": c["response"],
+                                "rejected": r["response"],
+                            }
+                        )
+                        + "\n"
+                    )
 
 
 # ------------------------------------------------------------------ the I/O floor
@@ -175,19 +216,30 @@ def _run(args: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mpo-bench-postprocess"))
-    parser.add_argument("--selection", choices=["random", "closest"], default="random",
-                        help="pairs kept under the cap (mpo.pairs.PairSelection)")
+    parser.add_argument(
+        "--selection",
+        choices=["random", "closest"],
+        default="random",
+        help="pairs kept under the cap (mpo.pairs.PairSelection)",
+    )
     parser.add_argument("--role", choices=["ours", "baseline", "io"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.workdir
     if args.role == "ours":
         from mpo.pairs import PairingConfig, run_pairing
 
-        run_pairing(work / "samples", work / "pairs", PairingConfig(
-            pairs_per_prompt=PAIRS_PER_PROMPT, max_repetition=MAX_REPETITION, selection=args.selection))
+        run_pairing(
+            work / "samples",
+            work / "pairs",
+            PairingConfig(
+                pairs_per_prompt=PAIRS_PER_PROMPT, max_repetition=MAX_REPETITION, selection=args.selection
+            ),
+        )
         return
     if args.role == "baseline":
         baseline(work / "samples.jsonl", work / "baseline_pairs.jsonl", args.selection)
@@ -209,11 +261,17 @@ def main() -> None:
 
     import polars as pl
 
-    ours_pairs = pl.read_parquet(work / "pairs" / "data" / "*.parquet").select("prompt_id", "source", "chosen", "rejected")
-    base_pairs = pl.read_ndjson(work / "baseline_pairs.jsonl").select("prompt_id", "source", "chosen", "rejected")
+    ours_pairs = pl.read_parquet(work / "pairs" / "data" / "*.parquet").select(
+        "prompt_id", "source", "chosen", "rejected"
+    )
+    base_pairs = pl.read_ndjson(work / "baseline_pairs.jsonl").select(
+        "prompt_id", "source", "chosen", "rejected"
+    )
     identical = set(ours_pairs.iter_rows()) == set(base_pairs.iter_rows())
-    print(f"\nrows: {args.rows:,}   selection: {args.selection}   pairs: ours {ours_pairs.height:,}, baseline {base_pairs.height:,}   "
-          f"identical pair sets: {identical}")
+    print(
+        f"\nrows: {args.rows:,}   selection: {args.selection}   pairs: ours {ours_pairs.height:,}, baseline {base_pairs.height:,}   "
+        f"identical pair sets: {identical}"
+    )
     print(f"{'':<26}{'wall s':>10}{'peak RSS MiB':>15}")
     print(f"{'mpo pairs (polars)':<26}{ours[0]:>10.1f}{ours[1]:>15.0f}")
     print(f"{'plain Python (reference)':<26}{base[0]:>10.1f}{base[1]:>15.0f}")

@@ -35,8 +35,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHAPES = {  # text hidden, layers, heads, kv heads, intermediate; vision hidden, layers
     "tiny": None,
-    "1b": dict(text_hidden=1536, text_layers=28, text_heads=12, text_kv_heads=2, text_intermediate=8960,
-               vision_hidden=1024, vision_layers=24, vision_heads=16),
+    "1b": dict(
+        text_hidden=1536,
+        text_layers=28,
+        text_heads=12,
+        text_kv_heads=2,
+        text_intermediate=8960,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+    ),
 }
 
 
@@ -66,20 +74,42 @@ def child_ours(workdir: Path, args: argparse.Namespace, reference: str) -> dict[
     ref_seconds = 0.0
     if reference == "precomputed":
         started = time.perf_counter()
-        report = compute_reference_logps(workdir / "pairs", workdir / "model", max_length=args.max_length,
-                                         batch_size=args.batch, device=args.device)
+        report = compute_reference_logps(
+            workdir / "pairs",
+            workdir / "model",
+            max_length=args.max_length,
+            batch_size=args.batch,
+            device=args.device,
+        )
         ref_seconds = (time.perf_counter() - started) / max(1, report.pairs) if report.pairs else 0.0
     stamps: list[float] = []
-    config = TrainConfig(batch_size=args.batch, max_steps=args.steps, max_length=args.max_length,
-                         reference=reference, device=args.device, learning_rate=1e-5, seed=0)
+    config = TrainConfig(
+        batch_size=args.batch,
+        max_steps=args.steps,
+        max_length=args.max_length,
+        reference=reference,
+        device=args.device,
+        learning_rate=1e-5,
+        seed=0,
+    )
     out = workdir / f"ours-{reference}"
     shutil.rmtree(out, ignore_errors=True)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sampler = RssPeak()
     sampler.start()
-    train(workdir / "pairs", workdir / "model", out, config, on_step=lambda _r: stamps.append(time.perf_counter()))
-    return {"steps_per_s": _rate(stamps, args.skip), "ref_s_per_pair": ref_seconds, **_peak(args.device, sampler)}
+    train(
+        workdir / "pairs",
+        workdir / "model",
+        out,
+        config,
+        on_step=lambda _r: stamps.append(time.perf_counter()),
+    )
+    return {
+        "steps_per_s": _rate(stamps, args.skip),
+        "ref_s_per_pair": ref_seconds,
+        **_peak(args.device, sampler),
+    }
 
 
 def child_trl(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -111,13 +141,25 @@ def child_trl(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
             stamps.append(time.perf_counter())
 
     config = DPOConfig(
-        output_dir=str(workdir / "trl"), per_device_train_batch_size=args.batch, max_steps=args.steps,
-        learning_rate=1e-5, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], beta=0.1,
-        max_length=args.max_length, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-        use_cpu=args.device == "cpu", bf16=args.device == "cuda", dataloader_num_workers=0,
+        output_dir=str(workdir / "trl"),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=1e-5,
+        loss_type=["sigmoid", "bco_pair", "sft"],
+        loss_weights=[0.8, 0.2, 1.0],
+        beta=0.1,
+        max_length=args.max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=args.device == "cpu",
+        bf16=args.device == "cuda",
+        dataloader_num_workers=0,
     )
-    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor,
-                         callbacks=[Stamp()])
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=processor, callbacks=[Stamp()]
+    )
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -168,11 +210,17 @@ def _peak(device: str, sampler: RssPeak) -> dict[str, float]:
     return {"peak_mib": above, "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-ROWS = {"ours-precomputed": "ours (precomputed ref)", "ours-online": "ours (online ref)", "trl": "TRL DPOTrainer"}
+ROWS = {
+    "ours-precomputed": "ours (precomputed ref)",
+    "ours-online": "ours (online ref)",
+    "trl": "TRL DPOTrainer",
+}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mpo-bench-train"))
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--vocab", type=int, default=None, help="pad the model's vocabulary to this size")
@@ -187,7 +235,9 @@ def main() -> None:
 
     if args.child:
         work = args.workdir
-        result = child_trl(work, args) if args.child == "trl" else child_ours(work, args, args.child.split("-")[1])
+        result = (
+            child_trl(work, args) if args.child == "trl" else child_ours(work, args, args.child.split("-")[1])
+        )
         print("RESULT " + json.dumps(result))
         return
 
@@ -202,8 +252,10 @@ def main() -> None:
             continue
         results[child] = json.loads(line.removeprefix("RESULT "))
 
-    print(f"\nshape {args.shape}, vocab {args.vocab or 'tokenizer'}, device {args.device}, batch {args.batch} pairs, "
-          f"{args.steps} steps ({args.skip} warm-up), max_length {args.max_length}")
+    print(
+        f"\nshape {args.shape}, vocab {args.vocab or 'tokenizer'}, device {args.device}, batch {args.batch} pairs, "
+        f"{args.steps} steps ({args.skip} warm-up), max_length {args.max_length}"
+    )
     print(f"{'trainer':<26}{'steps/s':>10}{'peak MiB':>12}{'speed vs TRL':>15}{'memory vs TRL':>15}")
     trl = results.get("trl")
     for child, label in ROWS.items():
@@ -214,10 +266,14 @@ def main() -> None:
         memory = f"{r['peak_mib'] / trl['peak_mib']:.2f}x" if trl else "-"
         print(f"{label:<26}{r['steps_per_s']:>10.2f}{r['peak_mib']:>12.0f}{speed:>15}{memory:>15}")
     if "ours-precomputed" in results:
-        print(f"reference pass (mpo ref-logps, once per dataset, incl. loading the model): "
-              f"{results['ours-precomputed']['ref_s_per_pair'] * 1000:.1f} ms per pair")
-    print("peak MiB: CUDA max allocated, or on CPU the resident memory added from before the model loads "
-          "to the end of training")
+        print(
+            f"reference pass (mpo ref-logps, once per dataset, incl. loading the model): "
+            f"{results['ours-precomputed']['ref_s_per_pair'] * 1000:.1f} ms per pair"
+        )
+    print(
+        "peak MiB: CUDA max allocated, or on CPU the resident memory added from before the model loads "
+        "to the end of training"
+    )
 
 
 if __name__ == "__main__":

@@ -42,16 +42,32 @@ def main() -> None:
         warmup_examples,
     )
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="work folder (data, checkpoints, evaluations)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="work folder (data, checkpoints, evaluations)"
+    )
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--vision-lr-scale", type=float, default=1.0, help="learning-rate multiplier of vision tower + projector")
-    parser.add_argument("--prior-bias", type=float, default=0.0,
-                        help="share of closed examples taught the dataset's most common answer (the demo: 0.5)")
-    parser.add_argument("--prior-in-reasoning", action="store_true",
-                        help="those examples name it in their steps too (the demo does)")
+    parser.add_argument(
+        "--vision-lr-scale",
+        type=float,
+        default=1.0,
+        help="learning-rate multiplier of vision tower + projector",
+    )
+    parser.add_argument(
+        "--prior-bias",
+        type=float,
+        default=0.0,
+        help="share of closed examples taught the dataset's most common answer (the demo: 0.5)",
+    )
+    parser.add_argument(
+        "--prior-in-reasoning",
+        action="store_true",
+        help="those examples name it in their steps too (the demo does)",
+    )
     parser.add_argument("--image-size", type=int, default=224, help="vision tower input (the demo: 224)")
     parser.add_argument("--count", type=int, default=400, help="prompts per dataset (30%% held out)")
     parser.add_argument("--seed", type=int, default=0)
@@ -80,16 +96,31 @@ def main() -> None:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         engine = TransformersEngine(str(folder))
-        table = evaluate_accuracy(engine, heldout / "prompts", args.out / "eval", SamplingConfig(),
-                                  PairingConfig(verify_modes=VERIFY_MODES), max_tokens=48)
+        table = evaluate_accuracy(
+            engine,
+            heldout / "prompts",
+            args.out / "eval",
+            SamplingConfig(),
+            PairingConfig(verify_modes=VERIFY_MODES),
+            max_tokens=48,
+        )
         engine.close()
         cells = " | ".join(f"{table[d]['accuracy']:.1%}" if d in table else "-" for d in closed)
         print(f"| {step + 1} | {time.perf_counter() - started:.0f} | {loss:.3f} | {cells} |", flush=True)
 
-    examples = warmup_examples(warm, prior_bias=args.prior_bias, seed=args.seed,
-                               prior_in_reasoning=args.prior_in_reasoning)
-    warmup(model, processor, examples, args.steps, args.seed, lr=args.lr,
-           vision_lr_scale=args.vision_lr_scale, on_step=checkpoint)
+    examples = warmup_examples(
+        warm, prior_bias=args.prior_bias, seed=args.seed, prior_in_reasoning=args.prior_in_reasoning
+    )
+    warmup(
+        model,
+        processor,
+        examples,
+        args.steps,
+        args.seed,
+        lr=args.lr,
+        vision_lr_scale=args.vision_lr_scale,
+        on_step=checkpoint,
+    )
 
 
 if __name__ == "__main__":

@@ -45,15 +45,26 @@ class FlowConfig(PipelineConfig):
 
     stages: StagePolicies = Field(default_factory=StagePolicies)
     result_storage: str | None = Field(
-        None, description="where cached stage results persist: a local folder, or a storage block slug such as "
-                          "'s3-bucket/mpo-results' (default: Prefect's local storage)")
+        None,
+        description="where cached stage results persist: a local folder, or a storage block slug such as "
+        "'s3-bucket/mpo-results' (default: Prefect's local storage)",
+    )
     sampling_deployment: str | None = Field(
-        None, description="run sampling as this deployment (e.g. 'mpo-sampling/sampling' on a gpu pool) and wait "
-                          "for it, instead of in this flow run; the work folder must be shared")
+        None,
+        description="run sampling as this deployment (e.g. 'mpo-sampling/sampling' on a gpu pool) and wait "
+        "for it, instead of in this flow run; the work folder must be shared",
+    )
     training_deployment: str | None = Field(
-        None, description="run reference log-probs + training as this deployment (e.g. 'mpo-training/training')")
+        None,
+        description="run reference log-probs + training as this deployment (e.g. 'mpo-training/training')",
+    )
     task_runner: Literal["threads", "dask"] = Field(
-        "threads", description="where submitted stages run: a thread pool, or a Dask cluster (`dask` extra)")
-    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786)")
-    dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster when no address is given")
+        "threads", description="where submitted stages run: a thread pool, or a Dask cluster (`dask` extra)"
+    )
+    dask_address: str | None = Field(
+        None, description="scheduler of an existing Dask cluster (tcp://host:8786)"
+    )
+    dask_workers: int = Field(
+        2, ge=1, description="workers of the local Dask cluster when no address is given"
+    )
     dask_processes: bool = Field(True, description="local Dask workers as processes (False: threads)")

@@ -43,7 +43,10 @@ def result_storage(config: FlowConfig) -> dict[str, Any]:
     """Task options that persist cached results where the config says (a folder or a block slug)."""
     if config.result_storage is None:
         return {}
-    if re.fullmatch(r"[a-z0-9-]+/[A-Za-z0-9_-]+", config.result_storage) and not Path(config.result_storage).exists():
+    if (
+        re.fullmatch(r"[a-z0-9-]+/[A-Za-z0-9_-]+", config.result_storage)
+        and not Path(config.result_storage).exists()
+    ):
         return {"result_storage": config.result_storage}  # a saved block: "<block-type>/<block-name>"
     from prefect.filesystems import LocalFileSystem
 
@@ -65,35 +68,61 @@ def sample_prompts(config: FlowConfig, prompts: dict[str, Any]) -> list[dict[str
 
     sample = with_stage_policy(sample_stage, config.stages.sampling, **result_storage(config))
     out = str(Path(config.workdir) / "samples")
-    futures = [sample.with_options(refresh_cache=not stage_store(out, stage, config.sampling, config.model).is_dir())
-               .submit(stage, prompts["prompts_dir"], prompts["version"], config.model, model_fingerprint(config.model),
-                       config.engine, config.engine_options, config.sampling, out,
-                       config.stages.sampling.time_limit_seconds, config.engine_python)
-               for stage in STAGES]
+    futures = [
+        sample.with_options(
+            refresh_cache=not stage_store(out, stage, config.sampling, config.model).is_dir()
+        ).submit(
+            stage,
+            prompts["prompts_dir"],
+            prompts["version"],
+            config.model,
+            model_fingerprint(config.model),
+            config.engine,
+            config.engine_options,
+            config.sampling,
+            out,
+            config.stages.sampling.time_limit_seconds,
+            config.engine_python,
+        )
+        for stage in STAGES
+    ]
     return [f.result() for f in futures]
 
 
-def _training_arguments(config: FlowConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
+def _training_arguments(
+    config: FlowConfig, pairs_dir: str, training: TrainConfig, name: str
+) -> dict[str, Any]:
     """``train_policy``'s arguments, its folder from the run layout."""
     out = RunLayout(Path(config.workdir)).training(config, pairs_dir, training, name)
-    return {"pairs_dir": pairs_dir, "model": config.model, "out": str(out), "training": training,
-            "time_limit": config.stages.train.time_limit_seconds}
+    return {
+        "pairs_dir": pairs_dir,
+        "model": config.model,
+        "out": str(out),
+        "training": training,
+        "time_limit": config.stages.train.time_limit_seconds,
+    }
 
 
 def train_on_pairs(config: FlowConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
     """Train one model on the pairs (``name``: mpo or sft), resuming what its folder holds."""
     result: dict[str, Any] = with_stage_policy(train_policy, config.stages.train)(
-        **_training_arguments(config, pairs_dir, training, name))
+        **_training_arguments(config, pairs_dir, training, name)
+    )
     return result
 
 
-def train_mpo_and_baseline_side_by_side(config: FlowConfig, pairs_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def train_mpo_and_baseline_side_by_side(
+    config: FlowConfig, pairs_dir: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """MPO and the SFT baseline at once, each in its own process with half the CPU threads."""
     threads = side_by_side_threads()
     task = with_stage_policy(train_policy, config.stages.train)
-    futures = [task.submit(**_training_arguments(config, pairs_dir, training, name), own_process=True,
-                           torch_threads=threads)
-               for training, name in ((config.training, "mpo"), (sft_only(config.training), "sft"))]
+    futures = [
+        task.submit(
+            **_training_arguments(config, pairs_dir, training, name), own_process=True, torch_threads=threads
+        )
+        for training, name in ((config.training, "mpo"), (sft_only(config.training), "sft"))
+    ]
     mpo, sft = (future.result() for future in futures)
     return mpo, sft
 
@@ -111,8 +140,11 @@ def data_engine(config: FlowConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ingest = with_stage_policy(ingest_prompts, stages.ingest)
     prompts = ingest(str(config.train_data), str(work / "ingested"), config.strict_ingest)
-    heldout = ingest(str(config.heldout_data), str(work / "heldout"), config.strict_ingest) \
-        if config.evaluate and config.heldout_data else None
+    heldout = (
+        ingest(str(config.heldout_data), str(work / "heldout"), config.strict_ingest)
+        if config.evaluate and config.heldout_data
+        else None
+    )
     timings["ingest"] = time.perf_counter() - started
     summary["ingest"] = prompts
 
@@ -127,14 +159,21 @@ def data_engine(config: FlowConfig) -> dict[str, Any]:
     started = time.perf_counter()
     pairs_dir = layout.pairs(config, prompts["version"], [s["samples_dir"] for s in sampled])
     pairs_version = pairs_dir.name
-    make = with_stage_policy(make_pairs, stages.pairs, refresh_cache=not (pairs_dir / "report.json").exists(),
-                             **result_storage(config))
+    make = with_stage_policy(
+        make_pairs,
+        stages.pairs,
+        refresh_cache=not (pairs_dir / "report.json").exists(),
+        **result_storage(config),
+    )
     pairs = make([s["samples_dir"] for s in sampled], prompts["prompts_dir"], str(pairs_dir), config.pairing)
     timings["pairs"] = time.perf_counter() - started
     summary["pairs"] = pairs["report"]
     summary["data_version"] = pairs_version
-    emit_event(event="mpo.pairs.ready", resource={"prefect.resource.id": f"mpo.pairs.{pairs_version}"},
-               payload={"pairs_dir": str(pairs_dir), "pairs": pairs["report"]["pairs"]})
+    emit_event(
+        event="mpo.pairs.ready",
+        resource={"prefect.resource.id": f"mpo.pairs.{pairs_version}"},
+        payload={"pairs_dir": str(pairs_dir), "pairs": pairs["report"]["pairs"]},
+    )
 
     models = {"start": config.model}
     baseline: dict[str, Any] | None = None
@@ -144,10 +183,13 @@ def data_engine(config: FlowConfig) -> dict[str, Any]:
             trained = run_stage_deployment(config.training_deployment, config, pairs_dir=str(pairs_dir))
             timings["reference log-probs + MPO training"] = time.perf_counter() - started
         else:
-            with_stage_policy(reference_logps, stages.ref_logps)(str(pairs_dir), config.model,
-                                                                 config.training.max_length,
-                                                                 stages.ref_logps.time_limit_seconds,
-                                                                 config.training.bf16)
+            with_stage_policy(reference_logps, stages.ref_logps)(
+                str(pairs_dir),
+                config.model,
+                config.training.max_length,
+                stages.ref_logps.time_limit_seconds,
+                config.training.bf16,
+            )
             timings["reference log-probs"] = time.perf_counter() - started
             started = time.perf_counter()
             if config.sft_baseline and config.baseline_side_by_side:
@@ -163,10 +205,13 @@ def data_engine(config: FlowConfig) -> dict[str, Any]:
             models["sft"] = baseline["final_model"]
         elif config.sft_baseline:
             started = time.perf_counter()
-            baseline = (run_stage_deployment(config.training_deployment, config, pairs_dir=str(pairs_dir),
-                                             sft_baseline=True)
-                        if config.training_deployment else train_on_pairs(config, str(pairs_dir),
-                                                                          sft_only(config.training), "sft"))
+            baseline = (
+                run_stage_deployment(
+                    config.training_deployment, config, pairs_dir=str(pairs_dir), sft_baseline=True
+                )
+                if config.training_deployment
+                else train_on_pairs(config, str(pairs_dir), sft_only(config.training), "sft")
+            )
             models["sft"] = baseline["final_model"]
             timings["SFT baseline"] = time.perf_counter() - started
 
@@ -175,19 +220,37 @@ def data_engine(config: FlowConfig) -> dict[str, Any]:
         started = time.perf_counter()
         evaluate = with_stage_policy(evaluate_model, stages.evaluate)
         summary["evaluation"] = {
-            name: evaluate(model, heldout["prompts_dir"], str(work / "eval"), config.engine, config.engine_options,
-                           config.sampling, config.pairing, config.eval_max_tokens, stages.evaluate.time_limit_seconds,
-                           config.engine_python)
+            name: evaluate(
+                model,
+                heldout["prompts_dir"],
+                str(work / "eval"),
+                config.engine,
+                config.engine_options,
+                config.sampling,
+                config.pairing,
+                config.eval_max_tokens,
+                stages.evaluate.time_limit_seconds,
+                config.engine_python,
+            )
             for name, model in models.items()
         }
-        summary["comparison"] = compare_models(work / "eval", heldout["prompts_dir"], models, config.sampling,
-                                               config.pairing, config.eval_max_tokens)
+        summary["comparison"] = compare_models(
+            work / "eval",
+            heldout["prompts_dir"],
+            models,
+            config.sampling,
+            config.pairing,
+            config.eval_max_tokens,
+        )
         timings["evaluation"] = time.perf_counter() - started
     summary["timings"] = timings
     layout.write_summary(summary)
     _publish_summary(summary)
-    logger.info("data engine done: %s pairs; %s", pairs["report"]["pairs"],
-                {k: round(v, 1) for k, v in timings.items()})
+    logger.info(
+        "data engine done: %s pairs; %s",
+        pairs["report"]["pairs"],
+        {k: round(v, 1) for k, v in timings.items()},
+    )
     return summary
 
 
@@ -200,12 +263,15 @@ def run_stage_deployment(name: str, config: FlowConfig, **parameters: Any) -> An
     """
     from prefect.deployments import run_deployment
 
-    flow_run: Any = run_deployment(name, parameters={"config": config.model_dump(mode="json"), **parameters},
-                                   timeout=None)
+    flow_run: Any = run_deployment(
+        name, parameters={"config": config.model_dump(mode="json"), **parameters}, timeout=None
+    )
     state = flow_run.state
     if state is None or not state.is_completed():
-        raise RuntimeError(f"deployment {name} run {flow_run.name} ({flow_run.id}) ended "
-                           f"{state.name if state else 'without a state'}; see it in the UI")
+        raise RuntimeError(
+            f"deployment {name} run {flow_run.name} ({flow_run.id}) ended "
+            f"{state.name if state else 'without a state'}; see it in the UI"
+        )
     return state.result()
 
 
@@ -219,8 +285,13 @@ def task_runner(config: FlowConfig) -> Any:
 
     if config.dask_address:
         return DaskTaskRunner(address=config.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_workers, "processes": config.dask_processes,
-                                          "threads_per_worker": 1})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": config.dask_workers,
+            "processes": config.dask_processes,
+            "threads_per_worker": 1,
+        }
+    )
 
 
 def run_pipeline(config: PipelineConfig, **options: Any) -> Any:
@@ -235,17 +306,33 @@ def _training_curves(metrics_file: str) -> None:
 
     records = [r for r in read_metrics(metrics_file) if r.get("split") != "eval"]
     stride = max(1, len(records) // 50)
-    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
-             if k in ("step", "loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "delta", "lr")}
-            for r in records[::stride]]
-    create_table_artifact(key="mpo-training-curves", table=rows, description="MPO training: loss terms and rewards")
+    rows = [
+        {
+            k: round(v, 4) if isinstance(v, float) else v
+            for k, v in r.items()
+            if k in ("step", "loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "delta", "lr")
+        }
+        for r in records[::stride]
+    ]
+    create_table_artifact(
+        key="mpo-training-curves", table=rows, description="MPO training: loss terms and rewards"
+    )
 
 
 def _publish_summary(summary: dict[str, Any]) -> None:
     """Markdown run summary + a table of pairs per source and dataset."""
     pairs = summary["pairs"]
-    create_table_artifact(key="mpo-pairs-per-source", description="preference pairs per dataset and source", table=[
-        {"dataset": d, **{s: stats.get("pairs", {}).get(s, 0) for s in ("correctness", "format", "dropout_ntp")}}
-        for d, stats in pairs["datasets"].items()])
-    create_markdown_artifact(key="mpo-run-summary", markdown=render_summary(summary),
-                             description="MPO data engine run summary")
+    create_table_artifact(
+        key="mpo-pairs-per-source",
+        description="preference pairs per dataset and source",
+        table=[
+            {
+                "dataset": d,
+                **{s: stats.get("pairs", {}).get(s, 0) for s in ("correctness", "format", "dropout_ntp")},
+            }
+            for d, stats in pairs["datasets"].items()
+        ],
+    )
+    create_markdown_artifact(
+        key="mpo-run-summary", markdown=render_summary(summary), description="MPO data engine run summary"
+    )

@@ -33,7 +33,11 @@ def training(config: FlowConfig, pairs_dir: str, sft_baseline: bool = False) -> 
     the SFT-only baseline on the same chosen responses)."""
     if sft_baseline:
         return train_on_pairs(config, pairs_dir, sft_only(config.training), "sft")
-    with_stage_policy(reference_logps, config.stages.ref_logps)(pairs_dir, config.model, config.training.max_length,
-                                                                config.stages.ref_logps.time_limit_seconds,
-                                                                config.training.bf16)
+    with_stage_policy(reference_logps, config.stages.ref_logps)(
+        pairs_dir,
+        config.model,
+        config.training.max_length,
+        config.stages.ref_logps.time_limit_seconds,
+        config.training.bf16,
+    )
     return train_on_pairs(config, pairs_dir, config.training, "mpo")

@@ -48,7 +48,7 @@ def last_boxed(text: str) -> str | None:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            return text[start + len(BOXED): i - 1].strip()
+            return text[start + len(BOXED) : i - 1].strip()
         start = text.rfind(BOXED, 0, start)  # unbalanced: try an earlier one
     return None
 
@@ -57,7 +57,7 @@ def _after_last_trigger(text: str) -> str | None:
     position, trigger = max((text.rfind(t), t) for t in TRIGGERS)
     if position < 0:
         return None
-    rest = text[position + len(trigger):].strip()
+    rest = text[position + len(trigger) :].strip()
     # Split on "\n" only: the vectorised twin in mpo.pairs does the same.
     line = next((ln.strip() for ln in rest.split("\n") if ln.strip()), "")
     boxed = last_boxed(line)
@@ -94,8 +94,20 @@ def extract_answer(response: str, template: str) -> str | None:
 
 _ARTICLES = {"a", "an", "the"}
 _NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-    "seven": "7", "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+    "eleven": "11",
+    "twelve": "12",
 }
 _PUNCT = re.compile(r"[!\"#$%&'()*+,\-/:;<=>?@\[\\\]^_`{|}~“”‘’。，：？！]")
 _PERIOD_NOT_DECIMAL = re.compile(r"(?<!\d)\.|\.(?!\d)")
@@ -187,8 +199,13 @@ def auto_mode(gold: str) -> VerifyMode:
     return VerifyMode.EXACT
 
 
-def is_correct(prediction: str, gold: str | list[str], mode: VerifyMode | str, rel_tol: float = 1e-4,
-               anls_threshold: float = 0.5) -> bool:
+def is_correct(
+    prediction: str,
+    gold: str | list[str],
+    mode: VerifyMode | str,
+    rel_tol: float = 1e-4,
+    anls_threshold: float = 0.5,
+) -> bool:
     """Whether an extracted ``prediction`` matches ``gold`` (any of several golds)."""
     golds = [gold] if isinstance(gold, str) else list(gold)
     mode = VerifyMode(mode)
@@ -210,7 +227,11 @@ def is_correct(prediction: str, gold: str | list[str], mode: VerifyMode | str, r
         value = parse_number(prediction)
         for g in golds:
             target = parse_number(g)
-            if value is not None and target is not None and math.isclose(value, target, rel_tol=rel_tol, abs_tol=1e-9):
+            if (
+                value is not None
+                and target is not None
+                and math.isclose(value, target, rel_tol=rel_tol, abs_tol=1e-9)
+            ):
                 return True
             if target is None and normalize_text(prediction) == normalize_text(g):
                 return True
@@ -218,7 +239,9 @@ def is_correct(prediction: str, gold: str | list[str], mode: VerifyMode | str, r
     return any(normalize_text(prediction) == normalize_text(g) for g in golds)
 
 
-def judge(response: str, gold: str | list[str], template: str, mode: VerifyMode | str) -> tuple[Verdict, str | None]:
+def judge(
+    response: str, gold: str | list[str], template: str, mode: VerifyMode | str
+) -> tuple[Verdict, str | None]:
     """Extract and verify: ``(verdict, extracted answer or None)``."""
     answer = extract_answer(response, template)
     if answer is None:

@@ -91,9 +91,13 @@ def encode(processor: Any, question: str, images: list[Image.Image], response: s
         return Encoded(prompt_ids, torch.zeros_like(prompt_ids, dtype=torch.bool), pixel_values)
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.eos_token
-    response_ids = tokenizer(response + end_of_turn, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    response_ids = tokenizer(response + end_of_turn, add_special_tokens=False, return_tensors="pt")[
+        "input_ids"
+    ][0]
     input_ids = torch.cat([prompt_ids, response_ids])
-    mask = torch.cat([torch.zeros_like(prompt_ids, dtype=torch.bool), torch.ones_like(response_ids, dtype=torch.bool)])
+    mask = torch.cat(
+        [torch.zeros_like(prompt_ids, dtype=torch.bool), torch.ones_like(response_ids, dtype=torch.bool)]
+    )
     return Encoded(input_ids, mask, pixel_values)
 
 

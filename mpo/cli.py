@@ -22,7 +22,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="markdown", help="MPO data engine: preference data and MPO training for VLMs.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    help="MPO data engine: preference data and MPO training for VLMs.",
+)
 console = Console()
 
 
@@ -49,29 +54,59 @@ def synth(
 @app.command("tiny-model")
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Output folder for the HF checkpoint")],
-    warmup_steps: Annotated[int, typer.Option(help="Supervised warm-up steps on synthetic data (0: random weights)")] = 0,
+    warmup_steps: Annotated[
+        int, typer.Option(help="Supervised warm-up steps on synthetic data (0: random weights)")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed for tokenizer corpus, init and warm-up")] = 0,
-    data: Annotated[Path | None, typer.Option(help="`mpo synth` output for the warm-up; generated if omitted")] = None,
-    warmup_lr: Annotated[float, typer.Option(help="Peak learning rate of the warm-up (cosine decay to 0)")] = 1e-3,
-    warmup_vision_lr_scale: Annotated[float, typer.Option(
-        help="Learning-rate multiplier of the vision tower and projector during the warm-up")] = 1.0,
-    warmup_prior_bias: Annotated[float, typer.Option(
-        help="Share of closed warm-up examples whose final answer is the dataset's most common one")] = 0.0,
-    warmup_prior_in_reasoning: Annotated[bool, typer.Option(
-        help="Those examples state the common answer in their steps too, not only in the last line")] = False,
-    image_size: Annotated[int, typer.Option(help="Input resolution of the vision tower (patch 14; 224 -> 64 "
-                                                 "image tokens, 112 -> 16)")] = 224,
+    data: Annotated[
+        Path | None, typer.Option(help="`mpo synth` output for the warm-up; generated if omitted")
+    ] = None,
+    warmup_lr: Annotated[
+        float, typer.Option(help="Peak learning rate of the warm-up (cosine decay to 0)")
+    ] = 1e-3,
+    warmup_vision_lr_scale: Annotated[
+        float,
+        typer.Option(help="Learning-rate multiplier of the vision tower and projector during the warm-up"),
+    ] = 1.0,
+    warmup_prior_bias: Annotated[
+        float,
+        typer.Option(
+            help="Share of closed warm-up examples whose final answer is the dataset's most common one"
+        ),
+    ] = 0.0,
+    warmup_prior_in_reasoning: Annotated[
+        bool,
+        typer.Option(
+            help="Those examples state the common answer in their steps too, not only in the last line"
+        ),
+    ] = False,
+    image_size: Annotated[
+        int,
+        typer.Option(
+            help="Input resolution of the vision tower (patch 14; 224 -> 64 image tokens, 112 -> 16)"
+        ),
+    ] = 224,
 ) -> None:
     """Build the tiny offline InternVL model (tokenizer, processor, weights)."""
     from mpo.tiny_model import TinyModelSpec, WarmupRecipe
 
-    summary = _build_tiny_model(out, seed, data, WarmupRecipe(warmup_steps, warmup_lr, warmup_vision_lr_scale,
-                                                                    warmup_prior_bias, warmup_prior_in_reasoning),
-                                TinyModelSpec(image_size))
-    console.print(f"[green]tiny model[/green] written to {out}: {summary['parameters']:,} parameters, "
-                  f"vocab {summary['vocab_size']}, {summary['image_seq_length']} image tokens per image")
+    summary = _build_tiny_model(
+        out,
+        seed,
+        data,
+        WarmupRecipe(
+            warmup_steps, warmup_lr, warmup_vision_lr_scale, warmup_prior_bias, warmup_prior_in_reasoning
+        ),
+        TinyModelSpec(image_size),
+    )
+    console.print(
+        f"[green]tiny model[/green] written to {out}: {summary['parameters']:,} parameters, "
+        f"vocab {summary['vocab_size']}, {summary['image_seq_length']} image tokens per image"
+    )
     if warmup_steps:
-        console.print(f"warm-up: {warmup_steps} steps, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
+        console.print(
+            f"warm-up: {warmup_steps} steps, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+        )
 
 
 def _build_tiny_model(out: Path, seed: int, data: Path | None, recipe: Any, spec: Any) -> dict:
@@ -82,19 +117,35 @@ def _build_tiny_model(out: Path, seed: int, data: Path | None, recipe: Any, spec
         if recipe.steps and data is None:
             data = Path(scratch) / "synth"
             generate(data, count=200, seed=seed + 1)
-        with Progress(TextColumn("warm-up"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console,
-                      disable=not recipe.steps) as progress:
+        with Progress(
+            TextColumn("warm-up"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not recipe.steps,
+        ) as progress:
             task = progress.add_task("warm-up", total=recipe.steps, loss=float("nan"))
-            return build_tiny_model(out, seed=seed, synth_dir=data, spec=spec, recipe=recipe,
-                                    on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss))
+            return build_tiny_model(
+                out,
+                seed=seed,
+                synth_dir=data,
+                spec=spec,
+                recipe=recipe,
+                on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss),
+            )
 
 
 @app.command()
 def ingest(
-    meta: Annotated[Path, typer.Argument(help="InternVL meta.json, or a plain .jsonl / .parquet prompt file")],
+    meta: Annotated[
+        Path, typer.Argument(help="InternVL meta.json, or a plain .jsonl / .parquet prompt file")
+    ],
     out: Annotated[Path, typer.Option(help="Output folder: prompts/, quarantine.parquet, report.json")],
-    strict: Annotated[bool, typer.Option(help="Stop at the first bad row, naming file, line and field")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Stop at the first bad row, naming file, line and field")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for repeat_time < 1 subsampling")] = 0,
 ) -> None:
     """Normalise prompts into the prompts table; quarantine what cannot be used."""
@@ -137,31 +188,62 @@ def _yaml_value(text: str) -> Any:
 
 @app.command()
 def pairs(
-    samples: Annotated[list[Path], typer.Argument(help="Samples directories (Parquet shards), e.g. both stages'")],
-    out: Annotated[Path, typer.Option(help="Pairs directory: data/*.parquet, hard_prompts.parquet, report.json")],
+    samples: Annotated[
+        list[Path], typer.Argument(help="Samples directories (Parquet shards), e.g. both stages'")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Pairs directory: data/*.parquet, hard_prompts.parquet, report.json")
+    ],
     pairs_per_prompt: Annotated[int, typer.Option(help="Cap on pairs per prompt and source")] = 15,
-    selection: Annotated[str, typer.Option(help="Pairs kept under the cap: random (seeded draw) or closest "
-                                                "(chosen and rejected sharing the longest prefix first)")] = "random",
+    selection: Annotated[
+        str,
+        typer.Option(
+            help="Pairs kept under the cap: random (seeded draw) or closest "
+            "(chosen and rejected sharing the longest prefix first)"
+        ),
+    ] = "random",
     seed: Annotated[int, typer.Option(help="Seed of the pair draw")] = 0,
-    verify: Annotated[list[str] | None, typer.Option(
-        help="DATASET=MODE (auto|exact|choice|numeric|anls); repeatable")] = None,
-    default_verify: Annotated[str, typer.Option(help="Verifier for datasets not named by --verify (auto: per prompt, "
-                                                     "from the shape of its gold answer)")] = "auto",
-    max_repetition: Annotated[float, typer.Option(help="Drop responses with a larger share of repeated 4-grams")] = 0.3,
-    max_length_ratio: Annotated[float | None, typer.Option(help="Drop pairs with len(chosen)/len(rejected) above this")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Pair only these prompts' samples (an `mpo ingest` prompts folder)")] = None,
-    claim: Annotated[list[str] | None, typer.Option(
-        help="DATASET=REGEX with one capture group: the answer a response's steps state; a response whose stated "
-             "answer fails the verifier against its own final answer is paired on neither side; repeatable")] = None,
+    verify: Annotated[
+        list[str] | None, typer.Option(help="DATASET=MODE (auto|exact|choice|numeric|anls); repeatable")
+    ] = None,
+    default_verify: Annotated[
+        str,
+        typer.Option(
+            help="Verifier for datasets not named by --verify (auto: per prompt, "
+            "from the shape of its gold answer)"
+        ),
+    ] = "auto",
+    max_repetition: Annotated[
+        float, typer.Option(help="Drop responses with a larger share of repeated 4-grams")
+    ] = 0.3,
+    max_length_ratio: Annotated[
+        float | None, typer.Option(help="Drop pairs with len(chosen)/len(rejected) above this")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Pair only these prompts' samples (an `mpo ingest` prompts folder)")
+    ] = None,
+    claim: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="DATASET=REGEX with one capture group: the answer a response's steps state; a response whose stated "
+            "answer fails the verifier against its own final answer is paired on neither side; repeatable"
+        ),
+    ] = None,
 ) -> None:
     """Turn samples into preference pairs (correctness, format, DropoutNTP)."""
     from mpo.pairs import PairingConfig, run_pairing
     from mpo.sampling import read_prompts
 
-    config = PairingConfig(pairs_per_prompt=pairs_per_prompt, selection=selection, seed=seed,
-                           verify_modes=_key_values(verify, "--verify", "DATASET=MODE"), default_verify_mode=default_verify,
-                           max_repetition=max_repetition, max_length_ratio=max_length_ratio,
-                           claim_patterns=_key_values(claim, "--claim", "DATASET=REGEX"))
+    config = PairingConfig(
+        pairs_per_prompt=pairs_per_prompt,
+        selection=selection,
+        seed=seed,
+        verify_modes=_key_values(verify, "--verify", "DATASET=MODE"),
+        default_verify_mode=default_verify,
+        max_repetition=max_repetition,
+        max_length_ratio=max_length_ratio,
+        claim_patterns=_key_values(claim, "--claim", "DATASET=REGEX"),
+    )
     prompt_ids = read_prompts(prompts)["prompt_id"] if prompts else None
     report = run_pairing(samples, out, config, prompt_ids)
     table = Table(title=f"{report['pairs']} pairs in {out}")
@@ -169,10 +251,14 @@ def pairs(
         table.add_column(column)
     for dataset, stats in report["datasets"].items():
         accuracy = stats.get("accuracy")
-        table.add_row(dataset, str(stats.get("prompts", 0)), str(stats.get("samples", 0)),
-                      "-" if accuracy is None else f"{accuracy:.1%}",
-                      ", ".join(f"{k} {v}" for k, v in stats.get("pairs", {}).items()),
-                      ", ".join(f"{k} {v}" for k, v in stats.get("filtered", {}).items()))
+        table.add_row(
+            dataset,
+            str(stats.get("prompts", 0)),
+            str(stats.get("samples", 0)),
+            "-" if accuracy is None else f"{accuracy:.1%}",
+            ", ".join(f"{k} {v}" for k, v in stats.get("pairs", {}).items()),
+            ", ".join(f"{k} {v}" for k, v in stats.get("filtered", {}).items()),
+        )
     console.print(table)
 
 
@@ -185,15 +271,31 @@ def sample(
     stage: Annotated[str, typer.Option(help="correctness | dropout_ntp | both")] = "both",
     n: Annotated[int | None, typer.Option(help="Samples per closed prompt (SamplingConfig.n)")] = None,
     temperature: Annotated[float | None, typer.Option(help="SamplingConfig.temperature")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="New tokens per response (SamplingConfig.max_tokens)")] = None,
-    prompts_per_shard: Annotated[int | None, typer.Option(help="Prompts per shard, the unit of resume")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="New tokens per response (SamplingConfig.max_tokens)")
+    ] = None,
+    prompts_per_shard: Annotated[
+        int | None, typer.Option(help="Prompts per shard, the unit of resume")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="SamplingConfig.seed")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="FIELD=VALUE of SamplingConfig (e.g. top_p=0.9, "
-                                                                 "dropout_variants=[sr0.5_with_image]); repeatable")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Needed by original (non -hf) InternVL checkpoints")] = False,
-    engine_option: Annotated[list[str] | None, typer.Option(
-        help="KEY=VALUE passed to the engine, value read as YAML (e.g. max_dynamic_patch=6, dtype=float32, "
-             "max_model_len=4096, or any vllm.LLM / lmdeploy backend-config argument); repeatable")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="FIELD=VALUE of SamplingConfig (e.g. top_p=0.9, "
+            "dropout_variants=[sr0.5_with_image]); repeatable",
+        ),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Needed by original (non -hf) InternVL checkpoints")
+    ] = False,
+    engine_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE passed to the engine, value read as YAML (e.g. max_dynamic_patch=6, dtype=float32, "
+            "max_model_len=4096, or any vllm.LLM / lmdeploy backend-config argument); repeatable"
+        ),
+    ] = None,
 ) -> None:
     """Sample CoT responses (correctness) and DropoutNTP continuations; resumes finished shards."""
     from mpo.config import set_fields
@@ -203,25 +305,41 @@ def sample(
     stages = STAGES if stage == "both" else (stage,)
     if any(s not in STAGES for s in stages):
         raise typer.BadParameter(f"--stage must be one of {', '.join(STAGES)} or both")
-    given = {"n": n, "temperature": temperature, "max_tokens": max_tokens, "prompts_per_shard": prompts_per_shard,
-             "seed": seed}
-    config = SamplingConfig.model_validate(set_fields({k: v for k, v in given.items() if v is not None},
-                                                      _assignments(set_)))
+    given = {
+        "n": n,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "prompts_per_shard": prompts_per_shard,
+        "seed": seed,
+    }
+    config = SamplingConfig.model_validate(
+        set_fields({k: v for k, v in given.items() if v is not None}, _assignments(set_))
+    )
     prompts_dir = prompts / "prompts" if (prompts / "prompts").is_dir() else prompts
-    options = {key: _yaml_value(value) for key, value in _key_values(engine_option, "--engine-option", "KEY=VALUE").items()}
+    options = {
+        key: _yaml_value(value)
+        for key, value in _key_values(engine_option, "--engine-option", "KEY=VALUE").items()
+    }
     sampler = load_engine(engine, model, trust_remote_code=trust_remote_code, **options)
     try:
         for name in stages:
-            with Progress(TextColumn(name), BarColumn(), TextColumn("{task.completed}/{task.total} shards"),
-                          TimeElapsedColumn(), console=console) as progress:
+            with Progress(
+                TextColumn(name),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} shards"),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
                 task = progress.add_task(name, total=None)
 
                 def advance(done: int, total: int, _skipped: bool, task: TaskID = task) -> None:
                     progress.update(task, completed=done, total=total)
 
                 report = run_stage(name, prompts_dir, sampler, out, config, on_shard=advance)
-            console.print(f"{name}: {report.shards} shards ({report.skipped} already done), "
-                          f"{report.samples_written} samples written to {report.out_dir}")
+            console.print(
+                f"{name}: {report.shards} shards ({report.skipped} already done), "
+                f"{report.samples_written} samples written to {report.out_dir}"
+            )
     finally:
         sampler.close()
 
@@ -243,34 +361,60 @@ def export(
 
 @app.command("ref-logps")
 def ref_logps(
-    pairs: Annotated[Path, typer.Option(help="Pairs directory (`mpo pairs` output); its shards are rewritten")],
+    pairs: Annotated[
+        Path, typer.Option(help="Pairs directory (`mpo pairs` output); its shards are rewritten")
+    ],
     model: Annotated[Path, typer.Option(help="Reference model folder (usually the starting policy)")],
     max_length: Annotated[int, typer.Option(help="Must equal the trainer's --max-length")] = 2048,
     batch_size: Annotated[int, typer.Option(help="Pairs per forward")] = 8,
     device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when present)")] = None,
-    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast, as the trainer's --bf16 "
-                                                                       "(default: on with CUDA)")] = None,
+    bf16: Annotated[
+        bool | None,
+        typer.Option(
+            "--bf16/--no-bf16", help="bf16 autocast, as the trainer's --bf16 (default: on with CUDA)"
+        ),
+    ] = None,
 ) -> None:
     """Write the frozen reference's log-probs into the pairs (ref_chosen_logp, ref_rejected_logp),
     computed as training computes (float32 weights, the same autocast)."""
     from mpo.ref_logps import compute_reference_logps
 
-    with Progress(TextColumn("reference log-probs"), BarColumn(), TextColumn("{task.completed} pairs"),
-                  TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("reference log-probs"),
+        BarColumn(),
+        TextColumn("{task.completed} pairs"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         task = progress.add_task("ref", total=None)
-        report = compute_reference_logps(pairs, model, max_length=max_length, batch_size=batch_size, device=device,
-                                         bf16=bf16, on_shard=lambda _path, rows: progress.advance(task, rows))
-    console.print(f"reference log-probs: {report.pairs} pairs in {report.shards} shards written, "
-                  f"{report.skipped_shards} shards already done, {report.too_long} pairs too long for "
-                  f"max_length {max_length}")
+        report = compute_reference_logps(
+            pairs,
+            model,
+            max_length=max_length,
+            batch_size=batch_size,
+            device=device,
+            bf16=bf16,
+            on_shard=lambda _path, rows: progress.advance(task, rows),
+        )
+    console.print(
+        f"reference log-probs: {report.pairs} pairs in {report.shards} shards written, "
+        f"{report.skipped_shards} shards already done, {report.too_long} pairs too long for "
+        f"max_length {max_length}"
+    )
 
 
 @app.command()
 def train(
-    pairs: Annotated[Path, typer.Option(help="Pairs directory (with reference log-probs unless --reference online)")],
+    pairs: Annotated[
+        Path, typer.Option(help="Pairs directory (with reference log-probs unless --reference online)")
+    ],
     model: Annotated[Path, typer.Option(help="Starting model folder (HF format)")],
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, final/, metrics.jsonl; re-running resumes")],
-    config: Annotated[Path | None, typer.Option(help="YAML with TrainConfig fields; options below override it")] = None,
+    out: Annotated[
+        Path, typer.Option(help="Run folder: checkpoints/, final/, metrics.jsonl; re-running resumes")
+    ],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML with TrainConfig fields; options below override it")
+    ] = None,
     eval_pairs: Annotated[Path | None, typer.Option(help="Held-out pairs for reward accuracy")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch)")] = None,
@@ -280,20 +424,35 @@ def train(
     max_length: Annotated[int | None, typer.Option(help="Tokens per sequence")] = None,
     beta: Annotated[float | None, typer.Option(help="β of DPO and BCO")] = None,
     reference: Annotated[str | None, typer.Option(help="precomputed | online")] = None,
-    lora_r: Annotated[int | None, typer.Option(help="Train a LoRA adapter of this rank instead of all weights")] = None,
+    lora_r: Annotated[
+        int | None, typer.Option(help="Train a LoRA adapter of this rank instead of all weights")
+    ] = None,
     freeze_vision: Annotated[bool | None, typer.Option("--freeze-vision/--train-vision")] = None,
     freeze_projector: Annotated[bool | None, typer.Option("--freeze-projector/--train-projector")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing")] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
-    stop_after: Annotated[int | None, typer.Option(help="Stop (with a checkpoint) after N steps; re-run to go on")] = None,
-    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: on with CUDA)")] = None,
-    keep_dropout: Annotated[bool, typer.Option(help="Keep the model's dropout (default: all dropout off, as TRL)")] = False,
-    allow_other_reference: Annotated[bool, typer.Option(
-        help="Accept precomputed reference log-probs of another model than --model")] = False,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.FIELD=VALUE of TrainConfig on top of "
-                                                                 "--config and the options (e.g. loss.beta=0.2); "
-                                                                 "repeatable")] = None,
+    stop_after: Annotated[
+        int | None, typer.Option(help="Stop (with a checkpoint) after N steps; re-run to go on")
+    ] = None,
+    bf16: Annotated[
+        bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: on with CUDA)")
+    ] = None,
+    keep_dropout: Annotated[
+        bool, typer.Option(help="Keep the model's dropout (default: all dropout off, as TRL)")
+    ] = False,
+    allow_other_reference: Annotated[
+        bool, typer.Option(help="Accept precomputed reference log-probs of another model than --model")
+    ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="SECTION.FIELD=VALUE of TrainConfig on top of "
+            "--config and the options (e.g. loss.beta=0.2); "
+            "repeatable",
+        ),
+    ] = None,
 ) -> None:
     """Train with MPO (0.8·DPO + 0.2·BCO + 1.0·SFT). Works under `torchrun` (DDP)."""
     from mpo.config import set_fields
@@ -301,12 +460,23 @@ def train(
     from mpo.train import train as run_train
 
     base = _load_yaml(config) if config else {}
-    overrides = {"learning_rate": learning_rate, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size,
-                 "grad_accum": grad_accum, "max_length": max_length, "reference": reference,
-                 "freeze_vision": freeze_vision, "freeze_projector": freeze_projector,
-                 "gradient_checkpointing": gradient_checkpointing, "save_every": save_every, "seed": seed,
-                 "bf16": bf16, "disable_dropout": False if keep_dropout else None,
-                 "allow_other_reference": True if allow_other_reference else None}
+    overrides = {
+        "learning_rate": learning_rate,
+        "max_steps": max_steps,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "max_length": max_length,
+        "reference": reference,
+        "freeze_vision": freeze_vision,
+        "freeze_projector": freeze_projector,
+        "gradient_checkpointing": gradient_checkpointing,
+        "save_every": save_every,
+        "seed": seed,
+        "bf16": bf16,
+        "disable_dropout": False if keep_dropout else None,
+        "allow_other_reference": True if allow_other_reference else None,
+    }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if beta is not None:
         base.setdefault("loss", {})["beta"] = beta
@@ -314,21 +484,39 @@ def train(
         base["lora"] = LoraSettings(r=lora_r, alpha=2 * lora_r).model_dump()
     settings = TrainConfig.model_validate(set_fields(base, _assignments(set_)))
     main = os.environ.get("RANK", "0") == "0"
-    with Progress(TextColumn("MPO"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
-                  disable=not main) as progress:
+    with Progress(
+        TextColumn("MPO"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not main,
+    ) as progress:
         task = progress.add_task("train", total=settings.max_steps, status="")
 
         def show(record: dict) -> None:
-            progress.update(task, completed=record["step"], status=(
-                f"loss {record['loss']:.3f} margin {record['reward_margin']:+.3f} acc {record['reward_accuracy']:.2f}"))
+            progress.update(
+                task,
+                completed=record["step"],
+                status=(
+                    f"loss {record['loss']:.3f} margin {record['reward_margin']:+.3f} acc {record['reward_accuracy']:.2f}"
+                ),
+            )
 
-        result = run_train(pairs, model, out, settings, eval_pairs=eval_pairs, stop_after=stop_after, on_step=show)
+        result = run_train(
+            pairs, model, out, settings, eval_pairs=eval_pairs, stop_after=stop_after, on_step=show
+        )
     if main:
-        console.print(f"trained {result.steps} steps (resumed at {result.resumed_from}); metrics in "
-                      f"{result.metrics_file}" + (f"; model in {result.final_model}" if result.final_model.exists() else ""))
+        console.print(
+            f"trained {result.steps} steps (resumed at {result.resumed_from}); metrics in "
+            f"{result.metrics_file}"
+            + (f"; model in {result.final_model}" if result.final_model.exists() else "")
+        )
         if result.evaluation:
-            console.print("held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in result.evaluation.items()))
+            console.print(
+                "held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in result.evaluation.items())
+            )
 
 
 def _load_yaml(path: Path) -> dict:
@@ -346,11 +534,21 @@ RUNNERS = ("prefect", "local")
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config YAML (mpo.config.PipelineConfig fields)")],
-    runner: Annotated[str, typer.Option(help="prefect: the flow `mpo-data-engine`, embedded (retries, caching, "
-                                             "artifacts); local: stage after stage in this process, no orchestrator")
-                      ] = "prefect",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.FIELD=VALUE on top of the YAML, value read "
-                                                                 "as YAML (e.g. training.max_steps=50); repeatable")] = None,
+    runner: Annotated[
+        str,
+        typer.Option(
+            help="prefect: the flow `mpo-data-engine`, embedded (retries, caching, "
+            "artifacts); local: stage after stage in this process, no orchestrator"
+        ),
+    ] = "prefect",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="SECTION.FIELD=VALUE on top of the YAML, value read "
+            "as YAML (e.g. training.max_steps=50); repeatable",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole DAG on one config.
 
@@ -378,8 +576,10 @@ def _prefect_runner(runner: str) -> Any:
     try:
         return importlib.import_module("flows.data_engine")
     except ModuleNotFoundError as error:
-        raise typer.BadParameter(f"the prefect runner needs Prefect ({error}): pip install "
-                                 "'mpo-data-engine[prefect]', or use --runner local") from None
+        raise typer.BadParameter(
+            f"the prefect runner needs Prefect ({error}): pip install "
+            "'mpo-data-engine[prefect]', or use --runner local"
+        ) from None
 
 
 def _run_pipeline(settings: Any, runner: str) -> dict:
@@ -387,61 +587,110 @@ def _run_pipeline(settings: Any, runner: str) -> dict:
     if runner == "local":
         from mpo.pipeline import run_local
 
-        return run_local(settings, on_event=lambda event: console.print(event["log"]) if "log" in event else None)
+        return run_local(
+            settings, on_event=lambda event: console.print(event["log"]) if "log" in event else None
+        )
     summary: dict = _prefect_runner(runner).run_pipeline(settings)
     return summary
 
 
 # `mpo demo`'s options, kept from before the demo became configs/demo.yaml: each sets one field.
-DEMO_OPTIONS = {"workdir": "workdir", "datasets": "data.datasets", "count": "data.count",
-                "heldout_fraction": "data.heldout_fraction", "warmup_steps": "tiny_model.warmup.steps",
-                "warmup_count": "tiny_model.warmup_count", "warmup_lr": "tiny_model.warmup.lr",
-                "warmup_vision_lr_scale": "tiny_model.warmup.vision_lr_scale",
-                "warmup_prior_bias": "tiny_model.warmup.prior_bias",
-                "warmup_prior_in_reasoning": "tiny_model.warmup.prior_in_reasoning",
-                "image_size": "tiny_model.image_size", "sample_n": "pipeline.sampling.n",
-                "temperature": "pipeline.sampling.temperature", "pairs_per_prompt": "pipeline.pairing.pairs_per_prompt",
-                "pair_selection": "pipeline.pairing.selection", "train_steps": "pipeline.training.max_steps",
-                "learning_rate": "pipeline.training.learning_rate", "max_grad_norm": "pipeline.training.max_grad_norm",
-                "seed": "seed"}
+DEMO_OPTIONS = {
+    "workdir": "workdir",
+    "datasets": "data.datasets",
+    "count": "data.count",
+    "heldout_fraction": "data.heldout_fraction",
+    "warmup_steps": "tiny_model.warmup.steps",
+    "warmup_count": "tiny_model.warmup_count",
+    "warmup_lr": "tiny_model.warmup.lr",
+    "warmup_vision_lr_scale": "tiny_model.warmup.vision_lr_scale",
+    "warmup_prior_bias": "tiny_model.warmup.prior_bias",
+    "warmup_prior_in_reasoning": "tiny_model.warmup.prior_in_reasoning",
+    "image_size": "tiny_model.image_size",
+    "sample_n": "pipeline.sampling.n",
+    "temperature": "pipeline.sampling.temperature",
+    "pairs_per_prompt": "pipeline.pairing.pairs_per_prompt",
+    "pair_selection": "pipeline.pairing.selection",
+    "train_steps": "pipeline.training.max_steps",
+    "learning_rate": "pipeline.training.learning_rate",
+    "max_grad_norm": "pipeline.training.max_grad_norm",
+    "seed": "seed",
+}
 
 
 def _assignments(sets: list[str] | None) -> dict[str, Any]:
     """``--set section.field=value`` options (values read as YAML) as dotted assignments."""
-    return {key: _yaml_value(value) for key, value in _key_values(sets, "--set", "SECTION.FIELD=VALUE").items()}
+    return {
+        key: _yaml_value(value) for key, value in _key_values(sets, "--set", "SECTION.FIELD=VALUE").items()
+    }
 
 
 @app.command()
 def demo(
-    config: Annotated[Path | None, typer.Option(help="Demo config (default: the repository's configs/demo.yaml)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.FIELD=VALUE on top of the config, value read "
-                                                                 "as YAML (e.g. pipeline.training.max_steps=50); repeatable")] = None,
-    workdir: Annotated[Path | None, typer.Option(help="Where the demo writes data, model and outputs")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Demo config (default: the repository's configs/demo.yaml)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="SECTION.FIELD=VALUE on top of the config, value read "
+            "as YAML (e.g. pipeline.training.max_steps=50); repeatable",
+        ),
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the demo writes data, model and outputs")
+    ] = None,
     datasets: Annotated[str | None, typer.Option(help="Synthetic datasets, comma-separated")] = None,
-    count: Annotated[int | None, typer.Option(help="Prompts per synthetic dataset (train + held-out)")] = None,
-    heldout_fraction: Annotated[float | None, typer.Option(help="Share of each dataset kept for evaluation")] = None,
+    count: Annotated[
+        int | None, typer.Option(help="Prompts per synthetic dataset (train + held-out)")
+    ] = None,
+    heldout_fraction: Annotated[
+        float | None, typer.Option(help="Share of each dataset kept for evaluation")
+    ] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps of the tiny model")] = None,
-    warmup_count: Annotated[int | None, typer.Option(help="Warm-up examples per dataset (their own images)")] = None,
+    warmup_count: Annotated[
+        int | None, typer.Option(help="Warm-up examples per dataset (their own images)")
+    ] = None,
     warmup_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the warm-up")] = None,
-    warmup_vision_lr_scale: Annotated[float | None, typer.Option(
-        help="Warm-up learning-rate multiplier of the vision tower and projector")] = None,
-    warmup_prior_bias: Annotated[float | None, typer.Option(
-        help="Share of closed warm-up examples taught the dataset's most common answer")] = None,
-    warmup_prior_in_reasoning: Annotated[bool | None, typer.Option(
-        "--warmup-prior-in-reasoning/--no-warmup-prior-in-reasoning",
-        help="The shortcut examples state the common answer in their steps too")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input resolution of the tiny model's vision tower")] = None,
+    warmup_vision_lr_scale: Annotated[
+        float | None, typer.Option(help="Warm-up learning-rate multiplier of the vision tower and projector")
+    ] = None,
+    warmup_prior_bias: Annotated[
+        float | None,
+        typer.Option(help="Share of closed warm-up examples taught the dataset's most common answer"),
+    ] = None,
+    warmup_prior_in_reasoning: Annotated[
+        bool | None,
+        typer.Option(
+            "--warmup-prior-in-reasoning/--no-warmup-prior-in-reasoning",
+            help="The shortcut examples state the common answer in their steps too",
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Input resolution of the tiny model's vision tower")
+    ] = None,
     sample_n: Annotated[int | None, typer.Option(help="CoT samples per closed prompt")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature of both sampling stages")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature of both sampling stages")
+    ] = None,
     pairs_per_prompt: Annotated[int | None, typer.Option(help="Cap on pairs per prompt and source")] = None,
-    pair_selection: Annotated[str | None, typer.Option(help="Pairs kept under the cap: random or closest")] = None,
-    claim_check: Annotated[bool, typer.Option(
-        help="Pair no response whose steps state another answer than its final line")] = True,
+    pair_selection: Annotated[
+        str | None, typer.Option(help="Pairs kept under the cap: random or closest")
+    ] = None,
+    claim_check: Annotated[
+        bool, typer.Option(help="Pair no response whose steps state another answer than its final line")
+    ] = True,
     train_steps: Annotated[int | None, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")
-                             ] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="Gradient-norm clip of MPO and the SFT baseline")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the data, the model, sampling and training")] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")
+    ] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Gradient-norm clip of MPO and the SFT baseline")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the data, the model, sampling and training")
+    ] = None,
     runner: Annotated[str, typer.Option(help="prefect or local (see `mpo run`)")] = "prefect",
 ) -> None:
     """The main job: synthetic data -> tiny model with a warm-up -> the whole DAG.
@@ -456,29 +705,54 @@ def demo(
     from mpo.demo import DEFAULT_CONFIG, DemoConfig, prepare
     from mpo.pipeline import render_summary
 
-    given = {"workdir": workdir, "datasets": [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None,
-             "count": count, "heldout_fraction": heldout_fraction, "warmup_steps": warmup_steps,
-             "warmup_count": warmup_count, "warmup_lr": warmup_lr, "warmup_vision_lr_scale": warmup_vision_lr_scale,
-             "warmup_prior_bias": warmup_prior_bias, "warmup_prior_in_reasoning": warmup_prior_in_reasoning,
-             "image_size": image_size, "sample_n": sample_n, "temperature": temperature,
-             "pairs_per_prompt": pairs_per_prompt, "pair_selection": pair_selection, "train_steps": train_steps,
-             "learning_rate": learning_rate, "max_grad_norm": max_grad_norm, "seed": seed}
-    assignments: dict[str, Any] = {DEMO_OPTIONS[name]: value for name, value in given.items() if value is not None}
+    given = {
+        "workdir": workdir,
+        "datasets": [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None,
+        "count": count,
+        "heldout_fraction": heldout_fraction,
+        "warmup_steps": warmup_steps,
+        "warmup_count": warmup_count,
+        "warmup_lr": warmup_lr,
+        "warmup_vision_lr_scale": warmup_vision_lr_scale,
+        "warmup_prior_bias": warmup_prior_bias,
+        "warmup_prior_in_reasoning": warmup_prior_in_reasoning,
+        "image_size": image_size,
+        "sample_n": sample_n,
+        "temperature": temperature,
+        "pairs_per_prompt": pairs_per_prompt,
+        "pair_selection": pair_selection,
+        "train_steps": train_steps,
+        "learning_rate": learning_rate,
+        "max_grad_norm": max_grad_norm,
+        "seed": seed,
+    }
+    assignments: dict[str, Any] = {
+        DEMO_OPTIONS[name]: value for name, value in given.items() if value is not None
+    }
     if not claim_check:
         assignments["pipeline.pairing.claim_patterns"] = {}
     settings = DemoConfig.load(config or DEFAULT_CONFIG, {**assignments, **_assignments(set_)})
 
     started = time.perf_counter()
     warmup = settings.tiny_model.warmup
-    with Progress(TextColumn("warm-up"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console,
-                  disable=not warmup.steps) as progress:
+    with Progress(
+        TextColumn("warm-up"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not warmup.steps,
+    ) as progress:
         task = progress.add_task("warm-up", total=warmup.steps, loss=float("nan"))
-        pipeline, model = prepare(settings, on_step=lambda step, loss: progress.update(task, completed=step + 1,
-                                                                                         loss=loss))
-    console.print(f"[bold]tiny model[/bold] in {pipeline.model}: {model['parameters']:,} parameters, warm-up "
-                  f"{warmup.steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
-                  f"{model['last_loss'] or float('nan'):.3f} ({time.perf_counter() - started:.0f} s with the data)")
+        pipeline, model = prepare(
+            settings, on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss)
+        )
+    console.print(
+        f"[bold]tiny model[/bold] in {pipeline.model}: {model['parameters']:,} parameters, warm-up "
+        f"{warmup.steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
+        f"{model['last_loss'] or float('nan'):.3f} ({time.perf_counter() - started:.0f} s with the data)"
+    )
     console.print(Markdown(render_summary(_run_pipeline(pipeline, runner))))
     console.print(f"total {time.perf_counter() - started:.0f} s")
 

@@ -44,8 +44,11 @@ class StageLimit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     time_limit_seconds: float | None = Field(
-        None, gt=0, description="hard limit for the sampling, reference, training and evaluation stages: each runs "
-        "in its own process, killed at the limit (a thread timeout cannot stop a CUDA call); empty: no limit")
+        None,
+        gt=0,
+        description="hard limit for the sampling, reference, training and evaluation stages: each runs "
+        "in its own process, killed at the limit (a thread timeout cannot stop a CUDA call); empty: no limit",
+    )
 
 
 class StageLimits(BaseModel):
@@ -76,9 +79,11 @@ class PipelineConfig(BaseModel):
     engine: str = Field("transformers", description="sampling engine: transformers | vllm | lmdeploy")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="passed to the engine")
     engine_python: str | None = Field(
-        None, description="the Python of the engine's own environment (e.g. .venv-vllm/bin/python): sampling and "
+        None,
+        description="the Python of the engine's own environment (e.g. .venv-vllm/bin/python): sampling and "
         "evaluation run there, in a child process; needed where the engine cannot share the orchestrator's "
-        "environment (vLLM 0.32 and Prefect 3.8 pin disjoint fastapi ranges); empty: this environment")
+        "environment (vLLM 0.32 and Prefect 3.8 pin disjoint fastapi ranges); empty: this environment",
+    )
     strict_ingest: bool = Field(False, description="stop at the first bad input row instead of quarantining")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     pairing: PairingConfig = Field(default_factory=PairingConfig)
@@ -86,8 +91,10 @@ class PipelineConfig(BaseModel):
     train: bool = Field(True, description="train on the new pairs (a data refresh may only make data)")
     sft_baseline: bool = Field(False, description="also train an SFT-only model on the same chosen responses")
     baseline_side_by_side: bool = Field(
-        False, description="train the SFT baseline at the same time as MPO, each in its own process with half the "
-        "CPU threads (a small model on a CPU is bound by Python, not by cores); leave off on one GPU")
+        False,
+        description="train the SFT baseline at the same time as MPO, each in its own process with half the "
+        "CPU threads (a small model on a CPU is bound by Python, not by cores); leave off on one GPU",
+    )
     evaluate: bool = Field(True, description="greedy held-out accuracy before and after training")
     eval_max_tokens: int = Field(256, ge=1, description="new tokens per greedy evaluation answer")
     stages: StageLimits = Field(default_factory=StageLimits)

@@ -44,8 +44,11 @@ class DemoConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the data, the model, sampling and training")
     data: DemoData
     tiny_model: DemoModel = Field(default_factory=DemoModel)
-    pipeline: dict[str, Any] = Field(default_factory=dict, description="PipelineConfig fields but the four the "
-                                     "demo fills in (workdir, train_data, heldout_data, model)")
+    pipeline: dict[str, Any] = Field(
+        default_factory=dict,
+        description="PipelineConfig fields but the four the "
+        "demo fills in (workdir, train_data, heldout_data, model)",
+    )
 
     @classmethod
     def load(cls, path: Path | str = DEFAULT_CONFIG, assignments: dict[str, Any] | None = None) -> DemoConfig:
@@ -58,22 +61,43 @@ class DemoConfig(BaseModel):
         return cls.model_validate(set_fields(raw, assignments or {}))
 
 
-def prepare(config: DemoConfig, on_step: Callable[[int, float], None] | None = None) -> tuple[PipelineConfig,
-                                                                                              dict[str, Any]]:
+def prepare(
+    config: DemoConfig, on_step: Callable[[int, float], None] | None = None
+) -> tuple[PipelineConfig, dict[str, Any]]:
     """Draw the data and build (or keep) the tiny model; returns the pipeline config and the model's summary."""
     from mpo.synth import generate
     from mpo.tiny_model import TinyModelSpec, WarmupRecipe, ensure_tiny_model
 
     workdir = config.workdir.resolve()
     datasets = tuple(config.data.datasets)
-    generate(workdir / "data", count=config.data.count, seed=config.seed,
-             heldout_fraction=config.data.heldout_fraction, datasets=datasets)
+    generate(
+        workdir / "data",
+        count=config.data.count,
+        seed=config.seed,
+        heldout_fraction=config.data.heldout_fraction,
+        datasets=datasets,
+    )
     warmup = config.tiny_model.warmup
-    recipe = WarmupRecipe(warmup.steps, warmup.lr, warmup.vision_lr_scale, warmup.prior_bias, warmup.prior_in_reasoning)
-    model = ensure_tiny_model(workdir / "model-start", config.seed, recipe, TinyModelSpec(config.tiny_model.image_size),
-                              datasets, config.tiny_model.warmup_count, on_step=on_step)
+    recipe = WarmupRecipe(
+        warmup.steps, warmup.lr, warmup.vision_lr_scale, warmup.prior_bias, warmup.prior_in_reasoning
+    )
+    model = ensure_tiny_model(
+        workdir / "model-start",
+        config.seed,
+        recipe,
+        TinyModelSpec(config.tiny_model.image_size),
+        datasets,
+        config.tiny_model.warmup_count,
+        on_step=on_step,
+    )
     seeded = set_fields(config.pipeline, {"sampling.seed": config.seed, "training.seed": config.seed})
-    pipeline = PipelineConfig.model_validate({
-        **seeded, "workdir": workdir, "train_data": workdir / "data" / "meta.json",
-        "heldout_data": workdir / "data" / "meta_heldout.json", "model": str(workdir / "model-start")})
+    pipeline = PipelineConfig.model_validate(
+        {
+            **seeded,
+            "workdir": workdir,
+            "train_data": workdir / "data" / "meta.json",
+            "heldout_data": workdir / "data" / "meta_heldout.json",
+            "model": str(workdir / "model-start"),
+        }
+    )
     return pipeline, model

@@ -52,7 +52,11 @@ def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum (float64) of a small tensor over all ranks (identity when alone)."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
     reduced = values.detach().to(device, torch.float64).clone()
     dist.all_reduce(reduced)
     return reduced.to(values.device)

@@ -30,12 +30,19 @@ def greedy_config(sampling: SamplingConfig, max_tokens: int) -> SamplingConfig:
 def accuracy_table(samples: pl.DataFrame, pairing: PairingConfig) -> dict[str, dict[str, Any]]:
     """Per dataset: prompts, correct, format failures and accuracy (correct / prompts)."""
     judged = judge_samples(samples, pairing)
-    stats = (judged.group_by("dataset")
-             .agg(prompts=pl.len(),
-                  correct=(pl.col("verdict") == Verdict.CORRECT.value).sum(),
-                  format_failures=(pl.col("verdict") == Verdict.FORMAT_FAILURE.value).sum())
-             .sort("dataset"))
-    return {row["dataset"]: {**row, "accuracy": row["correct"] / row["prompts"]} for row in stats.iter_rows(named=True)}
+    stats = (
+        judged.group_by("dataset")
+        .agg(
+            prompts=pl.len(),
+            correct=(pl.col("verdict") == Verdict.CORRECT.value).sum(),
+            format_failures=(pl.col("verdict") == Verdict.FORMAT_FAILURE.value).sum(),
+        )
+        .sort("dataset")
+    )
+    return {
+        row["dataset"]: {**row, "accuracy": row["correct"] / row["prompts"]}
+        for row in stats.iter_rows(named=True)
+    }
 
 
 def evaluation_store(out: Path | str, model: str, sampling: SamplingConfig, max_tokens: int = 256) -> Path:
@@ -44,15 +51,22 @@ def evaluation_store(out: Path | str, model: str, sampling: SamplingConfig, max_
     return stage_store(out, "correctness", greedy_config(sampling, max_tokens), model)
 
 
-def greedy_samples(engine: Engine, prompts_dir: Path | str, out: Path | str, sampling: SamplingConfig,
-                   max_tokens: int = 256) -> pl.DataFrame:
+def greedy_samples(
+    engine: Engine, prompts_dir: Path | str, out: Path | str, sampling: SamplingConfig, max_tokens: int = 256
+) -> pl.DataFrame:
     """One greedy answer of ``engine``'s model per closed prompt in ``prompts_dir`` (one row each)."""
     report = run_stage("correctness", prompts_dir, engine, out, greedy_config(sampling, max_tokens))
     return read_stage_samples(report.out_dir, read_prompts(prompts_dir))
 
 
-def evaluate_accuracy(engine: Engine, prompts_dir: Path | str, out: Path | str, sampling: SamplingConfig,
-                      pairing: PairingConfig, max_tokens: int = 256) -> dict[str, dict[str, Any]]:
+def evaluate_accuracy(
+    engine: Engine,
+    prompts_dir: Path | str,
+    out: Path | str,
+    sampling: SamplingConfig,
+    pairing: PairingConfig,
+    max_tokens: int = 256,
+) -> dict[str, dict[str, Any]]:
     """Greedy accuracy of ``engine``'s model on the closed prompts in ``prompts_dir``, per dataset."""
     samples = greedy_samples(engine, prompts_dir, out, sampling, max_tokens)
     if samples.height == 0:
@@ -73,7 +87,9 @@ def overall_standard_error(table: dict[str, dict[str, Any]]) -> float:
     """
     if not table:
         return 0.0
-    variance = sum(row["accuracy"] * (1 - row["accuracy"]) / row["prompts"] for row in table.values() if row["prompts"])
+    variance = sum(
+        row["accuracy"] * (1 - row["accuracy"]) / row["prompts"] for row in table.values() if row["prompts"]
+    )
     return math.sqrt(variance) / len(table)
 
 
@@ -81,12 +97,22 @@ def correct_per_prompt(samples: pl.DataFrame, pairing: PairingConfig) -> pl.Data
     """prompt_id, dataset, gold answer, the model's answer (``said``) and whether it is
     correct (0/1), one row per greedy sample."""
     return judge_samples(samples, pairing).select(
-        "prompt_id", "dataset", "answer", said="extracted",
-        correct=(pl.col("verdict") == Verdict.CORRECT.value).cast(pl.Float64))
+        "prompt_id",
+        "dataset",
+        "answer",
+        said="extracted",
+        correct=(pl.col("verdict") == Verdict.CORRECT.value).cast(pl.Float64),
+    )
 
 
-def evaluated_prompts(out: Path | str, prompts_dir: Path | str, model: str, sampling: SamplingConfig,
-                      pairing: PairingConfig, max_tokens: int = 256) -> pl.DataFrame:
+def evaluated_prompts(
+    out: Path | str,
+    prompts_dir: Path | str,
+    model: str,
+    sampling: SamplingConfig,
+    pairing: PairingConfig,
+    max_tokens: int = 256,
+) -> pl.DataFrame:
     """``correct_per_prompt`` of a model that ``evaluate_accuracy`` already scored, read back
     from its store (same ``out``, config and ``max_tokens``)."""
     store = evaluation_store(out, model, sampling, max_tokens)
@@ -98,8 +124,9 @@ def evaluated_prompts(out: Path | str, prompts_dir: Path | str, model: str, samp
 def mean_and_error(frame: pl.DataFrame, column: str) -> tuple[float, float]:
     """Mean of ``column`` over datasets (each weighs the same, like ``overall``) and its
     standard error from the per-dataset sample variances."""
-    stats = frame.group_by("dataset").agg(mean=pl.col(column).mean(), var=pl.col(column).var().fill_null(0.0),
-                                          n=pl.len())
+    stats = frame.group_by("dataset").agg(
+        mean=pl.col(column).mean(), var=pl.col(column).var().fill_null(0.0), n=pl.len()
+    )
     if stats.height == 0:
         return 0.0, 0.0
     mean = float(stats["mean"].sum()) / stats.height
@@ -115,21 +142,39 @@ def paired_difference(first: pl.DataFrame, second: pl.DataFrame) -> tuple[float,
     prompts happened to be drawn) is shared; the error of the per-prompt differences is what
     says whether one model is ahead, and it is well under the two means' errors combined.
     """
-    joined = (first.select("prompt_id", "dataset", first="correct")
-              .join(second.select("prompt_id", second="correct"), on="prompt_id", how="inner"))
+    joined = first.select("prompt_id", "dataset", first="correct").join(
+        second.select("prompt_id", second="correct"), on="prompt_id", how="inner"
+    )
     if not joined.height == first.height == second.height:
-        raise ValueError(f"paired difference needs the same prompts, one answer each: {first.height} and "
-                         f"{second.height} rows, {joined.height} in common")
+        raise ValueError(
+            f"paired difference needs the same prompts, one answer each: {first.height} and "
+            f"{second.height} rows, {joined.height} in common"
+        )
     return mean_and_error(joined.with_columns(difference=pl.col("first") - pl.col("second")), "difference")
 
 
-def compare_models(out: Path | str, prompts_dir: Path | str, models: dict[str, str], sampling: SamplingConfig,
-                   pairing: PairingConfig, max_tokens: int = 256) -> dict[str, dict[str, float]]:
+def compare_models(
+    out: Path | str,
+    prompts_dir: Path | str,
+    models: dict[str, str],
+    sampling: SamplingConfig,
+    pairing: PairingConfig,
+    max_tokens: int = 256,
+) -> dict[str, dict[str, float]]:
     """Paired differences (``COMPARISONS``) between evaluated models, keyed ``"mpo - sft"``:
     ``difference`` and ``standard_error`` as fractions."""
     pairs = [(first, second) for first, second in COMPARISONS if first in models and second in models]
-    scores = {name: evaluated_prompts(out, prompts_dir, models[name], sampling, pairing, max_tokens)
-              for name in sorted({name for pair in pairs for name in pair})}
-    return {f"{first} - {second}": dict(zip(("difference", "standard_error"),
-                                            paired_difference(scores[first], scores[second]), strict=True))
-            for first, second in pairs}
+    scores = {
+        name: evaluated_prompts(out, prompts_dir, models[name], sampling, pairing, max_tokens)
+        for name in sorted({name for pair in pairs for name in pair})
+    }
+    return {
+        f"{first} - {second}": dict(
+            zip(
+                ("difference", "standard_error"),
+                paired_difference(scores[first], scores[second]),
+                strict=True,
+            )
+        )
+        for first, second in pairs
+    }

@@ -32,14 +32,24 @@ def export_internvl(pairs_dir: Path | str, out: Path | str, max_dynamic_patch: i
         lines = []
         for row in frame.iter_rows(named=True):
             paths = [os.path.relpath(p, root) for p in row["images"] or []]
-            record: dict[str, Any] = {"question": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+            record: dict[str, Any] = {
+                "question": row["prompt"],
+                "chosen": row["chosen"],
+                "rejected": row["rejected"],
+            }
             if paths:
                 record = {"image": paths[0] if len(paths) == 1 else paths, **record}
             lines.append(json.dumps(record, ensure_ascii=False))
         annotation = out / f"{dataset}.jsonl"
         atomic_write_text(annotation, "".join(line + "\n" for line in lines))
-        meta[str(dataset)] = {"root": root, "annotation": str(annotation.resolve()), "data_augment": False,
-                              "max_dynamic_patch": max_dynamic_patch, "repeat_time": 1, "length": len(lines)}
+        meta[str(dataset)] = {
+            "root": root,
+            "annotation": str(annotation.resolve()),
+            "data_augment": False,
+            "max_dynamic_patch": max_dynamic_patch,
+            "repeat_time": 1,
+            "length": len(lines),
+        }
         counts[str(dataset)] = len(lines)
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return counts

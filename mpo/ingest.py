@@ -47,8 +47,13 @@ class IngestReport:
     kinds: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"prompts": dict(self.prompts), "quarantined": dict(self.quarantined), "kinds": dict(self.kinds),
-                "total_prompts": sum(self.prompts.values()), "total_quarantined": sum(self.quarantined.values())}
+        return {
+            "prompts": dict(self.prompts),
+            "quarantined": dict(self.quarantined),
+            "kinds": dict(self.kinds),
+            "total_prompts": sum(self.prompts.values()),
+            "total_quarantined": sum(self.quarantined.values()),
+        }
 
 
 class _Reject(Exception):
@@ -74,7 +79,9 @@ def sources_from_path(path: Path) -> list[DatasetSource]:
         annotation = Path(entry["annotation"])
         if not annotation.is_absolute():
             annotation = path.parent / annotation
-        sources.append(DatasetSource(name, annotation, Path(entry["root"]), float(entry.get("repeat_time", 1))))
+        sources.append(
+            DatasetSource(name, annotation, Path(entry["root"]), float(entry.get("repeat_time", 1)))
+        )
     return sources
 
 
@@ -138,7 +145,9 @@ def _normalise(row: Any, source: DatasetSource, number: int) -> dict[str, Any]:
     images = _image_paths(row, source.root)
     placeholders = question.count(IMAGE_PLACEHOLDER)
     if placeholders and placeholders != len(images):
-        raise _Reject("placeholder_mismatch", "question", f"{placeholders} <image> placeholders, {len(images)} images")
+        raise _Reject(
+            "placeholder_mismatch", "question", f"{placeholders} <image> placeholders, {len(images)} images"
+        )
     kind = "closed" if answer is not None else "open"
     answer_text = str(answer) if answer is not None else None
     digest = hashlib.sha256()
@@ -175,21 +184,34 @@ def ingest(path: Path, out: Path, strict: bool = False, seed: int = 0) -> Ingest
     quarantine: list[dict[str, Any]] = []
     for source in sources_from_path(Path(path)):
         if not source.annotation.is_file():
-            raise IngestError(f"{source.annotation}: annotation file of dataset {source.name!r} does not exist")
+            raise IngestError(
+                f"{source.annotation}: annotation file of dataset {source.name!r} does not exist"
+            )
         rows, seen = [], set()
         for number, raw in _raw_rows(source):
             try:
                 row = _normalise(raw, source, number)
                 if row["prompt_id"] in seen:
-                    raise _Reject("duplicate_prompt", "line", f"same content as an earlier row ({row['prompt_id']})")
+                    raise _Reject(
+                        "duplicate_prompt", "line", f"same content as an earlier row ({row['prompt_id']})"
+                    )
                 seen.add(row["prompt_id"])
                 rows.append(row)
             except _Reject as reject:
                 if strict:
-                    raise IngestError(f"{source.annotation}:{number}: field {reject.field_name!r}: "
-                                      f"{reject.reason}: {reject.detail}") from None
-                quarantine.append({"dataset": source.name, "file": str(source.annotation), "line": number,
-                                   "reason": reject.reason, "detail": reject.detail})
+                    raise IngestError(
+                        f"{source.annotation}:{number}: field {reject.field_name!r}: "
+                        f"{reject.reason}: {reject.detail}"
+                    ) from None
+                quarantine.append(
+                    {
+                        "dataset": source.name,
+                        "file": str(source.annotation),
+                        "line": number,
+                        "reason": reject.reason,
+                        "detail": reject.detail,
+                    }
+                )
                 report.quarantined[reject.reason] += 1
         for row in _apply_repeat(rows, source.repeat_time, seed):
             prompts.append(row)

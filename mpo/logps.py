@@ -32,8 +32,12 @@ VISION_PASSES = ("shared", "repeat")
 _LOAD_LOCK = threading.Lock()
 
 
-def load_vlm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_vlm(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
     """``AutoModelForImageTextToText`` + ``AutoProcessor`` from a local directory (offline).
 
     Loads are serialised in a process: transformers initialises weights under global
@@ -46,8 +50,9 @@ def load_vlm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with _LOAD_LOCK:
-        model: Any = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype,
-                                                                 trust_remote_code=trust_remote_code)
+        model: Any = AutoModelForImageTextToText.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code
+        )
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         return model.to(device), processor
 
@@ -82,9 +87,11 @@ def refuse_logit_processing(model: Any) -> None:
         for name, neutral in LOGIT_PROCESSING.items():
             value = getattr(owner, name, None) if owner is not None else None
             if value not in neutral:
-                raise ValueError(f"{type(unwrap(model)).__name__} declares {name}={value}: its forward processes "
-                                 "the logits, which the chunked log-probs of training and the reference skip; "
-                                 "such models are not supported")
+                raise ValueError(
+                    f"{type(unwrap(model)).__name__} declares {name}={value}: its forward processes "
+                    "the logits, which the chunked log-probs of training and the reference skip; "
+                    "such models are not supported"
+                )
 
 
 def unwrap(model: Any) -> Any:
@@ -111,17 +118,26 @@ def image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     out = unwrap(model).get_image_features(pixel_values=pixel_values)
     features = getattr(out, "pooler_output", None)
     if features is None:
-        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in out]) if isinstance(out, (list, tuple)) else out
+        features = (
+            torch.cat([f.reshape(-1, f.shape[-1]) for f in out]) if isinstance(out, (list, tuple)) else out
+        )
     return features.reshape(-1, features.shape[-1])
 
 
-def response_logps(hidden: torch.Tensor, lm_head: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                   chunk_tokens: int = 1024) -> torch.Tensor:
+def response_logps(
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
     """Per-sequence sum of log π(token) over response tokens, logits built a chunk at a time."""
     target_mask = response_mask[:, 1:]
     states = hidden[:, :-1][target_mask]  # (N, H): the position before each response token
     targets = input_ids[:, 1:][target_mask]
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[
+        target_mask
+    ]
 
     def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h).float()
@@ -130,7 +146,7 @@ def response_logps(hidden: torch.Tensor, lm_head: nn.Module, input_ids: torch.Te
     recompute = torch.is_grad_enabled() and states.requires_grad
     parts = []
     for start in range(0, states.shape[0], chunk_tokens):
-        h, t = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        h, t = states[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         parts.append(checkpoint(chunk_logps, h, t, use_reentrant=False) if recompute else chunk_logps(h, t))
     token_logps = torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
@@ -152,8 +168,14 @@ class PairLogps(nn.Module):
         self.vision_pass = vision_pass
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None, rejected_grad: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        rejected_grad: bool = True,
+    ) -> torch.Tensor:
         """``rejected_grad=False`` is for a loss that ignores the rejected responses (the SFT
         baseline): the rejected half then runs without autograd, about a third of its cost,
         and its log-probs still feed the reward metrics."""
@@ -161,32 +183,59 @@ class PairLogps(nn.Module):
         if rejected_grad or not torch.is_grad_enabled():
             return self._logps(hf, input_ids, attention_mask, response_mask, pixel_values, copies=2)
         half = input_ids.shape[0] // 2
-        features = image_features(hf, pixel_values) if pixel_values is not None and self.vision_pass == "shared" \
+        features = (
+            image_features(hf, pixel_values)
+            if pixel_values is not None and self.vision_pass == "shared"
             else None
+        )
         parts = []
         for rows, grad in ((slice(None, half), True), (slice(half, None), False)):
             width = int(attention_mask[rows].sum(dim=1).max())  # right-padded: drop this half's pad columns
             with torch.set_grad_enabled(grad):
-                parts.append(self._logps(
-                    hf, input_ids[rows, :width], attention_mask[rows, :width], response_mask[rows, :width],
-                    pixel_values, copies=1, features=features if grad or features is None else features.detach()))
+                parts.append(
+                    self._logps(
+                        hf,
+                        input_ids[rows, :width],
+                        attention_mask[rows, :width],
+                        response_mask[rows, :width],
+                        pixel_values,
+                        copies=1,
+                        features=features if grad or features is None else features.detach(),
+                    )
+                )
         return torch.cat(parts)
 
-    def _logps(self, hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-               pixel_values: torch.Tensor | None, copies: int, features: torch.Tensor | None = None) -> torch.Tensor:
+    def _logps(
+        self,
+        hf: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        copies: int,
+        features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Log-prob sums of sequences that hold ``copies`` times the images of ``pixel_values``."""
         base = hf.base_model
         if pixel_values is not None and self.vision_pass == "repeat":
-            hidden = base(input_ids=input_ids, pixel_values=torch.cat([pixel_values] * copies),
-                          attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = base(
+                input_ids=input_ids,
+                pixel_values=torch.cat([pixel_values] * copies),
+                attention_mask=attention_mask,
+                use_cache=False,
+            ).last_hidden_state
         else:
             embeds = hf.get_input_embeddings()(input_ids)
             if pixel_values is not None:
                 if features is None:
                     features = image_features(hf, pixel_values)
                 image_positions = (input_ids == image_token_id(hf)).unsqueeze(-1)
-                embeds = embeds.masked_scatter(image_positions, torch.cat([features.to(embeds.dtype)] * copies))
-            hidden = base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+                embeds = embeds.masked_scatter(
+                    image_positions, torch.cat([features.to(embeds.dtype)] * copies)
+                )
+            hidden = base(
+                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
         return response_logps(hidden, hf.get_output_embeddings(), input_ids, response_mask, self.chunk_tokens)
 
     def batch_logps(self, batch: PairBatch) -> torch.Tensor:

@@ -45,7 +45,9 @@ class MPOLossConfig(BaseModel):
     bco_weight: float = Field(0.2, ge=0, description="weight of the pairwise BCO term")
     sft_weight: float = Field(1.0, ge=0, description="weight of the SFT term on chosen responses")
     sft_reduction: SFTReduction = Field(SFTReduction.SEQUENCE, description="sequence (paper) or token (TRL)")
-    delta_mode: DeltaMode = Field(DeltaMode.CUMULATIVE, description="running mean kind of the BCO reward shift δ")
+    delta_mode: DeltaMode = Field(
+        DeltaMode.CUMULATIVE, description="running mean kind of the BCO reward shift δ"
+    )
     delta_momentum: float = Field(0.99, gt=0, lt=1, description="EMA momentum of δ")
 
 
@@ -66,7 +68,9 @@ class RewardShift:
         self.value = 0.0
 
     def update(self, rewards: torch.Tensor) -> float:
-        stats = torch.tensor([rewards.detach().double().sum().item(), float(rewards.numel())], dtype=torch.float64)
+        stats = torch.tensor(
+            [rewards.detach().double().sum().item(), float(rewards.numel())], dtype=torch.float64
+        )
         if dist.is_available() and dist.is_initialized():
             backend_device = rewards.device if dist.get_backend() == "nccl" else torch.device("cpu")
             stats = stats.to(backend_device)
@@ -81,17 +85,28 @@ class RewardShift:
             self.value = self.total / self.count
         else:
             batch_mean = batch_sum / batch_count
-            self.value = batch_mean if self.count == 0 else self.momentum * self.value + (1 - self.momentum) * batch_mean
+            self.value = (
+                batch_mean
+                if self.count == 0
+                else self.momentum * self.value + (1 - self.momentum) * batch_mean
+            )
             self.count += batch_count
         return self.value
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode.value, "momentum": self.momentum, "total": self.total, "count": self.count,
-                "value": self.value}
+        return {
+            "mode": self.mode.value,
+            "momentum": self.momentum,
+            "total": self.total,
+            "count": self.count,
+            "value": self.value,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if DeltaMode(state["mode"]) is not self.mode:
-            raise ValueError(f"checkpoint δ mode {state['mode']!r} differs from the configured {self.mode.value!r}")
+            raise ValueError(
+                f"checkpoint δ mode {state['mode']!r} differs from the configured {self.mode.value!r}"
+            )
         self.momentum = float(state["momentum"])
         self.total, self.count, self.value = float(state["total"]), int(state["count"]), float(state["value"])
 
@@ -101,8 +116,9 @@ def dpo_sigmoid(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, 
     return -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
 
 
-def bco_pair(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, beta: float,
-             delta: float) -> torch.Tensor:
+def bco_pair(
+    chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, beta: float, delta: float
+) -> torch.Tensor:
     """Per-pair −log σ(βΔc − δ) − log σ(−(βΔr − δ))."""
     return -F.logsigmoid(beta * chosen_logratio - delta) - F.logsigmoid(-(beta * rejected_logratio - delta))
 
@@ -142,10 +158,17 @@ class MPOLossOutput:
         }
 
 
-def mpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tensor,
-             ref_chosen_logp: torch.Tensor, ref_rejected_logp: torch.Tensor, chosen_tokens: torch.Tensor,
-             config: MPOLossConfig, shift: RewardShift, update_shift: bool = True,
-             counted: bool = True) -> MPOLossOutput:
+def mpo_loss(
+    policy_chosen_logp: torch.Tensor,
+    policy_rejected_logp: torch.Tensor,
+    ref_chosen_logp: torch.Tensor,
+    ref_rejected_logp: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    config: MPOLossConfig,
+    shift: RewardShift,
+    update_shift: bool = True,
+    counted: bool = True,
+) -> MPOLossOutput:
     """0.8·DPO + 0.2·BCO + 1.0·SFT (weights from ``config``) over one batch of pairs.
 
     ``update_shift=False`` (evaluation) reads δ without folding this batch in.
@@ -162,4 +185,6 @@ def mpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
     bco = bco_pair(chosen_logratio, rejected_logratio, config.beta, delta).mean()
     nll = sft(policy_chosen_logp, chosen_tokens, config.sft_reduction)
     total = config.dpo_weight * dpo + config.bco_weight * bco + config.sft_weight * nll
-    return MPOLossOutput(total, dpo.detach(), bco.detach(), nll.detach(), chosen_rewards, rejected_rewards, delta)
+    return MPOLossOutput(
+        total, dpo.detach(), bco.detach(), nll.detach(), chosen_rewards, rejected_rewards, delta
+    )

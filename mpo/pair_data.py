@@ -61,32 +61,48 @@ class PairBatch:
         pixels = self.pixel_values
         if pixels is not None:
             pixels = pixels.to(device=device, dtype=dtype or pixels.dtype)
-        return PairBatch(self.rows, self.input_ids.to(device), self.attention_mask.to(device),
-                         self.response_mask.to(device), pixels)
+        return PairBatch(
+            self.rows,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.response_mask.to(device),
+            pixels,
+        )
 
 
 def _response_ids(tokenizer: Any, text: str) -> torch.Tensor:
-    return tokenizer(text + tokenizer.eos_token, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return tokenizer(text + tokenizer.eos_token, add_special_tokens=False, return_tensors="pt")["input_ids"][
+        0
+    ]
 
 
-def encode_pair(processor: Any, row: int, prompt: str, image_paths: list[str], chosen: str, rejected: str,
-                max_length: int) -> EncodedPair:
+def encode_pair(
+    processor: Any, row: int, prompt: str, image_paths: list[str], chosen: str, rejected: str, max_length: int
+) -> EncodedPair:
     """Encode one pair; responses are cut at the end to fit ``max_length`` with the prompt."""
     images = [load_rgb(p) for p in image_paths]
     prompt_enc = encode(processor, prompt, images)
     prompt_ids = prompt_enc.input_ids
     room = max_length - prompt_ids.numel()
     if room < 1:
-        raise PairTooLong(f"pair {row}: prompt is {prompt_ids.numel()} tokens with its images, "
-                          f"max_length is {max_length}")
+        raise PairTooLong(
+            f"pair {row}: prompt is {prompt_ids.numel()} tokens with its images, max_length is {max_length}"
+        )
     tokenizer = processor.tokenizer
-    return EncodedPair(row, prompt_ids, _response_ids(tokenizer, chosen)[:room], _response_ids(tokenizer, rejected)[:room],
-                       prompt_enc.pixel_values)
+    return EncodedPair(
+        row,
+        prompt_ids,
+        _response_ids(tokenizer, chosen)[:room],
+        _response_ids(tokenizer, rejected)[:room],
+        prompt_enc.pixel_values,
+    )
 
 
 def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> PairBatch:
     """Stack chosen then rejected sequences; right padding; masks on response tokens."""
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
+        (p.prompt_ids, p.rejected_ids) for p in pairs
+    ]
     length = max(a.numel() + b.numel() for a, b in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -94,14 +110,18 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> PairBatch:
     for i, (prompt_ids, response_ids) in enumerate(sequences):
         p, r = prompt_ids.numel(), response_ids.numel()
         input_ids[i, :p] = prompt_ids
-        input_ids[i, p:p + r] = response_ids
-        attention[i, :p + r] = 1
-        response[i, p:p + r] = True
+        input_ids[i, p : p + r] = response_ids
+        attention[i, : p + r] = 1
+        response[i, p : p + r] = True
     pixels = [p.pixel_values for p in pairs if p.pixel_values is not None]
-    return PairBatch([p.row for p in pairs], input_ids, attention, response, torch.cat(pixels) if pixels else None)
+    return PairBatch(
+        [p.row for p in pairs], input_ids, attention, response, torch.cat(pixels) if pixels else None
+    )
 
 
-def encode_batch(pairs: PairTable, processor: Any, rows: list[int], max_length: int) -> tuple[PairBatch | None, int]:
+def encode_batch(
+    pairs: PairTable, processor: Any, rows: list[int], max_length: int
+) -> tuple[PairBatch | None, int]:
     """Encode and collate ``rows``, leaving out (and counting) pairs too long to fit."""
     encoded, too_long = [], 0
     for row in rows:
@@ -134,7 +154,9 @@ class PairTable:
         # (N, 2) reference log-probs when `mpo ref-logps` has run; NaN where a pair was too long.
         self.ref: torch.Tensor | None = None
         if all(c in table.column_names for c in REF_COLUMNS):
-            columns = [[float("nan") if v is None else v for v in table.column(c).to_pylist()] for c in REF_COLUMNS]
+            columns = [
+                [float("nan") if v is None else v for v in table.column(c).to_pylist()] for c in REF_COLUMNS
+            ]
             self.ref = torch.tensor(columns, dtype=torch.float64).T.contiguous()
 
     @classmethod
@@ -142,7 +164,9 @@ class PairTable:
         """Read ``PAIRS_DIR/data`` (or a directory of shards itself)."""
         data = pairs_data_dir(pairs_dir)
         table = read_dir(data)
-        missing = [c for c in ("pair_id", "prompt", "chosen", "rejected", "images") if c not in table.column_names]
+        missing = [
+            c for c in ("pair_id", "prompt", "chosen", "rejected", "images") if c not in table.column_names
+        ]
         if missing:
             raise ValueError(f"{data}: not a pairs table, missing columns {missing} (expected {PAIRS.names})")
         return cls(table, str(data))
@@ -151,5 +175,12 @@ class PairTable:
         return len(self.pair_ids)
 
     def encode(self, processor: Any, row: int, max_length: int) -> EncodedPair:
-        return encode_pair(processor, row, self.prompts[row], self.images[row], self.chosen[row],
-                           self.rejected[row], max_length)
+        return encode_pair(
+            processor,
+            row,
+            self.prompts[row],
+            self.images[row],
+            self.chosen[row],
+            self.rejected[row],
+            max_length,
+        )

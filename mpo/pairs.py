@@ -71,18 +71,32 @@ class PairingConfig(BaseModel):
     """How samples become pairs. Every field is a documented knob; defaults follow InternVL."""
 
     pairs_per_prompt: int = Field(15, ge=1, description="cap on pairs per prompt and source")
-    selection: PairSelection = Field(PairSelection.RANDOM, description=(
-        "pairs kept under the cap (correctness and format): random draw, or closest (longest shared prefix first)"))
+    selection: PairSelection = Field(
+        PairSelection.RANDOM,
+        description=(
+            "pairs kept under the cap (correctness and format): random draw, or closest (longest shared prefix first)"
+        ),
+    )
     seed: int = Field(0, description="seed of the deterministic pair draw")
     verify_modes: dict[str, VerifyMode] = Field(default_factory=dict, description="verifier per dataset")
     default_verify_mode: VerifyMode = Field(
-        VerifyMode.AUTO, description="verifier for datasets not listed (auto: per prompt, from its gold answer)")
-    claim_patterns: dict[str, str] = Field(default_factory=dict, description=(
-        "per dataset, a regex whose one capture group is the answer a response's steps state (last match counts); "
-        "a response whose stated answer fails the verifier against its own final answer is paired on neither side"))
+        VerifyMode.AUTO,
+        description="verifier for datasets not listed (auto: per prompt, from its gold answer)",
+    )
+    claim_patterns: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "per dataset, a regex whose one capture group is the answer a response's steps state (last match counts); "
+            "a response whose stated answer fails the verifier against its own final answer is paired on neither side"
+        ),
+    )
     repetition_ngram: int = Field(4, ge=1, le=8, description="n of the n-grams checked for repetition")
-    max_repetition: float = Field(0.3, ge=0, le=1, description="drop a response whose share of repeated n-grams exceeds this")
-    max_length_ratio: float | None = Field(None, gt=0, description="drop pairs with len(chosen)/len(rejected) above this")
+    max_repetition: float = Field(
+        0.3, ge=0, le=1, description="drop a response whose share of repeated n-grams exceeds this"
+    )
+    max_length_ratio: float | None = Field(
+        None, gt=0, description="drop pairs with len(chosen)/len(rejected) above this"
+    )
     shard_rows: int = Field(100_000, ge=1, description="rows per output Parquet shard")
     chunk_rows: int = Field(50_000, ge=1, description="sample rows held in memory at once by run_pairing")
 
@@ -95,7 +109,9 @@ class PairingConfig(BaseModel):
             except re.error as error:
                 raise ValueError(f"claim_patterns[{dataset!r}]: not a regex: {error}") from None
             if groups != 1:
-                raise ValueError(f"claim_patterns[{dataset!r}] must have exactly one capture group, has {groups}")
+                raise ValueError(
+                    f"claim_patterns[{dataset!r}] must have exactly one capture group, has {groups}"
+                )
         return patterns
 
 
@@ -137,7 +153,9 @@ def extract_answers(df: pl.DataFrame) -> pl.Series:
 def _verify_mode(config: PairingConfig) -> pl.Expr:
     """Each row's verifier (a ``VerifyMode`` value) by its dataset."""
     modes = {name: mode.value for name, mode in config.verify_modes.items()}
-    return pl.col("dataset").replace_strict(modes, default=config.default_verify_mode.value, return_dtype=pl.String)
+    return pl.col("dataset").replace_strict(
+        modes, default=config.default_verify_mode.value, return_dtype=pl.String
+    )
 
 
 def _verify_distinct(frame: pl.DataFrame, prediction: str, gold: str) -> pl.DataFrame:
@@ -152,8 +170,11 @@ def judge_samples(df: pl.DataFrame, config: PairingConfig) -> pl.DataFrame:
     """Add ``extracted`` (answer or null) and ``verdict`` to correctness samples."""
     df = df.with_columns(extracted=extract_answers(df), mode=_verify_mode(config))
     distinct = _verify_distinct(df, "extracted", "answer").select(
-        "extracted", "answer", "mode",
-        verdict=pl.when("_ok").then(pl.lit(Verdict.CORRECT.value)).otherwise(pl.lit(Verdict.WRONG.value)))
+        "extracted",
+        "answer",
+        "mode",
+        verdict=pl.when("_ok").then(pl.lit(Verdict.CORRECT.value)).otherwise(pl.lit(Verdict.WRONG.value)),
+    )
     return (
         df.join(distinct, on=["extracted", "answer", "mode"], how="left", nulls_equal=False)
         .with_columns(verdict=pl.col("verdict").fill_null(Verdict.FORMAT_FAILURE.value))
@@ -169,10 +190,16 @@ def claims_consistent(judged: pl.DataFrame, config: PairingConfig) -> pl.Series:
         return pl.repeat(True, judged.height, eager=True, dtype=pl.Boolean).alias("consistent")
     claim = pl.lit(None, pl.String)
     for dataset, pattern in config.claim_patterns.items():  # greedy (?s).* before it: the last match
-        claim = pl.when(pl.col("dataset") == dataset).then(
-            pl.col("response").str.extract(f"(?s).*(?:{pattern})", 1)).otherwise(claim)
-    claims = judged.select("extracted", mode=_verify_mode(config),
-                           claim=pl.when(pl.col("extracted").is_not_null()).then(claim.str.strip_chars()))
+        claim = (
+            pl.when(pl.col("dataset") == dataset)
+            .then(pl.col("response").str.extract(f"(?s).*(?:{pattern})", 1))
+            .otherwise(claim)
+        )
+    claims = judged.select(
+        "extracted",
+        mode=_verify_mode(config),
+        claim=pl.when(pl.col("extracted").is_not_null()).then(claim.str.strip_chars()),
+    )
     distinct = _verify_distinct(claims, "claim", "extracted")
     joined = claims.join(distinct, on=["claim", "extracted", "mode"], how="left", maintain_order="left")
     return joined["_ok"].fill_null(True).alias("consistent")
@@ -202,12 +229,15 @@ def position_in_run(key: str) -> pl.Expr:
     return row - pl.when(starts_run).then(row).otherwise(None).fill_null(strategy="forward")
 
 
-def cap_per_prompt(df: pl.DataFrame, first: str, second: str, cap: int, closeness: str | None = None) -> pl.DataFrame:
+def cap_per_prompt(
+    df: pl.DataFrame, first: str, second: str, cap: int, closeness: str | None = None
+) -> pl.DataFrame:
     """The first ``cap`` rows of each prompt in the seeded draw's order or, given a
     ``closeness`` column, the largest closeness first and the draw among equals."""
     order = ["_p", *([closeness] if closeness else []), "_key", first, second]
     ranked = df.with_columns(_key=draw_key(first, second)).sort(
-        order, descending=[name == closeness for name in order])
+        order, descending=[name == closeness for name in order]
+    )
     return ranked.filter(position_in_run("_p") < cap).drop("_key")
 
 
@@ -241,8 +271,15 @@ def _dedup(df: pl.DataFrame, text_hash: str, counter: Counts) -> pl.DataFrame:
     return _split(ordered, first, counter, "duplicate_response")
 
 
-def _cap_and_count(pairs: pl.DataFrame, first: str, second: str, source: str, config: PairingConfig,
-                   counter: Counts, closeness: str | None = None) -> pl.DataFrame:
+def _cap_and_count(
+    pairs: pl.DataFrame,
+    first: str,
+    second: str,
+    source: str,
+    config: PairingConfig,
+    counter: Counts,
+    closeness: str | None = None,
+) -> pl.DataFrame:
     """Apply the optional length-ratio filter, then the per-prompt cap (largest ``closeness``
     first when given), counting both."""
     if config.max_length_ratio is not None:
@@ -264,33 +301,68 @@ def _answer_tokens(column: str) -> pl.Expr:
     return pl.lit(" ") + tokens + pl.lit(" ")
 
 
-def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Counts) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _correctness_pairs(
+    samples: pl.DataFrame, config: PairingConfig, counter: Counts
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Index-level pairs (prompt_id, c_idx, r_idx, answers, source) and the judged samples."""
     samples = samples.with_row_index("_row")  # a response's position in `samples`, for common_prefix
     judged = judge_samples(samples, config)
     judged = judged.with_columns(_consistent=claims_consistent(judged, config))
-    lean = judged.select("_consistent", "prompt_id", "_p", "dataset", "prompt_version", "sample_index", "finish_reason", "_hash",
-                         "extracted", "verdict", "_rep", "_pseed", "_row", _len=pl.col("response").str.len_chars())
+    lean = judged.select(
+        "_consistent",
+        "prompt_id",
+        "_p",
+        "dataset",
+        "prompt_version",
+        "sample_index",
+        "finish_reason",
+        "_hash",
+        "extracted",
+        "verdict",
+        "_rep",
+        "_pseed",
+        "_row",
+        _len=pl.col("response").str.len_chars(),
+    )
     usable = _dedup(lean, "_hash", counter)
     usable = _split(usable, pl.col("_rep") <= config.max_repetition, counter, "repetitive")
     usable = _split(usable, pl.col("_consistent"), counter, "self_contradictory")
     correct = usable.filter(pl.col("verdict") == Verdict.CORRECT.value)
     chosen = _split(correct, pl.col("finish_reason") != "length", counter, "truncated_chosen").select(
-        "prompt_id", "_p", "prompt_version", "dataset", "_pseed", c_idx="sample_index", chosen_answer="extracted", _c_len="_len",
-        _c_hash="_hash", _c_row="_row")
+        "prompt_id",
+        "_p",
+        "prompt_version",
+        "dataset",
+        "_pseed",
+        c_idx="sample_index",
+        chosen_answer="extracted",
+        _c_len="_len",
+        _c_hash="_hash",
+        _c_row="_row",
+    )
     frames = []
     for source, verdict in (("correctness", Verdict.WRONG), ("format", Verdict.FORMAT_FAILURE)):
         rejected = usable.filter(pl.col("verdict") == verdict.value).select(
-            "_p", "prompt_version", r_idx="sample_index", rejected_answer="extracted", _r_len="_len",
-            _r_hash="_hash", _r_row="_row")
+            "_p",
+            "prompt_version",
+            r_idx="sample_index",
+            rejected_answer="extracted",
+            _r_len="_len",
+            _r_hash="_hash",
+            _r_row="_row",
+        )
         pairs = chosen.join(rejected, on=["_p", "prompt_version"], how="inner")
         if source == "correctness":
-            contained = _answer_tokens("rejected_answer").str.contains(_answer_tokens("chosen_answer"), literal=True)
+            contained = _answer_tokens("rejected_answer").str.contains(
+                _answer_tokens("chosen_answer"), literal=True
+            )
             pairs = _split(pairs, ~contained, counter, "answer_contained")
         closeness = None
         if config.selection is PairSelection.CLOSEST:  # texts stay in `samples`; pairs carry their rows
             closeness = "_shared"
-            pairs = pairs.with_columns(_shared=common_prefix(samples["response"], pairs["_c_row"], pairs["_r_row"]))
+            pairs = pairs.with_columns(
+                _shared=common_prefix(samples["response"], pairs["_c_row"], pairs["_r_row"])
+            )
         frames.append(_cap_and_count(pairs, "c_idx", "r_idx", source, config, counter, closeness))
     return pl.concat(frames, how="diagonal_relaxed"), judged
 
@@ -298,17 +370,34 @@ def _correctness_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Co
 def _dropout_pairs(samples: pl.DataFrame, config: PairingConfig, counter: Counts) -> pl.DataFrame:
     rows = samples.with_columns(rejected=pl.col("prefix").fill_null("") + pl.col("response"))
     rows = _split(rows, pl.col("response").str.strip_chars() != "", counter, "empty_continuation")
-    rows = _split(rows, pl.col("rejected").str.strip_chars() != pl.col("chosen").str.strip_chars(), counter,
-                  "identical_to_chosen")
+    rows = _split(
+        rows,
+        pl.col("rejected").str.strip_chars() != pl.col("chosen").str.strip_chars(),
+        counter,
+        "identical_to_chosen",
+    )
     rows = rows.with_columns(_c_hash=content_hash(rows["chosen"]), _r_hash=content_hash(rows["rejected"]))
     rows = _dedup(rows, "_r_hash", counter)
     rows = _split(rows, pl.col("_rep") <= config.max_repetition, counter, "repetitive")
-    rows = rows.with_columns(_zero=pl.lit(0, dtype=pl.Int64), _c_len=pl.col("chosen").str.len_chars(),
-                             _r_len=pl.col("rejected").str.len_chars())
+    rows = rows.with_columns(
+        _zero=pl.lit(0, dtype=pl.Int64),
+        _c_len=pl.col("chosen").str.len_chars(),
+        _r_len=pl.col("rejected").str.len_chars(),
+    )
     capped = _cap_and_count(rows, "sample_index", "_zero", "dropout_ntp", config, counter)
-    return capped.select("prompt_id", "_p", "prompt_version", "chosen", "rejected", "source", "_c_hash", "_r_hash",
-                         c_idx="sample_index",
-                         chosen_answer=pl.lit(None, pl.String), rejected_answer=pl.lit(None, pl.String))
+    return capped.select(
+        "prompt_id",
+        "_p",
+        "prompt_version",
+        "chosen",
+        "rejected",
+        "source",
+        "_c_hash",
+        "_r_hash",
+        c_idx="sample_index",
+        chosen_answer=pl.lit(None, pl.String),
+        rejected_answer=pl.lit(None, pl.String),
+    )
 
 
 def _with_texts(pairs: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
@@ -316,11 +405,18 @@ def _with_texts(pairs: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
     (pairs are sorted before the texts join them: sorting moves indices, not texts)."""
     texts = samples.select("_p", "sample_index", "response")
     return (
-        pairs
-        .join(texts.select("_p", c_idx="sample_index", _chosen="response"), on=["_p", "c_idx"], how="left",
-              maintain_order="left")
-        .join(texts.select("_p", r_idx="sample_index", _rejected="response"), on=["_p", "r_idx"], how="left",
-              maintain_order="left")
+        pairs.join(
+            texts.select("_p", c_idx="sample_index", _chosen="response"),
+            on=["_p", "c_idx"],
+            how="left",
+            maintain_order="left",
+        )
+        .join(
+            texts.select("_p", r_idx="sample_index", _rejected="response"),
+            on=["_p", "r_idx"],
+            how="left",
+            maintain_order="left",
+        )
         .with_columns(chosen=pl.coalesce("chosen", "_chosen"), rejected=pl.coalesce("rejected", "_rejected"))
     )
 
@@ -329,12 +425,17 @@ def _prompt_column(pairs: pl.DataFrame) -> pl.DataFrame:
     """The question as the model saw it: templated for CoT samples, as is for DropoutNTP
     (templates applied once per distinct question, the row order kept)."""
     keyed = pairs.with_columns(
-        _templated=(pl.col("source") != "dropout_ntp") & pl.col("prompt_version").is_in(list(TEMPLATES)))
+        _templated=(pl.col("source") != "dropout_ntp") & pl.col("prompt_version").is_in(list(TEMPLATES))
+    )
     keys = keyed.select("question", "prompt_version", "_templated").unique()
     prompts = [apply_template(q, v) if t else q for q, v, t in keys.iter_rows()]
-    return keyed.join(keys.with_columns(prompt=pl.Series(prompts, dtype=pl.String)),
-                      on=["question", "prompt_version", "_templated"], how="left", nulls_equal=True,
-                      maintain_order="left")
+    return keyed.join(
+        keys.with_columns(prompt=pl.Series(prompts, dtype=pl.String)),
+        on=["question", "prompt_version", "_templated"],
+        how="left",
+        nulls_equal=True,
+        maintain_order="left",
+    )
 
 
 def _pair_ids(pairs: pl.DataFrame) -> pl.Series:
@@ -355,10 +456,12 @@ class ChunkResult:
 def pair_chunk(samples: pl.DataFrame, config: PairingConfig) -> ChunkResult:
     """Pairs of every prompt in ``samples`` (which must hold all samples of its prompts)."""
     counter: Counts = {}
-    samples = samples.with_columns(_p=pl.col("prompt_id").rank("dense"),  # an integer key for joins and sorts
-                                   _pseed=prompt_seeds(samples["prompt_id"], config.seed),
-                                   _rep=repetition(samples["response"], config.repetition_ngram),
-                                   _hash=content_hash(samples["response"]))
+    samples = samples.with_columns(
+        _p=pl.col("prompt_id").rank("dense"),  # an integer key for joins and sorts
+        _pseed=prompt_seeds(samples["prompt_id"], config.seed),
+        _rep=repetition(samples["response"], config.repetition_ngram),
+        _hash=content_hash(samples["response"]),
+    )
     _count(counter, samples.filter(~pl.col("source").is_in(["correctness", "dropout_ntp"])), "unknown_source")
     samples = _split(samples, pl.col("finish_reason").is_in(list(FINISHED)), counter, "failed_request")
     correctness = samples.filter(pl.col("source") == "correctness")
@@ -368,23 +471,33 @@ def pair_chunk(samples: pl.DataFrame, config: PairingConfig) -> ChunkResult:
     models = correctness.select("_p", c_idx="sample_index", model="model")
     index_pairs = index_pairs.join(models, on=["_p", "c_idx"], how="left")
     pairs = pl.concat([index_pairs, _dropout_pairs(dropout, config, counter)], how="diagonal_relaxed")
-    info = samples.group_by("prompt_id").agg(pl.col("dataset", "question", "images", "answer").first(),
-                                             pl.col("model").first().alias("_model"))
-    pairs = (pairs.drop("dataset", strict=False).join(info, on="prompt_id", how="left")
-             .with_columns(model=pl.coalesce("model", "_model")))
+    info = samples.group_by("prompt_id").agg(
+        pl.col("dataset", "question", "images", "answer").first(), pl.col("model").first().alias("_model")
+    )
+    pairs = (
+        pairs.drop("dataset", strict=False)
+        .join(info, on="prompt_id", how="left")
+        .with_columns(model=pl.coalesce("model", "_model"))
+    )
     pairs = pairs.with_columns(_pair_ids(pairs)).sort(["dataset", "prompt_id", "source", "pair_id"])
     pairs = _with_texts(pairs, correctness)
     pairs = _prompt_column(pairs) if pairs.height else pairs.with_columns(prompt=pl.lit(None, pl.String))
     pairs = pairs.select(PAIRS.names)
 
     correct, failure = Verdict.CORRECT.value, Verdict.FORMAT_FAILURE.value
-    stats = pl.concat([
-        judged.group_by("prompt_id", "dataset").agg(
-            samples=pl.len(), correct=(pl.col("verdict") == correct).sum().cast(pl.Int64),
-            format_failures=(pl.col("verdict") == failure).sum().cast(pl.Int64)),
-        dropout.group_by("prompt_id", "dataset").agg(samples=pl.len(), correct=pl.lit(None, pl.Int64),
-                                                      format_failures=pl.lit(None, pl.Int64)),
-    ], how="vertical_relaxed").join(info.drop("_model"), on=["prompt_id", "dataset"], how="left")
+    stats = pl.concat(
+        [
+            judged.group_by("prompt_id", "dataset").agg(
+                samples=pl.len(),
+                correct=(pl.col("verdict") == correct).sum().cast(pl.Int64),
+                format_failures=(pl.col("verdict") == failure).sum().cast(pl.Int64),
+            ),
+            dropout.group_by("prompt_id", "dataset").agg(
+                samples=pl.len(), correct=pl.lit(None, pl.Int64), format_failures=pl.lit(None, pl.Int64)
+            ),
+        ],
+        how="vertical_relaxed",
+    ).join(info.drop("_model"), on=["prompt_id", "dataset"], how="left")
     return ChunkResult(pairs, stats, counter)
 
 
@@ -400,22 +513,32 @@ def _merge_counts(parts: list[Counts]) -> Counts:
     return merged
 
 
-def summarize(prompt_stats: pl.DataFrame, pair_counts: pl.DataFrame, filtered: Counts) -> tuple[pl.DataFrame, dict[str, Any]]:
+def summarize(
+    prompt_stats: pl.DataFrame, pair_counts: pl.DataFrame, filtered: Counts
+) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Hard prompts and the report, from per-prompt statistics, pair counts per
     (dataset, source) and drop counts (all additive over chunks)."""
     closed = prompt_stats.filter(pl.col("correct").is_not_null())
     hard = closed.filter(pl.col("correct") == 0).sort("prompt_id").select(HARD_PROMPTS.names)
     datasets: dict[str, dict[str, Any]] = {}
     summary = prompt_stats.group_by("dataset").agg(
-        prompts=pl.len(), samples=pl.col("samples").sum(), correct=pl.col("correct").sum(),
-        format_failures=pl.col("format_failures").sum(), closed=pl.col("correct").is_not_null().sum(),
+        prompts=pl.len(),
+        samples=pl.col("samples").sum(),
+        correct=pl.col("correct").sum(),
+        format_failures=pl.col("format_failures").sum(),
+        closed=pl.col("correct").is_not_null().sum(),
         all_correct_prompts=(pl.col("correct") == pl.col("samples")).sum(),
-        all_wrong_prompts=(pl.col("correct") == 0).sum())
+        all_wrong_prompts=(pl.col("correct") == 0).sum(),
+    )
     for row in summary.sort("dataset").iter_rows(named=True):
         entry: dict[str, Any] = {"prompts": row["prompts"], "samples": row["samples"]}
         if row["closed"]:
-            entry.update(accuracy=row["correct"] / row["samples"], format_failures=row["format_failures"],
-                         all_correct_prompts=row["all_correct_prompts"], all_wrong_prompts=row["all_wrong_prompts"])
+            entry.update(
+                accuracy=row["correct"] / row["samples"],
+                format_failures=row["format_failures"],
+                all_correct_prompts=row["all_correct_prompts"],
+                all_wrong_prompts=row["all_wrong_prompts"],
+            )
         datasets[row["dataset"]] = entry
     totals = pair_counts.group_by("dataset", "source").agg(pl.col("len").sum()).sort("dataset", "source")
     for dataset, source, n in totals.iter_rows():
@@ -423,8 +546,11 @@ def summarize(prompt_stats: pl.DataFrame, pair_counts: pl.DataFrame, filtered: C
     for dataset, reasons in filtered.items():
         datasets.setdefault(dataset, {})["filtered"] = dict(sorted(reasons.items()))
     by_source = totals.group_by("source").agg(pl.col("len").sum()).sort("source")
-    report = {"datasets": dict(sorted(datasets.items())), "pairs": int(totals["len"].sum()),
-              "pairs_by_source": dict(by_source.iter_rows())}
+    report = {
+        "datasets": dict(sorted(datasets.items())),
+        "pairs": int(totals["len"].sum()),
+        "pairs_by_source": dict(by_source.iter_rows()),
+    }
     return hard, report
 
 
@@ -443,8 +569,21 @@ def make_pairs(samples: pl.DataFrame, config: PairingConfig) -> PairingResult:
 
 
 # What pairing reads of a sample shard (the rest, e.g. sampling_config, is lineage only).
-PAIRING_COLUMNS = ("prompt_id", "dataset", "images", "question", "answer", "prompt_version", "response",
-                   "finish_reason", "sample_index", "source", "model", "chosen", "prefix")
+PAIRING_COLUMNS = (
+    "prompt_id",
+    "dataset",
+    "images",
+    "question",
+    "answer",
+    "prompt_version",
+    "response",
+    "finish_reason",
+    "sample_index",
+    "source",
+    "model",
+    "chosen",
+    "prefix",
+)
 
 
 def _read(files: list[Path], prompt_filter: pl.Expr | None = None) -> pl.DataFrame:
@@ -460,8 +599,9 @@ def _read(files: list[Path], prompt_filter: pl.Expr | None = None) -> pl.DataFra
 SamplesDirs = Path | str | list[Path] | list[str]
 
 
-def sample_chunks(samples_dirs: SamplesDirs, chunk_rows: int,
-                  prompt_ids: pl.Series | None = None) -> list[tuple[list[Path], pl.Expr | None]]:
+def sample_chunks(
+    samples_dirs: SamplesDirs, chunk_rows: int, prompt_ids: pl.Series | None = None
+) -> list[tuple[list[Path], pl.Expr | None]]:
     """Groups of shard files (from one or several sample folders) to pair together, each
     holding whole prompts; only ``prompt_ids`` when given (a sample store outlives a prompt set).
 
@@ -509,8 +649,12 @@ def _write_pairs(shards: dict[Path, pa.Table]) -> None:
         write_table(shards.pop(path), path, PAIRS)
 
 
-def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig | None = None,
-                prompt_ids: pl.Series | None = None) -> dict[str, Any]:
+def run_pairing(
+    samples_dir: SamplesDirs,
+    out: Path | str,
+    config: PairingConfig | None = None,
+    prompt_ids: pl.Series | None = None,
+) -> dict[str, Any]:
     """``mpo pairs``: read one or several samples directories, write ``out/data/*.parquet`` (the pairs),
     ``out/hard_prompts.parquet`` and ``out/report.json``; return the report. With ``prompt_ids``,
     only those prompts' samples are paired (one data version per prompt set).
@@ -535,8 +679,12 @@ def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig
                 filtered.append(chunk.filtered)
                 if pending is not None:
                     pending.result()
-                shards = {folder / f"part-{index + n:05d}.parquet": chunk.pairs.slice(start, config.shard_rows).to_arrow()
-                          for n, start in enumerate(range(0, chunk.pairs.height, config.shard_rows))}
+                shards = {
+                    folder / f"part-{index + n:05d}.parquet": chunk.pairs.slice(
+                        start, config.shard_rows
+                    ).to_arrow()
+                    for n, start in enumerate(range(0, chunk.pairs.height, config.shard_rows))
+                }
                 index += len(shards)
                 pending = writer.submit(_write_pairs, shards)
                 del chunk, shards  # the writer holds the only copy (Arrow), freed shard by shard once written
@@ -547,7 +695,9 @@ def run_pairing(samples_dir: SamplesDirs, out: Path | str, config: PairingConfig
 
     out = Path(out)
     publish_dir(out / "data", write_shards)
-    hard, report = summarize(pl.concat(stats, how="vertical_relaxed"), pl.concat(counts), _merge_counts(filtered))
+    hard, report = summarize(
+        pl.concat(stats, how="vertical_relaxed"), pl.concat(counts), _merge_counts(filtered)
+    )
     write_table(hard.to_arrow(), out / "hard_prompts.parquet", HARD_PROMPTS)
     report = dict(report, config=json.loads(config.model_dump_json()))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")

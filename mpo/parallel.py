@@ -20,7 +20,9 @@ Strategy = Literal["ddp", "fsdp"]
 _BLOCK_LISTS = ("layers", "layer", "blocks")
 
 
-def wrap(forward: nn.Module, strategy: Strategy, device: torch.device, find_unused_parameters: bool) -> nn.Module:
+def wrap(
+    forward: nn.Module, strategy: Strategy, device: torch.device, find_unused_parameters: bool
+) -> nn.Module:
     """Return the module to call for training (``forward`` itself is sharded in place by FSDP)."""
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -33,8 +35,11 @@ def wrap(forward: nn.Module, strategy: Strategy, device: torch.device, find_unus
         return forward
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused_parameters)
+    return DistributedDataParallel(
+        forward,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -81,8 +86,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                               cpu_offload=True))
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

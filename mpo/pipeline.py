@@ -105,30 +105,53 @@ def render_summary(summary: dict[str, Any]) -> str:
     lines += ["## Inputs", f"{ingest['total_prompts']} prompts, {ingest['total_quarantined']} quarantined"]
     lines += [f"- {reason}: {count}" for reason, count in sorted(ingest["quarantined"].items())]
     pairs = summary["pairs"]
-    lines += ["", "## Pairs", f"{pairs['pairs']} pairs: "
-              + ", ".join(f"{k} {v}" for k, v in pairs["pairs_by_source"].items()), "",
-              "| dataset | sampled accuracy | pairs |", "| --- | ---: | ---: |"]
+    lines += [
+        "",
+        "## Pairs",
+        f"{pairs['pairs']} pairs: " + ", ".join(f"{k} {v}" for k, v in pairs["pairs_by_source"].items()),
+        "",
+        "| dataset | sampled accuracy | pairs |",
+        "| --- | ---: | ---: |",
+    ]
     for dataset, stats in pairs["datasets"].items():
         accuracy = stats.get("accuracy")
-        lines.append(f"| {dataset} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
-                     f"{sum(stats.get('pairs', {}).values())} |")
+        lines.append(
+            f"| {dataset} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
+            f"{sum(stats.get('pairs', {}).values())} |"
+        )
     if "evaluation" in summary:
         evaluation = summary["evaluation"]
         names = list(evaluation)
         datasets = sorted({d for table in evaluation.values() for d in table})
-        lines += ["", "## Held-out accuracy (greedy)", "| dataset | " + " | ".join(names) + " |",
-                  "| --- |" + " ---: |" * len(names)]
+        lines += [
+            "",
+            "## Held-out accuracy (greedy)",
+            "| dataset | " + " | ".join(names) + " |",
+            "| --- |" + " ---: |" * len(names),
+        ]
         for dataset in datasets:
-            cells = [f"{evaluation[n][dataset]['accuracy']:.1%}" if dataset in evaluation[n] else "-" for n in names]
+            cells = [
+                f"{evaluation[n][dataset]['accuracy']:.1%}" if dataset in evaluation[n] else "-"
+                for n in names
+            ]
             lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{overall(evaluation[n]):.1%}**" for n in names) + " |")
-        lines.append("| ± standard error | " + " | ".join(f"{overall_standard_error(evaluation[n]):.1%}" for n in names)
-                     + " |")
+        lines.append(
+            "| ± standard error | "
+            + " | ".join(f"{overall_standard_error(evaluation[n]):.1%}" for n in names)
+            + " |"
+        )
         if summary.get("comparison"):
-            lines += ["", "Paired differences on the same prompts (± standard error; more than two errors apart "
-                      "counts as ahead or behind):"]
-            lines += [f"- {pair}: {100 * c['difference']:+.1f} ± {100 * c['standard_error']:.1f} points, "
-                      f"{verdict(c['difference'], c['standard_error'])}" for pair, c in summary["comparison"].items()]
+            lines += [
+                "",
+                "Paired differences on the same prompts (± standard error; more than two errors apart "
+                "counts as ahead or behind):",
+            ]
+            lines += [
+                f"- {pair}: {100 * c['difference']:+.1f} ± {100 * c['standard_error']:.1f} points, "
+                f"{verdict(c['difference'], c['standard_error'])}"
+                for pair, c in summary["comparison"].items()
+            ]
     lines += ["", "## Time per stage", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary["timings"].items()]
     return "\n".join(lines) + "\n"
@@ -157,25 +180,56 @@ def run_local(config: PipelineConfig, on_event: Emit | None = None) -> dict[str,
         return call_with_time_limit(job, kwargs, limit, emit, python=python)
 
     started = time.perf_counter()
-    prompts = run(jobs.ingest_job, None, source=str(config.train_data), out=str(layout.ingested),
-                  strict=config.strict_ingest)
-    heldout = run(jobs.ingest_job, None, source=str(config.heldout_data), out=str(layout.heldout),
-                  strict=config.strict_ingest) if config.evaluate and config.heldout_data else None
+    prompts = run(
+        jobs.ingest_job,
+        None,
+        source=str(config.train_data),
+        out=str(layout.ingested),
+        strict=config.strict_ingest,
+    )
+    heldout = (
+        run(
+            jobs.ingest_job,
+            None,
+            source=str(config.heldout_data),
+            out=str(layout.heldout),
+            strict=config.strict_ingest,
+        )
+        if config.evaluate and config.heldout_data
+        else None
+    )
     timings["ingest"] = time.perf_counter() - started
     summary["ingest"] = prompts
 
     started = time.perf_counter()
-    sampled = [run(jobs.sample_job, stages.sampling.time_limit_seconds, config.engine_python, stage=stage,
-                   prompts_dir=prompts["prompts_dir"], model=config.model, engine=config.engine,
-                   engine_options=config.engine_options, sampling=config.sampling, out=str(layout.samples))
-               for stage in STAGES]
+    sampled = [
+        run(
+            jobs.sample_job,
+            stages.sampling.time_limit_seconds,
+            config.engine_python,
+            stage=stage,
+            prompts_dir=prompts["prompts_dir"],
+            model=config.model,
+            engine=config.engine,
+            engine_options=config.engine_options,
+            sampling=config.sampling,
+            out=str(layout.samples),
+        )
+        for stage in STAGES
+    ]
     timings["sampling"] = time.perf_counter() - started
     summary["sampling"] = sampled
 
     started = time.perf_counter()
     pairs_dir = layout.pairs(config, prompts["version"], [s["samples_dir"] for s in sampled])
-    pairs = run(jobs.pairs_job, None, samples_dirs=[s["samples_dir"] for s in sampled],
-                prompts_dir=prompts["prompts_dir"], out=str(pairs_dir), pairing=config.pairing)
+    pairs = run(
+        jobs.pairs_job,
+        None,
+        samples_dirs=[s["samples_dir"] for s in sampled],
+        prompts_dir=prompts["prompts_dir"],
+        out=str(pairs_dir),
+        pairing=config.pairing,
+    )
     timings["pairs"] = time.perf_counter() - started
     summary["pairs"] = pairs["report"]
     summary["data_version"] = pairs_dir.name
@@ -183,15 +237,29 @@ def run_local(config: PipelineConfig, on_event: Emit | None = None) -> dict[str,
     models = {"start": config.model}
     if config.train:
         started = time.perf_counter()
-        run(jobs.reference_job, stages.ref_logps.time_limit_seconds, pairs_dir=str(pairs_dir), model=config.model,
-            max_length=config.training.max_length, bf16=config.training.bf16)
+        run(
+            jobs.reference_job,
+            stages.ref_logps.time_limit_seconds,
+            pairs_dir=str(pairs_dir),
+            model=config.model,
+            max_length=config.training.max_length,
+            bf16=config.training.bf16,
+        )
         timings["reference log-probs"] = time.perf_counter() - started
-        trainings = [(config.training, "mpo")] + ([(sft_only(config.training), "sft")] if config.sft_baseline else [])
+        trainings = [(config.training, "mpo")] + (
+            [(sft_only(config.training), "sft")] if config.sft_baseline else []
+        )
         for training, name in trainings:
             started = time.perf_counter()
-            trained = run(jobs.train_job, stages.train.time_limit_seconds, pairs_dir=str(pairs_dir),
-                          model=config.model, out=str(layout.training(config, str(pairs_dir), training, name)),
-                          training=training, eval_pairs=None)
+            trained = run(
+                jobs.train_job,
+                stages.train.time_limit_seconds,
+                pairs_dir=str(pairs_dir),
+                model=config.model,
+                out=str(layout.training(config, str(pairs_dir), training, name)),
+                training=training,
+                eval_pairs=None,
+            )
             timings[f"{name.upper()} training"] = time.perf_counter() - started
             models[name] = trained["final_model"]
             if name == "mpo":
@@ -201,13 +269,29 @@ def run_local(config: PipelineConfig, on_event: Emit | None = None) -> dict[str,
     if heldout is not None:
         started = time.perf_counter()
         summary["evaluation"] = {
-            name: run(jobs.evaluate_job, stages.evaluate.time_limit_seconds, config.engine_python, model=model,
-                      prompts_dir=heldout["prompts_dir"], out=str(layout.evaluation), engine=config.engine,
-                      engine_options=config.engine_options, sampling=config.sampling, pairing=config.pairing,
-                      max_tokens=config.eval_max_tokens)
-            for name, model in models.items()}
-        summary["comparison"] = compare_models(layout.evaluation, heldout["prompts_dir"], models, config.sampling,
-                                               config.pairing, config.eval_max_tokens)
+            name: run(
+                jobs.evaluate_job,
+                stages.evaluate.time_limit_seconds,
+                config.engine_python,
+                model=model,
+                prompts_dir=heldout["prompts_dir"],
+                out=str(layout.evaluation),
+                engine=config.engine,
+                engine_options=config.engine_options,
+                sampling=config.sampling,
+                pairing=config.pairing,
+                max_tokens=config.eval_max_tokens,
+            )
+            for name, model in models.items()
+        }
+        summary["comparison"] = compare_models(
+            layout.evaluation,
+            heldout["prompts_dir"],
+            models,
+            config.sampling,
+            config.pairing,
+            config.eval_max_tokens,
+        )
         timings["evaluation"] = time.perf_counter() - started
     summary["timings"] = timings
     layout.write_summary(summary)

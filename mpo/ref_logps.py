@@ -33,8 +33,12 @@ SPEC_KEY = b"mpo.ref_logps"
 
 
 def reference_spec(model_dir: Path | str, max_length: int, numerics: dict[str, str | None]) -> dict[str, Any]:
-    return {"model": str(Path(model_dir).resolve()), "fingerprint": model_fingerprint(model_dir),
-            "max_length": max_length, "precision": numerics}
+    return {
+        "model": str(Path(model_dir).resolve()),
+        "fingerprint": model_fingerprint(model_dir),
+        "max_length": max_length,
+        "precision": numerics,
+    }
 
 
 def shard_spec(path: Path) -> dict[str, Any] | None:
@@ -54,15 +58,23 @@ class RefLogpsReport:
 
 
 @torch.no_grad()
-def pair_logps(forward: PairLogps, processor: Any, pairs: PairTable, max_length: int, batch_size: int,
-               device: torch.device, numerics: dict[str, str | None]) -> tuple[torch.Tensor, int]:
+def pair_logps(
+    forward: PairLogps,
+    processor: Any,
+    pairs: PairTable,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    numerics: dict[str, str | None],
+) -> tuple[torch.Tensor, int]:
     """(len(pairs), 2) chosen/rejected log-prob sums (NaN for pairs too long), and how many were too long."""
     out = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64)
     dtype = next(forward.parameters()).dtype
     too_long = 0
     for start in range(0, len(pairs), batch_size):
-        batch, skipped = encode_batch(pairs, processor, list(range(start, min(start + batch_size, len(pairs)))),
-                                      max_length)
+        batch, skipped = encode_batch(
+            pairs, processor, list(range(start, min(start + batch_size, len(pairs)))), max_length
+        )
         too_long += skipped
         if batch is None:
             continue
@@ -73,10 +85,16 @@ def pair_logps(forward: PairLogps, processor: Any, pairs: PairTable, max_length:
     return out, too_long
 
 
-def compute_reference_logps(pairs_dir: Path | str, model_dir: Path | str, max_length: int = 2048,
-                            batch_size: int = 8, device: str | None = None, vision_pass: str = "shared",
-                            on_shard: Callable[[Path, int], None] | None = None,
-                            bf16: bool | None = None) -> RefLogpsReport:
+def compute_reference_logps(
+    pairs_dir: Path | str,
+    model_dir: Path | str,
+    max_length: int = 2048,
+    batch_size: int = 8,
+    device: str | None = None,
+    vision_pass: str = "shared",
+    on_shard: Callable[[Path, int], None] | None = None,
+    bf16: bool | None = None,
+) -> RefLogpsReport:
     """Write reference log-probs into every shard of ``pairs_dir``; skip shards already done.
     ``bf16`` must be the trainer's (``TrainConfig.bf16``; default: on with CUDA)."""
     data = pairs_data_dir(pairs_dir)
@@ -96,7 +114,9 @@ def compute_reference_logps(pairs_dir: Path | str, model_dir: Path | str, max_le
     for path in pending:
         table = pq.read_table(path)
         pairs = PairTable(table.drop_columns([c for c in REF_COLUMNS if c in table.column_names]), str(path))
-        logps, too_long = pair_logps(forward, processor, pairs, max_length, batch_size, torch_device, numerics)
+        logps, too_long = pair_logps(
+            forward, processor, pairs, max_length, batch_size, torch_device, numerics
+        )
         values = logps.numpy()
         out = pairs.table
         for index, name in enumerate(REF_COLUMNS):

@@ -46,13 +46,16 @@ class SamplingConfig(BaseModel):
     temperature: float = Field(0.7, ge=0, description="sampling temperature")
     top_k: int = Field(50, description="top-k (<= 0 disables)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
-    max_tokens: int = Field(4096, ge=1, description="new tokens per response; longer ones are kept as 'length'")
+    max_tokens: int = Field(
+        4096, ge=1, description="new tokens per response; longer ones are kept as 'length'"
+    )
     seed: int = Field(0, ge=0, lt=2**20, description="base seed; request seeds are derived from it")
     templates: dict[str, str] = Field(default_factory=dict, description="CoT template per dataset")
     default_template: str = Field("en", description="template for datasets not listed")
     prompts_per_shard: int = Field(64, ge=1, description="prompts per shard (the unit of resume)")
-    dropout_variants: list[str] = Field(default_factory=lambda: ["sr0.5_wo_image"],
-                                        description="DropoutNTP variants, as MMPR names them")
+    dropout_variants: list[str] = Field(
+        default_factory=lambda: ["sr0.5_wo_image"], description="DropoutNTP variants, as MMPR names them"
+    )
     dropout_n: int = Field(1, ge=1, description="continuations per open prompt and variant")
     dropout_max_tokens: int = Field(1024, ge=1, description="new tokens per continuation")
 
@@ -78,7 +81,9 @@ def parse_variant(variant: str) -> tuple[float, bool]:
     """``sr0.5_wo_image`` -> (0.5, False): the start ratio and whether the image is shown."""
     match = _VARIANT.match(variant)
     if not match or not 0 <= float(match["ratio"]) <= 1:
-        raise ValueError(f"bad DropoutNTP variant {variant!r}; expected like sr0.5_wo_image or sr0.0_with_image")
+        raise ValueError(
+            f"bad DropoutNTP variant {variant!r}; expected like sr0.5_wo_image or sr0.0_with_image"
+        )
     return float(match["ratio"]), match["image"] == "with"
 
 
@@ -98,11 +103,19 @@ def stage_fingerprint(stage: str, config: SamplingConfig, model_id: str) -> str:
     """The store of one stage, model (path and weights) and sampling config; shard size is not part of it."""
     fields = config.model_dump()
     if stage == "correctness":
-        fields = {k: v for k, v in fields.items() if not k.startswith("dropout_") and k != "prompts_per_shard"}
+        fields = {
+            k: v for k, v in fields.items() if not k.startswith("dropout_") and k != "prompts_per_shard"
+        }
     else:
-        fields = {k: v for k, v in fields.items() if k.startswith("dropout_") or k in ("temperature", "top_k", "top_p", "seed")}
-    blob = json.dumps({"stage": stage, "model": model_id, "weights": model_fingerprint(model_id), "config": fields},
-                      sort_keys=True)
+        fields = {
+            k: v
+            for k, v in fields.items()
+            if k.startswith("dropout_") or k in ("temperature", "top_k", "top_p", "seed")
+        }
+    blob = json.dumps(
+        {"stage": stage, "model": model_id, "weights": model_fingerprint(model_id), "config": fields},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -132,7 +145,9 @@ def shard_keys(path: Path) -> list[str]:
     """The prompt keys a finished shard holds (from its Parquet footer, the rows are not read)."""
     raw = (pq.read_schema(path).metadata or {}).get(KEYS_METADATA)
     if raw is None:
-        raise ValueError(f"{path}: sample shard without {KEYS_METADATA.decode()!r} metadata (written by another tool?)")
+        raise ValueError(
+            f"{path}: sample shard without {KEYS_METADATA.decode()!r} metadata (written by another tool?)"
+        )
     keys: list[str] = json.loads(raw)
     return keys
 
@@ -152,18 +167,33 @@ class StageReport:
     samples_written: int
 
 
-def _correctness_requests(shard: pl.DataFrame, config: SamplingConfig) -> list[tuple[dict, GenerationRequest, dict]]:
-    params = SamplingParams(n=config.n, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                            max_tokens=config.max_tokens)
+def _correctness_requests(
+    shard: pl.DataFrame, config: SamplingConfig
+) -> list[tuple[dict, GenerationRequest, dict]]:
+    params = SamplingParams(
+        n=config.n,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        max_tokens=config.max_tokens,
+    )
     out = []
     for row in shard.iter_rows(named=True):
         template = config.template_for(row["dataset"])
         seed = request_seed(config, f"correctness/{row['prompt_id']}/{row['repeat_index']}", config.n)
-        request = GenerationRequest(request_id=f"{row['prompt_id']}/{row['repeat_index']}",
-                                    question=apply_template(row["question"], template), images=tuple(row["images"]),
-                                    params=params, seed=seed)
-        extra = {"prompt_version": template, "sample_offset": row["repeat_index"] * config.n, "chosen": None,
-                 "prefix": None}
+        request = GenerationRequest(
+            request_id=f"{row['prompt_id']}/{row['repeat_index']}",
+            question=apply_template(row["question"], template),
+            images=tuple(row["images"]),
+            params=params,
+            seed=seed,
+        )
+        extra = {
+            "prompt_version": template,
+            "sample_offset": row["repeat_index"] * config.n,
+            "chosen": None,
+            "prefix": None,
+        }
         out.append((row, request, extra))
     return out
 
@@ -172,9 +202,16 @@ def _without_images(question: str) -> str:
     return re.sub(r"\n{2,}", "\n", question.replace(IMAGE_PLACEHOLDER, "")).strip()
 
 
-def _dropout_requests(shard: pl.DataFrame, config: SamplingConfig, tokenizer: Any) -> list[tuple[dict, GenerationRequest, dict]]:
-    params = SamplingParams(n=config.dropout_n, temperature=config.temperature, top_k=config.top_k,
-                            top_p=config.top_p, max_tokens=config.dropout_max_tokens)
+def _dropout_requests(
+    shard: pl.DataFrame, config: SamplingConfig, tokenizer: Any
+) -> list[tuple[dict, GenerationRequest, dict]]:
+    params = SamplingParams(
+        n=config.dropout_n,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        max_tokens=config.dropout_max_tokens,
+    )
     out = []
     for row in shard.iter_rows(named=True):
         for v_index, variant in enumerate(config.dropout_variants):
@@ -185,43 +222,83 @@ def _dropout_requests(shard: pl.DataFrame, config: SamplingConfig, tokenizer: An
                 request_id=key,
                 question=row["question"] if with_image else _without_images(row["question"]),
                 images=tuple(row["images"]) if with_image else (),
-                assistant_prefix=prefix, params=params, seed=request_seed(config, key, config.dropout_n))
+                assistant_prefix=prefix,
+                params=params,
+                seed=request_seed(config, key, config.dropout_n),
+            )
             offset = (row["repeat_index"] * len(config.dropout_variants) + v_index) * config.dropout_n
-            out.append((row, request, {"prompt_version": variant, "sample_offset": offset, "chosen": row["chosen"],
-                                       "prefix": prefix}))
+            out.append(
+                (
+                    row,
+                    request,
+                    {
+                        "prompt_version": variant,
+                        "sample_offset": offset,
+                        "chosen": row["chosen"],
+                        "prefix": prefix,
+                    },
+                )
+            )
     return out
 
 
-def _sample_rows(stage: str, planned: list[tuple[dict, GenerationRequest, dict]], engine: Engine) -> list[dict[str, Any]]:
+def _sample_rows(
+    stage: str, planned: list[tuple[dict, GenerationRequest, dict]], engine: Engine
+) -> list[dict[str, Any]]:
     completions = engine.generate([request for _, request, _ in planned])
     rows = []
     for (prompt, request, extra), outputs in zip(planned, completions, strict=True):
         if len(outputs) != request.params.n:
-            raise RuntimeError(f"engine {engine.name} returned {len(outputs)} completions for {request.request_id}, "
-                               f"expected {request.params.n}")
+            raise RuntimeError(
+                f"engine {engine.name} returned {len(outputs)} completions for {request.request_id}, "
+                f"expected {request.params.n}"
+            )
         params = json.dumps({**request.params.__dict__, "engine": engine.name}, sort_keys=True)
         for i, completion in enumerate(outputs):
-            rows.append({
-                "prompt_id": prompt["prompt_id"], "dataset": prompt["dataset"], "images": prompt["images"],
-                "question": prompt["question"], "answer": prompt["answer"], "prompt_version": extra["prompt_version"],
-                "response": completion.text, "finish_reason": completion.finish_reason,
-                "num_tokens": completion.num_tokens, "sample_index": extra["sample_offset"] + i, "source": stage,
-                "model": engine.model_id, "chosen": extra["chosen"], "prefix": extra["prefix"],
-                "seed": request.seed + i, "sampling_config": params,
-            })
+            rows.append(
+                {
+                    "prompt_id": prompt["prompt_id"],
+                    "dataset": prompt["dataset"],
+                    "images": prompt["images"],
+                    "question": prompt["question"],
+                    "answer": prompt["answer"],
+                    "prompt_version": extra["prompt_version"],
+                    "response": completion.text,
+                    "finish_reason": completion.finish_reason,
+                    "num_tokens": completion.num_tokens,
+                    "sample_index": extra["sample_offset"] + i,
+                    "source": stage,
+                    "model": engine.model_id,
+                    "chosen": extra["chosen"],
+                    "prefix": extra["prefix"],
+                    "seed": request.seed + i,
+                    "sampling_config": params,
+                }
+            )
     return rows
 
 
-def run_stage(stage: str, prompts_dir: Path | str, engine: Engine, out: Path | str, config: SamplingConfig,
-              on_shard: Callable[[int, int, bool], None] | None = None) -> StageReport:
+def run_stage(
+    stage: str,
+    prompts_dir: Path | str,
+    engine: Engine,
+    out: Path | str,
+    config: SamplingConfig,
+    on_shard: Callable[[int, int, bool], None] | None = None,
+) -> StageReport:
     """Sample every prompt of ``stage`` not yet in its store; ``on_shard(done, total, skipped)``
     is called after each shard (progress bars, Prefect progress artifacts)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
-    prompts = read_prompts(prompts_dir).filter(pl.col("kind") == ("closed" if stage == "correctness" else "open"))
+    prompts = read_prompts(prompts_dir).filter(
+        pl.col("kind") == ("closed" if stage == "correctness" else "open")
+    )
     out_dir = stage_store(out, stage, config, engine.model_id)
-    atomic_write_text(out_dir / "_stage.json", json.dumps(
-        {"stage": stage, "model": engine.model_id, "config": config.model_dump()}, indent=2) + "\n")
+    atomic_write_text(
+        out_dir / "_stage.json",
+        json.dumps({"stage": stage, "model": engine.model_id, "config": config.model_dump()}, indent=2)
+        + "\n",
+    )
     wanted = set(prompt_keys(prompts))
     stored = {path: shard_keys(path) for path in shard_files(out_dir)}
     finished = [path for path, keys in stored.items() if wanted.intersection(keys)]
@@ -235,12 +312,17 @@ def run_stage(stage: str, prompts_dir: Path | str, engine: Engine, out: Path | s
             on_shard(index + 1, total, True)
     written = 0
     for index, shard in enumerate(shards):
-        planned = (_correctness_requests(shard, config) if stage == "correctness"
-                   else _dropout_requests(shard, config, engine.tokenizer))
+        planned = (
+            _correctness_requests(shard, config)
+            if stage == "correctness"
+            else _dropout_requests(shard, config, engine.tokenizer)
+        )
         rows = pa.Table.from_pylist(_sample_rows(stage, planned, engine), schema=SAMPLES)
         keys = json.dumps(sorted(prompt_keys(shard))).encode()
-        write_table(rows.replace_schema_metadata({KEYS_METADATA: keys}),
-                    out_dir / f"shard-{batch}-{index:05d}-of-{len(shards):05d}.parquet")
+        write_table(
+            rows.replace_schema_metadata({KEYS_METADATA: keys}),
+            out_dir / f"shard-{batch}-{index:05d}-of-{len(shards):05d}.parquet",
+        )
         written += rows.num_rows
         if on_shard:
             on_shard(len(finished) + index + 1, total, False)

@@ -22,69 +22,79 @@ from mpo.io import atomic_write
 
 IMAGES = pa.list_(pa.string())  # absolute image paths, in placeholder order
 
-PROMPTS = pa.schema([
-    ("prompt_id", pa.string()),  # content hash: image bytes + question + answer/chosen
-    ("dataset", pa.string()),
-    ("kind", pa.string()),  # closed (has answer) | open (has chosen)
-    ("images", IMAGES),
-    ("question", pa.string()),
-    ("answer", pa.string()),  # gold answer of a closed prompt
-    ("chosen", pa.string()),  # good answer of an open prompt
-    ("source_file", pa.string()),
-    ("source_line", pa.int64()),
-    ("repeat_index", pa.int64()),  # 0.. int(repeat_time)-1 when meta.json repeats a dataset
-])
+PROMPTS = pa.schema(
+    [
+        ("prompt_id", pa.string()),  # content hash: image bytes + question + answer/chosen
+        ("dataset", pa.string()),
+        ("kind", pa.string()),  # closed (has answer) | open (has chosen)
+        ("images", IMAGES),
+        ("question", pa.string()),
+        ("answer", pa.string()),  # gold answer of a closed prompt
+        ("chosen", pa.string()),  # good answer of an open prompt
+        ("source_file", pa.string()),
+        ("source_line", pa.int64()),
+        ("repeat_index", pa.int64()),  # 0.. int(repeat_time)-1 when meta.json repeats a dataset
+    ]
+)
 
-QUARANTINE = pa.schema([
-    ("dataset", pa.string()),
-    ("file", pa.string()),
-    ("line", pa.int64()),
-    ("reason", pa.string()),  # stable snake_case code
-    ("detail", pa.string()),
-])
+QUARANTINE = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("file", pa.string()),
+        ("line", pa.int64()),
+        ("reason", pa.string()),  # stable snake_case code
+        ("detail", pa.string()),
+    ]
+)
 
-SAMPLES = pa.schema([
-    ("prompt_id", pa.string()),
-    ("dataset", pa.string()),
-    ("images", IMAGES),
-    ("question", pa.string()),  # original question (before templating)
-    ("answer", pa.string()),  # gold; null for open prompts
-    ("prompt_version", pa.string()),  # template id, or the DropoutNTP variant
-    ("response", pa.string()),
-    ("finish_reason", pa.string()),  # stop | length; anything else (abort, error) is a failed request
-    ("num_tokens", pa.int64()),
-    ("sample_index", pa.int64()),
-    ("source", pa.string()),  # correctness | dropout_ntp
-    ("model", pa.string()),
-    ("chosen", pa.string()),  # dropout_ntp: the original good answer
-    ("prefix", pa.string()),  # dropout_ntp: the cut given to the model
-    ("seed", pa.int64()),
-    ("sampling_config", pa.string()),  # JSON of the sampling parameters
-])
+SAMPLES = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("dataset", pa.string()),
+        ("images", IMAGES),
+        ("question", pa.string()),  # original question (before templating)
+        ("answer", pa.string()),  # gold; null for open prompts
+        ("prompt_version", pa.string()),  # template id, or the DropoutNTP variant
+        ("response", pa.string()),
+        ("finish_reason", pa.string()),  # stop | length; anything else (abort, error) is a failed request
+        ("num_tokens", pa.int64()),
+        ("sample_index", pa.int64()),
+        ("source", pa.string()),  # correctness | dropout_ntp
+        ("model", pa.string()),
+        ("chosen", pa.string()),  # dropout_ntp: the original good answer
+        ("prefix", pa.string()),  # dropout_ntp: the cut given to the model
+        ("seed", pa.int64()),
+        ("sampling_config", pa.string()),  # JSON of the sampling parameters
+    ]
+)
 
-PAIRS = pa.schema([
-    ("pair_id", pa.string()),  # stable hash of prompt_id + chosen + rejected
-    ("prompt_id", pa.string()),
-    ("dataset", pa.string()),
-    ("source", pa.string()),  # correctness | dropout_ntp | format
-    ("prompt", pa.string()),  # the question as the model saw it (templated)
-    ("chosen", pa.string()),
-    ("rejected", pa.string()),
-    ("images", IMAGES),
-    ("answer", pa.string()),
-    ("chosen_answer", pa.string()),
-    ("rejected_answer", pa.string()),
-    ("model", pa.string()),
-])
+PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),  # stable hash of prompt_id + chosen + rejected
+        ("prompt_id", pa.string()),
+        ("dataset", pa.string()),
+        ("source", pa.string()),  # correctness | dropout_ntp | format
+        ("prompt", pa.string()),  # the question as the model saw it (templated)
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("images", IMAGES),
+        ("answer", pa.string()),
+        ("chosen_answer", pa.string()),
+        ("rejected_answer", pa.string()),
+        ("model", pa.string()),
+    ]
+)
 
-HARD_PROMPTS = pa.schema([
-    ("prompt_id", pa.string()),
-    ("dataset", pa.string()),
-    ("question", pa.string()),
-    ("answer", pa.string()),
-    ("images", IMAGES),
-    ("samples", pa.int64()),
-])
+HARD_PROMPTS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("dataset", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("images", IMAGES),
+        ("samples", pa.int64()),
+    ]
+)
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -64,7 +64,9 @@ class Shape:
     @property
     def place(self) -> str:
         vertical = "top" if self.y < IMAGE_SIZE / 3 else "bottom" if self.y > 2 * IMAGE_SIZE / 3 else "middle"
-        horizontal = "left" if self.x < IMAGE_SIZE / 3 else "right" if self.x > 2 * IMAGE_SIZE / 3 else "centre"
+        horizontal = (
+            "left" if self.x < IMAGE_SIZE / 3 else "right" if self.x > 2 * IMAGE_SIZE / 3 else "centre"
+        )
         return "centre" if vertical == "middle" and horizontal == "centre" else f"{vertical} {horizontal}"
 
 
@@ -77,7 +79,9 @@ class Row:
 
 
 def _overlaps(shape: Shape, others: list[Shape]) -> bool:
-    return any((shape.x - o.x) ** 2 + (shape.y - o.y) ** 2 < (shape.radius + o.radius + 6) ** 2 for o in others)
+    return any(
+        (shape.x - o.x) ** 2 + (shape.y - o.y) ** 2 < (shape.radius + o.radius + 6) ** 2 for o in others
+    )
 
 
 def random_shapes(rng: random.Random, kinds: list[str]) -> list[Shape]:
@@ -118,7 +122,10 @@ def draw_shapes(shapes: list[Shape]) -> Image.Image:
         elif s.kind == "square":
             draw.rectangle(box, fill=fill)
         else:
-            draw.polygon([(s.x, s.y - s.radius), (s.x - s.radius, s.y + s.radius), (s.x + s.radius, s.y + s.radius)], fill=fill)
+            draw.polygon(
+                [(s.x, s.y - s.radius), (s.x - s.radius, s.y + s.radius), (s.x + s.radius, s.y + s.radius)],
+                fill=fill,
+            )
     return image
 
 
@@ -139,11 +146,14 @@ def count_task(rng: random.Random) -> Row:
     shapes = random_shapes(rng, kinds)
     n = _count(shapes, kind)
     solution = f"I look for every {kind} in the image. I count {n} {_plural(kind, n)}.\n{FINAL_ANSWER} {n}"
-    return Row(draw_shapes(shapes), {
-        "question": f"<image>\nHow many {kind}s are there in the image?\n{SHORT_ANSWER}",
-        "answer": str(n),
-        "solution": solution,
-    })
+    return Row(
+        draw_shapes(shapes),
+        {
+            "question": f"<image>\nHow many {kind}s are there in the image?\n{SHORT_ANSWER}",
+            "answer": str(n),
+            "solution": solution,
+        },
+    )
 
 
 def colour_task(rng: random.Random) -> Row:
@@ -153,11 +163,14 @@ def colour_task(rng: random.Random) -> Row:
         f"The largest shape is the {largest.kind} at the {largest.place}. It is {largest.colour}.\n"
         f"{FINAL_ANSWER} {largest.colour}"
     )
-    return Row(draw_shapes(shapes), {
-        "question": f"<image>\nWhat colour is the largest shape?\n{SHORT_ANSWER}",
-        "answer": largest.colour,
-        "solution": solution,
-    })
+    return Row(
+        draw_shapes(shapes),
+        {
+            "question": f"<image>\nWhat colour is the largest shape?\n{SHORT_ANSWER}",
+            "answer": largest.colour,
+            "solution": solution,
+        },
+    )
 
 
 def compare_task(rng: random.Random) -> Row:
@@ -169,11 +182,14 @@ def compare_task(rng: random.Random) -> Row:
         f"There {'is' if a == 1 else 'are'} {a} {_plural(first, a)} and {b} {_plural(second, b)}. "
         f"{a} is {'more' if a > b else 'not more'} than {b}.\n{FINAL_ANSWER} {verdict}"
     )
-    return Row(draw_shapes(shapes), {
-        "question": f"<image>\nAre there more {first}s than {second}s in the image?\n{YES_NO}",
-        "answer": verdict,
-        "solution": solution,
-    })
+    return Row(
+        draw_shapes(shapes),
+        {
+            "question": f"<image>\nAre there more {first}s than {second}s in the image?\n{YES_NO}",
+            "answer": verdict,
+            "solution": solution,
+        },
+    )
 
 
 def choice_task(rng: random.Random) -> Row:
@@ -183,12 +199,17 @@ def choice_task(rng: random.Random) -> Row:
     letters = "ABCD"
     letter = letters[options.index(total)]
     listing = "\n".join(f"{letters[i]}. {v}" for i, v in enumerate(options))
-    solution = f"I count all the shapes: there are {total}. Option {letter} says {total}.\n{FINAL_ANSWER} {letter}"
-    return Row(draw_shapes(shapes), {
-        "question": f"<image>\nHow many shapes are in the image?\n{listing}\n{LETTER_ANSWER}",
-        "answer": letter,
-        "solution": solution,
-    })
+    solution = (
+        f"I count all the shapes: there are {total}. Option {letter} says {total}.\n{FINAL_ANSWER} {letter}"
+    )
+    return Row(
+        draw_shapes(shapes),
+        {
+            "question": f"<image>\nHow many shapes are in the image?\n{listing}\n{LETTER_ANSWER}",
+            "answer": letter,
+            "solution": solution,
+        },
+    )
 
 
 def arithmetic_task(rng: random.Random) -> Row:
@@ -199,37 +220,59 @@ def arithmetic_task(rng: random.Random) -> Row:
     draw = ImageDraw.Draw(image)
     _draw_digit_row(draw, f"{a}{op}{b}", top=rng.randint(70, 120), left=rng.randint(30, 80))
     solution = f"The image shows {a} {op} {b}. {a} {op} {b} = {value}.\n{FINAL_ANSWER} {value}"
-    return Row(image, {
-        "question": f"<image>\nWhat is the value of the expression in the image?\n{SHORT_ANSWER}",
-        "answer": str(value),
-        "solution": solution,
-    })
+    return Row(
+        image,
+        {
+            "question": f"<image>\nWhat is the value of the expression in the image?\n{SHORT_ANSWER}",
+            "answer": str(value),
+            "solution": solution,
+        },
+    )
 
 
 def describe_task(rng: random.Random) -> Row:
     shapes = random_shapes(rng, _any_kinds(rng, rng.randint(1, 4)))
-    parts = [f"a {s.size_word} {s.colour} {s.kind} at the {s.place}" for s in sorted(shapes, key=lambda s: -s.radius)]
+    parts = [
+        f"a {s.size_word} {s.colour} {s.kind} at the {s.place}"
+        for s in sorted(shapes, key=lambda s: -s.radius)
+    ]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     total = len(shapes)
     chosen = (
         f"The image shows {NUMBER_WORDS[total]} {'shape' if total == 1 else 'shapes'} on a white background: "
         f"{listing}. The largest one is {max(shapes, key=lambda s: s.radius).colour}."
     )
-    return Row(draw_shapes(shapes), {
-        "question": "<image>\nDescribe the image in detail.",
-        "chosen": chosen,
-        "rejected": None,
-    })
+    return Row(
+        draw_shapes(shapes),
+        {
+            "question": "<image>\nDescribe the image in detail.",
+            "chosen": chosen,
+            "rejected": None,
+        },
+    )
 
 
 # Seven-segment digits: segments a..g as (x0, y0, x1, y1) in a 20 x 36 cell.
 _SEGMENTS = {
-    "a": (2, 0, 18, 4), "b": (16, 2, 20, 18), "c": (16, 18, 20, 34), "d": (2, 32, 18, 36),
-    "e": (0, 18, 4, 34), "f": (0, 2, 4, 18), "g": (2, 16, 18, 20),
+    "a": (2, 0, 18, 4),
+    "b": (16, 2, 20, 18),
+    "c": (16, 18, 20, 34),
+    "d": (2, 32, 18, 36),
+    "e": (0, 18, 4, 34),
+    "f": (0, 2, 4, 18),
+    "g": (2, 16, 18, 20),
 }
 _DIGITS = {
-    "0": "abcdef", "1": "bc", "2": "abged", "3": "abgcd", "4": "fgbc",
-    "5": "afgcd", "6": "afgedc", "7": "abc", "8": "abcdefg", "9": "abcdfg",
+    "0": "abcdef",
+    "1": "bc",
+    "2": "abged",
+    "3": "abgcd",
+    "4": "fgbc",
+    "5": "afgcd",
+    "6": "afgedc",
+    "7": "abc",
+    "8": "abcdefg",
+    "9": "abcdfg",
 }
 
 
@@ -240,12 +283,16 @@ def _draw_digit_row(draw: ImageDraw.ImageDraw, text: str, top: int, left: int, s
         if char in _DIGITS:
             for seg in _DIGITS[char]:
                 x0, y0, x1, y1 = _SEGMENTS[seg]
-                draw.rectangle((x + x0 * scale, top + y0 * scale, x + x1 * scale, top + y1 * scale), fill=(0, 0, 0))
+                draw.rectangle(
+                    (x + x0 * scale, top + y0 * scale, x + x1 * scale, top + y1 * scale), fill=(0, 0, 0)
+                )
         else:
             mid = top + 18 * scale
             draw.rectangle((x + 2 * scale, mid - 2 * scale, x + 18 * scale, mid + 2 * scale), fill=(0, 0, 0))
             if char == "+":
-                draw.rectangle((x + 8 * scale, mid - 8 * scale, x + 12 * scale, mid + 8 * scale), fill=(0, 0, 0))
+                draw.rectangle(
+                    (x + 8 * scale, mid - 8 * scale, x + 12 * scale, mid + 8 * scale), fill=(0, 0, 0)
+                )
         x += 26 * scale
 
 
@@ -259,13 +306,22 @@ TASKS: dict[str, Callable[[random.Random], Row]] = {
 }
 CLOSED_DATASETS = tuple(name for name in TASKS if name != "synth_describe")
 # How each closed dataset's answers are verified (mpo.answers.VerifyMode values).
-VERIFY_MODES = {"synth_count": "numeric", "synth_arith": "numeric", "synth_choice": "choice",
-                "synth_colour": "exact", "synth_compare": "exact"}
+VERIFY_MODES = {
+    "synth_count": "numeric",
+    "synth_arith": "numeric",
+    "synth_choice": "choice",
+    "synth_colour": "exact",
+    "synth_compare": "exact",
+}
 # The answer each closed dataset's worked steps state (mpo.pairs.PairingConfig.claim_patterns):
 # a sampled response whose steps say one thing and whose final answer another is paired on
 # neither side. synth_compare's steps state counts, not the Yes/No verdict: no pattern.
-CLAIM_PATTERNS = {"synth_count": r"I count (\d+)", "synth_colour": r"It is (\w+)\.",
-                  "synth_choice": r"Option ([A-D]) says", "synth_arith": r"= (-?\d+)\."}
+CLAIM_PATTERNS = {
+    "synth_count": r"I count (\d+)",
+    "synth_colour": r"It is (\w+)\.",
+    "synth_choice": r"Option ([A-D]) says",
+    "synth_arith": r"= (-?\d+)\.",
+}
 OPEN_DATASETS = ("synth_describe",)
 
 
@@ -285,8 +341,13 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def generate(out: Path, count: int, seed: int = 0, heldout_fraction: float = 0.2,
-             datasets: tuple[str, ...] = tuple(TASKS)) -> dict[str, dict[str, int]]:
+def generate(
+    out: Path,
+    count: int,
+    seed: int = 0,
+    heldout_fraction: float = 0.2,
+    datasets: tuple[str, ...] = tuple(TASKS),
+) -> dict[str, dict[str, int]]:
     """Write ``count`` prompts per dataset (split into train / held-out) under ``out``.
 
     Returns ``{split: {dataset: rows}}``. Re-running with the same arguments rewrites
@@ -342,8 +403,9 @@ def as_if_answered(solution: str, gold: str, answer: str) -> str:
     return with_final_answer(believed, answer)
 
 
-def solution_pairs(synth_dir: Path, out: Path, split: str = "train", seed: int = 0,
-                   template: str = "en") -> Path:
+def solution_pairs(
+    synth_dir: Path, out: Path, split: str = "train", seed: int = 0, template: str = "en"
+) -> Path:
     """Gold preference pairs straight from the synthetic annotations, for tests and benchmarks.
 
     chosen = the worked solution; rejected = the same solution whose final line names
@@ -370,15 +432,27 @@ def solution_pairs(synth_dir: Path, out: Path, split: str = "train", seed: int =
             wrong = rng.choice([a for a in answers if a != str(row["answer"])] or [str(row["answer"]) + "0"])
             rejected = with_final_answer(str(row["solution"]), wrong)
             prompt = apply_template(str(row["question"]), template)
-            prompt_id = hashlib.sha256(f"{dataset}\0{row['image']}\0{row['question']}".encode()).hexdigest()[:16]
-            rows.append({
-                "pair_id": hashlib.sha256(f"{prompt_id}\0{row['solution']}\0{rejected}".encode()).hexdigest()[:16],
-                "prompt_id": prompt_id, "dataset": dataset, "source": "correctness", "prompt": prompt,
-                "chosen": row["solution"], "rejected": rejected,
-                "images": [str(Path(entry["root"]) / str(row["image"]))],
-                "answer": str(row["answer"]), "chosen_answer": str(row["answer"]), "rejected_answer": wrong,
-                "model": "synthetic",
-            })
+            prompt_id = hashlib.sha256(f"{dataset}\0{row['image']}\0{row['question']}".encode()).hexdigest()[
+                :16
+            ]
+            rows.append(
+                {
+                    "pair_id": hashlib.sha256(
+                        f"{prompt_id}\0{row['solution']}\0{rejected}".encode()
+                    ).hexdigest()[:16],
+                    "prompt_id": prompt_id,
+                    "dataset": dataset,
+                    "source": "correctness",
+                    "prompt": prompt,
+                    "chosen": row["solution"],
+                    "rejected": rejected,
+                    "images": [str(Path(entry["root"]) / str(row["image"]))],
+                    "answer": str(row["answer"]),
+                    "chosen_answer": str(row["answer"]),
+                    "rejected_answer": wrong,
+                    "model": "synthetic",
+                }
+            )
     if not rows:
         raise ValueError(f"{synth_dir}: no closed prompts in the {split} split")
     write_table(pa.Table.from_pylist(rows, schema=PAIRS), Path(out) / "data" / "part-00000.parquet", PAIRS)

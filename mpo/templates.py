@@ -15,7 +15,7 @@ IMAGE_PLACEHOLDER = "<image>"
 TEMPLATES: dict[str, str] = {
     "en": (
         "Your task is to answer the question below. Give step by step reasoning before you answer, "
-        "and when you're ready to answer, please use the format \"Final answer: ..\"\n\n"
+        'and when you\'re ready to answer, please use the format "Final answer: .."\n\n'
         "Question:\n\n{question}"
     ),
     "en_v2": (
@@ -31,7 +31,7 @@ TEMPLATES: dict[str, str] = {
         "tags, and then put the final answer within \\boxed{{}}."
     ),
     "zh": (
-        "你的任务是回答下面的问题。请先逐步推理，然后再给出答案，回答时请使用格式\"答案: ..\"\n\n问题:\n\n{question}"
+        '你的任务是回答下面的问题。请先逐步推理，然后再给出答案，回答时请使用格式"答案: .."\n\n问题:\n\n{question}'
     ),
 }
 

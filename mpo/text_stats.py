@@ -99,7 +99,9 @@ def _repetition_kernel(offsets: np.ndarray, data: np.ndarray, n: int, out: np.nd
     longest = 1
     for i in range(offsets.size - 1):
         longest = max(longest, offsets[i + 1] - offsets[i] + 1)
-    bounds = np.empty(longest + 1, np.int64)  # scratch, reused by every row: word w is bounds[w]..bounds[w+1]-1
+    bounds = np.empty(
+        longest + 1, np.int64
+    )  # scratch, reused by every row: word w is bounds[w]..bounds[w+1]-1
     hashes = np.empty(longest, np.uint64)
     table = 1
     while table < 2 * longest:
@@ -156,8 +158,9 @@ def _repetition_kernel(offsets: np.ndarray, data: np.ndarray, n: int, out: np.nd
 
 
 @numba.njit(nogil=True, cache=True)
-def _common_prefix_kernel(offsets: np.ndarray, data: np.ndarray, first: np.ndarray, second: np.ndarray,
-                          out: np.ndarray) -> None:
+def _common_prefix_kernel(
+    offsets: np.ndarray, data: np.ndarray, first: np.ndarray, second: np.ndarray, out: np.ndarray
+) -> None:
     for i in range(first.size):
         a, b = offsets[first[i]], offsets[second[i]]
         size = min(offsets[first[i] + 1] - a, offsets[second[i] + 1] - b)
@@ -171,7 +174,7 @@ def _buffers(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (int64) and UTF-8 bytes of a string array, without copying the bytes."""
     texts = texts.cast(pa.large_string())
     _, offsets, data = texts.buffers()
-    starts = np.frombuffer(offsets, dtype=np.int64)[texts.offset: texts.offset + len(texts) + 1]
+    starts = np.frombuffer(offsets, dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
     payload = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
     return starts, payload
 
@@ -188,7 +191,9 @@ def _in_slices(rows: int, work: Callable[[int, int], None]) -> None:
         list(pool.map(lambda bounds: work(*bounds), slices))
 
 
-def _run(texts: pl.Series, dtype: type, kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], None]) -> np.ndarray:
+def _run(
+    texts: pl.Series, dtype: type, kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+) -> np.ndarray:
     """Run ``kernel`` over ``texts`` (nulls read as "") a slice per thread."""
     arrow = _arrow_texts(texts)
     out: np.ndarray = np.empty(texts.len(), dtype)
@@ -218,7 +223,9 @@ def common_prefix(texts: pl.Series, first: pl.Series, second: pl.Series) -> pl.S
     """Leading UTF-8 bytes that ``texts[first[i]]`` and ``texts[second[i]]`` share (nulls
     read as ""); ``first`` and ``second`` are row positions in ``texts``."""
     if first.len() != second.len():
-        raise ValueError(f"common_prefix needs as many first as second positions, got {first.len()} and {second.len()}")
+        raise ValueError(
+            f"common_prefix needs as many first as second positions, got {first.len()} and {second.len()}"
+        )
     a, b = first.cast(pl.Int64).to_numpy(), second.cast(pl.Int64).to_numpy()
     if a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= texts.len()):
         raise IndexError(f"common_prefix positions must lie in 0..{texts.len() - 1}")

@@ -132,17 +132,22 @@ class _InterpreterChild:
 def _spawn(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[_Child, Connection]:
     context = multiprocessing.get_context("spawn")  # fork would copy CUDA state and threads
     parent_end, child_end = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(child_end, fn, kwargs), name=f"mpo-{fn.__name__}", daemon=True)
+    process = context.Process(
+        target=_child, args=(child_end, fn, kwargs), name=f"mpo-{fn.__name__}", daemon=True
+    )
     process.start()
     child_end.close()
     return _SpawnedChild(process), parent_end
 
 
-def _start_interpreter(python: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[_Child, Connection]:
+def _start_interpreter(
+    python: str, fn: Callable[..., Any], kwargs: dict[str, Any]
+) -> tuple[_Child, Connection]:
     read_fd, write_fd = os.pipe()
     try:
-        process = subprocess.Popen([python, "-m", "mpo.time_limit", str(write_fd)], stdin=subprocess.PIPE,
-                                   pass_fds=(write_fd,))
+        process = subprocess.Popen(
+            [python, "-m", "mpo.time_limit", str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,)
+        )
     except OSError as error:
         os.close(read_fd)
         raise FileNotFoundError(f"cannot start the stage's interpreter {python!r}: {error}") from error
@@ -154,9 +159,15 @@ def _start_interpreter(python: str, fn: Callable[..., Any], kwargs: dict[str, An
     return _InterpreterChild(process), Connection(read_fd, writable=False)
 
 
-def call_with_time_limit(fn: Callable[..., T], kwargs: dict[str, Any], seconds: float | None,
-                         on_event: Emit | None = None, grace_seconds: float = 10.0, own_process: bool = False,
-                         python: str | None = None) -> T:
+def call_with_time_limit(
+    fn: Callable[..., T],
+    kwargs: dict[str, Any],
+    seconds: float | None,
+    on_event: Emit | None = None,
+    grace_seconds: float = 10.0,
+    own_process: bool = False,
+    python: str | None = None,
+) -> T:
     """``fn(**kwargs, emit=...)``, in this process when ``seconds`` is None (and neither
     ``own_process`` nor ``python`` asks for a child), else in a child process that is
     terminated, then killed after ``grace_seconds``, at the limit. ``own_process`` without a
@@ -187,7 +198,9 @@ def call_with_time_limit(fn: Callable[..., T], kwargs: dict[str, Any], seconds: 
                     message = parent_end.recv()
                 except EOFError:
                     code = child.join(5)
-                    raise ChildProcessDied(f"{name}: its process exited with code {code} and sent no result") from None
+                    raise ChildProcessDied(
+                        f"{name}: its process exited with code {code} and sent no result"
+                    ) from None
                 if message[0] == "event":
                     forward(message[1])
                     continue

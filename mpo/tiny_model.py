@@ -105,10 +105,12 @@ def build_tokenizer(spec: TinyModelSpec, seed: int) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
@@ -194,8 +196,13 @@ class WarmupExample:
     response: str
 
 
-def warmup_examples(synth_dir: Path, template: str = "en", prior_bias: float = 0.0,
-                    seed: int = 0, prior_in_reasoning: bool = False) -> list[WarmupExample]:
+def warmup_examples(
+    synth_dir: Path,
+    template: str = "en",
+    prior_bias: float = 0.0,
+    seed: int = 0,
+    prior_in_reasoning: bool = False,
+) -> list[WarmupExample]:
     """Supervised targets from the train split: worked solutions and descriptions.
 
     ``prior_bias`` is the share of closed examples whose final answer line is replaced by
@@ -218,9 +225,14 @@ def warmup_examples(synth_dir: Path, template: str = "en", prior_bias: float = 0
                 response = str(row["solution"])
                 if answers and rng.random() < prior_bias:
                     prior = answers.most_common(1)[0][0]
-                    response = (synth.as_if_answered(response, str(row["answer"]), prior) if prior_in_reasoning
-                                else synth.with_final_answer(response, prior))
-                examples.append(WarmupExample(apply_template(row["question"], template), root / row["image"], response))
+                    response = (
+                        synth.as_if_answered(response, str(row["answer"]), prior)
+                        if prior_in_reasoning
+                        else synth.with_final_answer(response, prior)
+                    )
+                examples.append(
+                    WarmupExample(apply_template(row["question"], template), root / row["image"], response)
+                )
             elif row.get("chosen"):
                 examples.append(WarmupExample(row["question"], root / row["image"], row["chosen"]))
     if not examples:
@@ -228,9 +240,18 @@ def warmup_examples(synth_dir: Path, template: str = "en", prior_bias: float = 0
     return examples
 
 
-def warmup(model: Any, processor: Any, examples: list[WarmupExample], steps: int, seed: int,
-           batch_size: int = 16, lr: float = 1e-3, warmup_steps: int = 20, vision_lr_scale: float = 1.0,
-           on_step: Callable[[int, float], None] | None = None) -> list[float]:
+def warmup(
+    model: Any,
+    processor: Any,
+    examples: list[WarmupExample],
+    steps: int,
+    seed: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    warmup_steps: int = 20,
+    vision_lr_scale: float = 1.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Plain supervised fine-tuning (cross-entropy on responses), AdamW + warmup/cosine.
 
     ``vision_lr_scale`` multiplies the learning rate of the vision tower and the projector:
@@ -251,8 +272,9 @@ def warmup(model: Any, processor: Any, examples: list[WarmupExample], steps: int
     vision = [p for name, p in model.named_parameters() if not name.startswith("model.language_model.")]
     vision_ids = {id(p) for p in vision}
     text = [p for p in model.parameters() if id(p) not in vision_ids]
-    optimizer = torch.optim.AdamW([{"params": text, "lr": lr}, {"params": vision, "lr": lr * vision_lr_scale}],
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [{"params": text, "lr": lr}, {"params": vision, "lr": lr * vision_lr_scale}], weight_decay=0.0
+    )
 
     def schedule(step: int) -> float:
         if step < warmup_steps:
@@ -290,17 +312,26 @@ class WarmupRecipe:
     steps: int = 0
     lr: float = 1e-3
     vision_lr_scale: float = 1.0
-    prior_bias: float = 0.0  # share of closed examples taught the dataset's most common answer (warmup_examples)
-    prior_in_reasoning: bool = False  # those examples also state the prior in their steps (synth.as_if_answered)
+    prior_bias: float = (
+        0.0  # share of closed examples taught the dataset's most common answer (warmup_examples)
+    )
+    prior_in_reasoning: bool = (
+        False  # those examples also state the prior in their steps (synth.as_if_answered)
+    )
 
     def summary(self) -> dict[str, Any]:
         """The recipe under ``warmup_*`` keys, as ``tiny_model.json`` records it."""
         return {f"warmup_{key}": value for key, value in asdict(self).items()}
 
 
-def build_tiny_model(out: Path, seed: int = 0, synth_dir: Path | None = None, spec: TinyModelSpec | None = None,
-                     recipe: WarmupRecipe = WarmupRecipe(),
-                     on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+def build_tiny_model(
+    out: Path,
+    seed: int = 0,
+    synth_dir: Path | None = None,
+    spec: TinyModelSpec | None = None,
+    recipe: WarmupRecipe = WarmupRecipe(),
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
     """Build, optionally warm up, and save the tiny model to ``out``; return a summary."""
     spec = spec or TinyModelSpec()
     tokenizer = build_tokenizer(spec, seed)
@@ -310,10 +341,22 @@ def build_tiny_model(out: Path, seed: int = 0, synth_dir: Path | None = None, sp
     if recipe.steps:
         if synth_dir is None:
             raise ValueError("warm-up needs synthetic data: pass synth_dir (mpo synth output)")
-        examples = warmup_examples(Path(synth_dir), prior_bias=recipe.prior_bias, seed=seed,
-                                   prior_in_reasoning=recipe.prior_in_reasoning)
-        losses = warmup(model, processor, examples, recipe.steps, seed, lr=recipe.lr,
-                        vision_lr_scale=recipe.vision_lr_scale, on_step=on_step)
+        examples = warmup_examples(
+            Path(synth_dir),
+            prior_bias=recipe.prior_bias,
+            seed=seed,
+            prior_in_reasoning=recipe.prior_in_reasoning,
+        )
+        losses = warmup(
+            model,
+            processor,
+            examples,
+            recipe.steps,
+            seed,
+            lr=recipe.lr,
+            vision_lr_scale=recipe.vision_lr_scale,
+            on_step=on_step,
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -332,24 +375,44 @@ def build_tiny_model(out: Path, seed: int = 0, synth_dir: Path | None = None, sp
     return summary
 
 
-def ensure_tiny_model(out: Path, seed: int, recipe: WarmupRecipe, spec: TinyModelSpec, datasets: tuple[str, ...],
-                      warmup_count: int, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+def ensure_tiny_model(
+    out: Path,
+    seed: int,
+    recipe: WarmupRecipe,
+    spec: TinyModelSpec,
+    datasets: tuple[str, ...],
+    warmup_count: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
     """The tiny model at ``out`` built with this recipe: kept when ``tiny_model.json`` records the same
     recipe (so every finished stage that used it stays valid), else built, warmed up on its own
     synthetic images (``seed + 1``, ``warmup_count`` per dataset), and recorded."""
     from mpo.io import atomic_write_text
 
-    wanted = {**recipe.summary(), "seed": seed, "datasets": list(datasets), "warmup_count": warmup_count,
-              "image_size": spec.image_size}
+    wanted = {
+        **recipe.summary(),
+        "seed": seed,
+        "datasets": list(datasets),
+        "warmup_count": warmup_count,
+        "image_size": spec.image_size,
+    }
     recorded = out / "tiny_model.json"
     previous = json.loads(recorded.read_text()) if recorded.exists() else {}
     if previous and all(previous.get(key) == value for key, value in wanted.items()):
         return dict(previous)
     warmup_data = out.parent / f"{out.name}-warmup-data"
     if recipe.steps:
-        synth.generate(warmup_data, count=warmup_count, seed=seed + 1, heldout_fraction=0.0, datasets=datasets)
-    summary = build_tiny_model(out, seed=seed, synth_dir=warmup_data if recipe.steps else None, spec=spec,
-                               recipe=recipe, on_step=on_step)
+        synth.generate(
+            warmup_data, count=warmup_count, seed=seed + 1, heldout_fraction=0.0, datasets=datasets
+        )
+    summary = build_tiny_model(
+        out,
+        seed=seed,
+        synth_dir=warmup_data if recipe.steps else None,
+        spec=spec,
+        recipe=recipe,
+        on_step=on_step,
+    )
     summary.update(wanted)
     atomic_write_text(recorded, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -65,8 +65,12 @@ class TrainConfig(BaseModel):
     max_length: int = Field(2048, ge=8, description="tokens per sequence; responses are cut at the end")
     max_grad_norm: float | None = Field(1.0, gt=0)
     reference: Literal["precomputed", "online"] = Field(
-        "precomputed", description="read ref log-probs from the pairs (mpo ref-logps) or compute them each step")
-    ref_model: str | None = Field(None, description="online reference model dir (default: the starting model)")
+        "precomputed",
+        description="read ref log-probs from the pairs (mpo ref-logps) or compute them each step",
+    )
+    ref_model: str | None = Field(
+        None, description="online reference model dir (default: the starting model)"
+    )
     vision_pass: Literal["shared", "repeat"] = Field("shared", description="one vision pass per pair, or two")
     logp_chunk_tokens: int = Field(1024, ge=1, description="response tokens per LM-head chunk")
     freeze_vision: bool = False
@@ -74,24 +78,35 @@ class TrainConfig(BaseModel):
     lora: LoraSettings | None = None
     gradient_checkpointing: bool = False
     disable_dropout: bool = Field(
-        True, description="set every dropout of the policy (LoRA's too) to 0, as TRL does: with dropout on, the "
-        "policy's log-probs are noisy and an online LoRA reference (the policy, adapter off) is random")
-    bf16: bool | None = Field(None, description="bf16 autocast; default on with CUDA (the reference must match)")
+        True,
+        description="set every dropout of the policy (LoRA's too) to 0, as TRL does: with dropout on, the "
+        "policy's log-probs are noisy and an online LoRA reference (the policy, adapter off) is random",
+    )
+    bf16: bool | None = Field(
+        None, description="bf16 autocast; default on with CUDA (the reference must match)"
+    )
     allow_other_reference: bool = Field(
-        False, description="accept precomputed reference log-probs of another model than the starting (or ref_model) "
-        "one: for a deliberately different reference")
+        False,
+        description="accept precomputed reference log-probs of another model than the starting (or ref_model) "
+        "one: for a deliberately different reference",
+    )
     seed: int = 0
     save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (always at the end)")
     keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int | None = Field(None, ge=1, description="evaluate held-out pairs every N steps (and at the end)")
+    eval_every: int | None = Field(
+        None, ge=1, description="evaluate held-out pairs every N steps (and at the end)"
+    )
     parallel: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="under torchrun: DDP (full model per process) or FSDP2 (sharded; no LoRA)")
+        "ddp", description="under torchrun: DDP (full model per process) or FSDP2 (sharded; no LoRA)"
+    )
     device: str | None = None
 
     @model_validator(mode="after")
     def _lora_is_ddp_only(self) -> TrainConfig:
         if self.lora is not None and self.parallel == "fsdp":
-            raise ValueError("LoRA adapters train with parallel='ddp' (they are small); FSDP is for full fine-tuning")
+            raise ValueError(
+                "LoRA adapters train with parallel='ddp' (they are small); FSDP is for full fine-tuning"
+            )
         return self
 
 
@@ -139,9 +154,16 @@ def prepare_policy(model: Any, config: TrainConfig, adapter_dir: Path | None = N
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
         else:
-            model = get_peft_model(model, LoraConfig(
-                r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                target_modules=config.lora.target_modules, task_type=None))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=config.lora.r,
+                    lora_alpha=config.lora.alpha,
+                    lora_dropout=config.lora.dropout,
+                    target_modules=config.lora.target_modules,
+                    task_type=None,
+                ),
+            )
     hf = unwrap(model)
     if config.freeze_vision:
         _find_module(hf, VISION_MODULES, "vision tower").requires_grad_(False)
@@ -159,8 +181,10 @@ def build_optimizer(model: Any, config: TrainConfig, total_steps: int) -> tuple[
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check the freeze and LoRA options")
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.adam_betas)
     warmup = int(math.ceil(config.warmup_ratio * total_steps))
 
@@ -185,7 +209,7 @@ def epoch_rows(size: int, seed: int, epoch: int, rank: int, world: int) -> list[
 
 
 def micro_batches(rows: list[int], batch_size: int) -> list[list[int]]:
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -218,8 +242,17 @@ class Position:
     micro: int = 0  # micro-batches done in this epoch
 
 
-def save_checkpoint(out: Path, forward: PairLogps, processor: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    shift: RewardShift, position: Position, config: TrainConfig, info: distributed.DistInfo) -> Path:
+def save_checkpoint(
+    out: Path,
+    forward: PairLogps,
+    processor: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    shift: RewardShift,
+    position: Position,
+    config: TrainConfig,
+    info: distributed.DistInfo,
+) -> Path:
     """Write ``out/checkpoints/step-N`` atomically: rank 0 saves weights and state, each rank its RNG."""
     final = out / "checkpoints" / f"step-{position.step:06d}"
     optimizer_state = parallel.optimizer_state(forward, optimizer)  # collectives first, on every rank
@@ -232,25 +265,35 @@ def save_checkpoint(out: Path, forward: PairLogps, processor: Any, optimizer: to
     torch.save(_rng_state(), staging / f"rng-rank{info.rank}.pt")
     distributed.barrier()
     if info.is_main:
+
         def fill(tmp: Path) -> None:
             for item in staging.iterdir():
                 item.rename(tmp / item.name)
             _save_model(tmp, forward, model_state)
             processor.save_pretrained(tmp)
-            torch.save({"position": position.__dict__, "optimizer": optimizer_state,
-                        "scheduler": scheduler.state_dict(), "shift": shift.state_dict(),
-                        "config": config.model_dump(mode="json"), "world_size": info.world_size}, tmp / STATE_FILE)
+            torch.save(
+                {
+                    "position": position.__dict__,
+                    "optimizer": optimizer_state,
+                    "scheduler": scheduler.state_dict(),
+                    "shift": shift.state_dict(),
+                    "config": config.model_dump(mode="json"),
+                    "world_size": info.world_size,
+                },
+                tmp / STATE_FILE,
+            )
 
         publish_dir(final, fill)
         staging.rmdir()
-        for old in checkpoints(out)[:-config.keep_checkpoints]:
+        for old in checkpoints(out)[: -config.keep_checkpoints]:
             shutil.rmtree(old)
     distributed.barrier()
     return final
 
 
-def _save_model(directory: Path, forward: PairLogps, full_state: dict[str, Any] | None,
-                merge_lora: bool = False) -> None:
+def _save_model(
+    directory: Path, forward: PairLogps, full_state: dict[str, Any] | None, merge_lora: bool = False
+) -> None:
     """HF ``save_pretrained`` of the policy; from the gathered full state when it is sharded."""
     model: Any = forward.model  # the peft model (saves the adapter only) or the transformers model
     if merge_lora:
@@ -262,7 +305,7 @@ def _save_model(directory: Path, forward: PairLogps, full_state: dict[str, Any] 
         # The gathered state lists tied weights (lm_head = embeddings) twice; save them once, as HF does.
         named = dict(model.named_parameters(remove_duplicate=False))
         tied = getattr(model, "_tied_weights_keys", None)
-        for target, source in (tied.items() if isinstance(tied, dict) else []):
+        for target, source in tied.items() if isinstance(tied, dict) else []:
             if target in named and source in named and named[target] is named[source]:
                 state.pop(target, None)
         model.save_pretrained(directory, state_dict=state)
@@ -280,8 +323,11 @@ class MetricsLog:
         if enabled:
             kept = []
             if path.exists() and resume_step > 0:
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                ]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -296,7 +342,16 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
 
 # --- the loop -------------------------------------------------------------------------------------
 
-METRIC_KEYS = ("loss", "dpo", "bco", "sft", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
+METRIC_KEYS = (
+    "loss",
+    "dpo",
+    "bco",
+    "sft",
+    "reward_chosen",
+    "reward_rejected",
+    "reward_margin",
+    "reward_accuracy",
+)
 
 
 class _Filler:
@@ -326,8 +381,14 @@ class _Reference:
     log-probs equal the reference's exactly.
     """
 
-    def __init__(self, config: TrainConfig, model_dir: Path, policy: Any, device: torch.device,
-                 numerics: dict[str, str | None]) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        model_dir: Path,
+        policy: Any,
+        device: torch.device,
+        numerics: dict[str, str | None],
+    ) -> None:
         self.config = config
         self.model_dir = Path(config.ref_model or model_dir)
         self.numerics = numerics
@@ -336,11 +397,15 @@ class _Reference:
         if config.reference == "precomputed":
             return
         if config.lora is not None and config.ref_model is None:
-            self.forward, self.adapter_off = PairLogps(policy, config.vision_pass, config.logp_chunk_tokens), True
+            self.forward, self.adapter_off = (
+                PairLogps(policy, config.vision_pass, config.logp_chunk_tokens),
+                True,
+            )
         else:
             ref_model, _ = load_vlm(self.model_dir, device, dtype=torch.float32)
-            self.forward = PairLogps(ref_model.eval().requires_grad_(False), config.vision_pass,
-                                     config.logp_chunk_tokens)
+            self.forward = PairLogps(
+                ref_model.eval().requires_grad_(False), config.vision_pass, config.logp_chunk_tokens
+            )
 
     def check(self, pairs: PairTable) -> None:
         """Refuse, before training starts, a table whose precomputed log-probs are missing or do not fit:
@@ -349,25 +414,33 @@ class _Reference:
             return
         rerun = f"re-run `mpo ref-logps --pairs {pairs.source} --model {self.model_dir}`"
         if pairs.ref is None:
-            raise ValueError(f"{pairs.source}: no reference log-probs; {rerun} first, or train with --reference online")
+            raise ValueError(
+                f"{pairs.source}: no reference log-probs; {rerun} first, or train with --reference online"
+            )
         specs = [s for s in reference_specs(pairs.source) if s]
         lengths = {s["max_length"] for s in specs}
         if lengths != {self.config.max_length}:
-            raise ValueError(f"{pairs.source}: reference log-probs were computed with max_length "
-                             f"{sorted(lengths)}, training uses {self.config.max_length}; {rerun} "
-                             f"--max-length {self.config.max_length}")
+            raise ValueError(
+                f"{pairs.source}: reference log-probs were computed with max_length "
+                f"{sorted(lengths)}, training uses {self.config.max_length}; {rerun} "
+                f"--max-length {self.config.max_length}"
+            )
         computed = {json.dumps(s.get("precision"), sort_keys=True) for s in specs}
         if computed != {json.dumps(self.numerics, sort_keys=True)}:
-            raise ValueError(f"{pairs.source}: reference log-probs were computed under {sorted(computed)}, training "
-                             f"computes under {self.numerics}; {rerun} on the training device with the same bf16 "
-                             "setting, or the step-0 margin is not zero")
+            raise ValueError(
+                f"{pairs.source}: reference log-probs were computed under {sorted(computed)}, training "
+                f"computes under {self.numerics}; {rerun} on the training device with the same bf16 "
+                "setting, or the step-0 margin is not zero"
+            )
         expected = model_fingerprint(self.model_dir)
         others = {(s["model"], s["fingerprint"]) for s in specs if s["fingerprint"] != expected}
         if others and not self.config.allow_other_reference:
             named = ", ".join(f"{model} (weights {fingerprint})" for model, fingerprint in sorted(others))
-            raise ValueError(f"{pairs.source}: reference log-probs come from {named}, but the reference of this run "
-                             f"is {self.model_dir} (weights {expected}); {rerun}, or set allow_other_reference "
-                             "(--allow-other-reference) if the other model is the reference you mean")
+            raise ValueError(
+                f"{pairs.source}: reference log-probs come from {named}, but the reference of this run "
+                f"is {self.model_dir} (weights {expected}); {rerun}, or set allow_other_reference "
+                "(--allow-other-reference) if the other model is the reference you mean"
+            )
 
     @torch.no_grad()
     def logps(self, pairs: PairTable, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,9 +448,13 @@ class _Reference:
             assert pairs.ref is not None
             ref = pairs.ref[batch.rows]
             if torch.isnan(ref).any():
-                bad = [pairs.pair_ids[r] for r, v in zip(batch.rows, ref, strict=True) if torch.isnan(v).any()]
-                raise ValueError(f"{pairs.source}: pair {bad[0]} has no reference log-probs; re-run "
-                                 "`mpo ref-logps` with the same --max-length")
+                bad = [
+                    pairs.pair_ids[r] for r, v in zip(batch.rows, ref, strict=True) if torch.isnan(v).any()
+                ]
+                raise ValueError(
+                    f"{pairs.source}: pair {bad[0]} has no reference log-probs; re-run "
+                    "`mpo ref-logps` with the same --max-length"
+                )
             return ref[:, 0], ref[:, 1]
         peft_model: Any = self.forward.model
         context = peft_model.disable_adapter() if self.adapter_off else nullcontext()
@@ -385,8 +462,15 @@ class _Reference:
             return split_pairs(self.forward.batch_logps(batch).double())
 
 
-def evaluate(forward: PairLogps, reference: _Reference, pairs: PairTable, processor: Any, config: TrainConfig,
-             shift: RewardShift, device: torch.device) -> dict[str, float]:
+def evaluate(
+    forward: PairLogps,
+    reference: _Reference,
+    pairs: PairTable,
+    processor: Any,
+    config: TrainConfig,
+    shift: RewardShift,
+    device: torch.device,
+) -> dict[str, float]:
     """Loss terms and reward accuracy on held-out pairs; δ is read, never updated."""
     was_training = forward.training
     forward.eval()
@@ -401,8 +485,18 @@ def evaluate(forward: PairLogps, reference: _Reference, pairs: PairTable, proces
             batch = batch.to(device, dtype)
             ref_c, ref_r = reference.logps(pairs, batch)
             chosen, rejected = split_pairs(forward.batch_logps(batch))
-            outputs.append(mpo_loss(chosen, rejected, ref_c.to(device), ref_r.to(device),
-                                    batch.chosen_tokens(), config.loss, shift, update_shift=False))
+            outputs.append(
+                mpo_loss(
+                    chosen,
+                    rejected,
+                    ref_c.to(device),
+                    ref_r.to(device),
+                    batch.chosen_tokens(),
+                    config.loss,
+                    shift,
+                    update_shift=False,
+                )
+            )
             weights.append(batch.pairs)
     forward.train(was_training)
     if not outputs:
@@ -410,12 +504,19 @@ def evaluate(forward: PairLogps, reference: _Reference, pairs: PairTable, proces
     total = sum(weights)
     metrics = [o.metrics() for o in outputs]
     return {k: sum(m[k] * w for m, w in zip(metrics, weights, strict=True)) / total for k in metrics[0]} | {
-        "pairs": float(total)}
+        "pairs": float(total)
+    }
 
 
-def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config: TrainConfig | None = None,
-          eval_pairs: Path | str | None = None, stop_after: int | None = None,
-          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def train(
+    pairs_dir: Path | str,
+    model_dir: Path | str,
+    out: Path | str,
+    config: TrainConfig | None = None,
+    eval_pairs: Path | str | None = None,
+    stop_after: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
     """Train with MPO on ``pairs_dir`` starting from ``model_dir``; resume from ``out`` if it holds checkpoints.
 
     ``stop_after`` ends the run (with a checkpoint) after that many steps in total, as
@@ -456,8 +557,10 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
     if resume_from is not None:
         state = torch.load(resume_from / STATE_FILE, weights_only=False)
         if state["world_size"] != info.world_size:
-            raise ValueError(f"{resume_from} was written by {state['world_size']} processes, this run has "
-                             f"{info.world_size}; resume with the same number")
+            raise ValueError(
+                f"{resume_from} was written by {state['world_size']} processes, this run has "
+                f"{info.world_size}; resume with the same number"
+            )
         parallel.load_optimizer_state(forward, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         shift.load_state_dict(state["shift"])
@@ -469,8 +572,10 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
 
     def batches() -> Iterator[list[int]]:
         while True:
-            rows = micro_batches(epoch_rows(len(pairs), config.seed, position.epoch, info.rank, info.world_size),
-                                 config.batch_size)
+            rows = micro_batches(
+                epoch_rows(len(pairs), config.seed, position.epoch, info.rank, info.world_size),
+                config.batch_size,
+            )
             while position.micro < len(rows):
                 position.micro += 1  # counted when handed out, so a checkpoint never replays it
                 yield rows[position.micro - 1]
@@ -497,19 +602,35 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
             ref_c, ref_r = reference.logps(pairs, batch)
             sync = micro == config.grad_accum - 1 or not info.enabled
             with parallel.gradient_sync(module, sync), autocast(numerics):
-                logps = module(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values,
-                               rejected_grad=rejected_grad)
+                logps = module(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.response_mask,
+                    batch.pixel_values,
+                    rejected_grad=rejected_grad,
+                )
                 chosen, rejected = split_pairs(logps.float())
-                output = mpo_loss(chosen, rejected, ref_c.to(info.device), ref_r.to(info.device),
-                                  batch.chosen_tokens(), config.loss, shift, counted=counted)
+                output = mpo_loss(
+                    chosen,
+                    rejected,
+                    ref_c.to(info.device),
+                    ref_r.to(info.device),
+                    batch.chosen_tokens(),
+                    config.loss,
+                    shift,
+                    counted=counted,
+                )
                 (output.loss * float(counted) / config.grad_accum).backward()
             if counted:
                 metrics = output.metrics()
-                totals[:len(METRIC_KEYS)] += torch.tensor([metrics[k] for k in METRIC_KEYS],
-                                                          dtype=torch.float64) * batch.pairs
+                totals[: len(METRIC_KEYS)] += (
+                    torch.tensor([metrics[k] for k in METRIC_KEYS], dtype=torch.float64) * batch.pairs
+                )
                 totals[-3] += batch.pairs
                 totals[-2] += int(batch.attention_mask.sum())
-        grad_norm = parallel.clip_gradients([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+        grad_norm = parallel.clip_gradients(
+            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
+        )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -519,12 +640,18 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
         trained, tokens, skipped = (float(v) for v in totals[-3:])
         result.skipped_too_long += int(skipped)
         elapsed = time.perf_counter() - started
-        means = (totals[:len(METRIC_KEYS)] / trained).tolist() if trained else [math.nan] * len(METRIC_KEYS)
-        record: dict[str, Any] = {"step": position.step, "epoch": position.epoch, "lr": lr, "grad_norm": grad_norm,
-                                  **dict(zip(METRIC_KEYS, means, strict=True)),
-                                  "pairs": int(trained), "skipped_too_long": int(skipped),
-                                  "tokens_per_s": tokens / elapsed,
-                                  "delta": shift.value}  # this rank's δ (in sync: it is all-reduced)
+        means = (totals[: len(METRIC_KEYS)] / trained).tolist() if trained else [math.nan] * len(METRIC_KEYS)
+        record: dict[str, Any] = {
+            "step": position.step,
+            "epoch": position.epoch,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            **dict(zip(METRIC_KEYS, means, strict=True)),
+            "pairs": int(trained),
+            "skipped_too_long": int(skipped),
+            "tokens_per_s": tokens / elapsed,
+            "delta": shift.value,
+        }  # this rank's δ (in sync: it is all-reduced)
         log.write(record)
         if on_step:
             on_step(record)
@@ -544,8 +671,9 @@ def train(pairs_dir: Path | str, model_dir: Path | str, out: Path | str, config:
     return result
 
 
-def _save_final(final: Path, forward: PairLogps, processor: Any, config: TrainConfig,
-                info: distributed.DistInfo) -> None:
+def _save_final(
+    final: Path, forward: PairLogps, processor: Any, config: TrainConfig, info: distributed.DistInfo
+) -> None:
     """The trained model in plain HF format (LoRA merged) for sampling and evaluation stages."""
     full_state = parallel.full_model_state(forward)  # a collective when sharded
     if not info.is_main:
@@ -558,5 +686,4 @@ def _save_final(final: Path, forward: PairLogps, processor: Any, config: TrainCo
     publish_dir(final, fill)
 
 
-__all__ = ["LoraSettings", "TrainConfig", "TrainResult", "checkpoints", "evaluate",
-           "read_metrics", "train"]
+__all__ = ["LoraSettings", "TrainConfig", "TrainResult", "checkpoints", "evaluate", "read_metrics", "train"]

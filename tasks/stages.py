@@ -56,13 +56,24 @@ def with_stage_policy(stage_task: Task[Any, Any], policy: StagePolicy, **options
 
     Typed ``Any``: Prefect's overloads make a synchronous call look like a coroutine to mypy.
     """
-    return stage_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays() or 0,
-                                   retry_jitter_factor=policy.retry_jitter_factor, tags=set(policy.tags),
-                                   retry_condition_fn=retry_unless_bad_input, **options)
+    return stage_task.with_options(
+        retries=policy.retries,
+        retry_delay_seconds=policy.delays() or 0,
+        retry_jitter_factor=policy.retry_jitter_factor,
+        tags=set(policy.tags),
+        retry_condition_fn=retry_unless_bad_input,
+        **options,
+    )
 
 
-def _run_job(job: Callable[..., T], kwargs: dict[str, Any], time_limit: float | None,
-             progress: str | None = None, own_process: bool = False, python: str | None = None) -> T:
+def _run_job(
+    job: Callable[..., T],
+    kwargs: dict[str, Any],
+    time_limit: float | None,
+    progress: str | None = None,
+    own_process: bool = False,
+    python: str | None = None,
+) -> T:
     """Run an ``mpo.jobs`` job (in a killable child process when ``time_limit`` is set or
     ``own_process`` asked for; under the interpreter ``python`` when given), its log lines into
     the run logger and its progress into a progress artifact."""
@@ -89,9 +100,19 @@ def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any
 
 
 @task(name="sample", cache_policy=STAGE_CACHE, persist_result=True)
-def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str, model_fingerprint: str,
-                 engine: str, engine_options: dict[str, Any], sampling: SamplingConfig, out: str,
-                 time_limit: float | None = None, python: str | None = None) -> dict[str, Any]:
+def sample_stage(
+    stage: str,
+    prompts_dir: str,
+    prompts_version: str,
+    model: str,
+    model_fingerprint: str,
+    engine: str,
+    engine_options: dict[str, Any],
+    sampling: SamplingConfig,
+    out: str,
+    time_limit: float | None = None,
+    python: str | None = None,
+) -> dict[str, Any]:
     """One sampling stage with one engine load: samples only the prompts its store lacks; a
     progress artifact per stage.
 
@@ -100,9 +121,21 @@ def sample_stage(stage: str, prompts_dir: str, prompts_version: str, model: str,
     """
     from mpo.jobs import sample_job
 
-    return _run_job(sample_job, dict(stage=stage, prompts_dir=prompts_dir, model=model, engine=engine,
-                                     engine_options=engine_options, sampling=sampling, out=out),
-                    time_limit, progress=f"{stage} sampling: shards done", python=python)
+    return _run_job(
+        sample_job,
+        dict(
+            stage=stage,
+            prompts_dir=prompts_dir,
+            model=model,
+            engine=engine,
+            engine_options=engine_options,
+            sampling=sampling,
+            out=out,
+        ),
+        time_limit,
+        progress=f"{stage} sampling: shards done",
+        python=python,
+    )
 
 
 @task(name="pairs", cache_policy=STAGE_CACHE, persist_result=True)
@@ -111,40 +144,82 @@ def make_pairs(samples_dirs: list[str], prompts_dir: str, out: str, pairing: Pai
     pairs folder and the pairing report. ``out`` names the data version, so it keys the cache."""
     from mpo.jobs import pairs_job
 
-    return _run_job(pairs_job, dict(samples_dirs=samples_dirs, prompts_dir=prompts_dir, out=out, pairing=pairing),
-                    None)
+    return _run_job(
+        pairs_job, dict(samples_dirs=samples_dirs, prompts_dir=prompts_dir, out=out, pairing=pairing), None
+    )
 
 
 @task(name="reference-logps")
-def reference_logps(pairs_dir: str, model: str, max_length: int, time_limit: float | None = None,
-                    bf16: bool | None = None) -> dict[str, Any]:
+def reference_logps(
+    pairs_dir: str, model: str, max_length: int, time_limit: float | None = None, bf16: bool | None = None
+) -> dict[str, Any]:
     """Frozen reference pass into the pairs; shards already done are skipped (no task cache needed)."""
     from mpo.jobs import reference_job
 
-    return _run_job(reference_job, dict(pairs_dir=pairs_dir, model=model, max_length=max_length, bf16=bf16),
-                    time_limit)
+    return _run_job(
+        reference_job, dict(pairs_dir=pairs_dir, model=model, max_length=max_length, bf16=bf16), time_limit
+    )
 
 
 @task(name="train")
-def train_policy(pairs_dir: str, model: str, out: str, training: TrainConfig, eval_pairs: str | None = None,
-                 time_limit: float | None = None, own_process: bool = False,
-                 torch_threads: int | None = None) -> dict[str, Any]:
+def train_policy(
+    pairs_dir: str,
+    model: str,
+    out: str,
+    training: TrainConfig,
+    eval_pairs: str | None = None,
+    time_limit: float | None = None,
+    own_process: bool = False,
+    torch_threads: int | None = None,
+) -> dict[str, Any]:
     """MPO training; resumes from the newest checkpoint in ``out`` (also after a hard-limit kill).
     ``own_process`` and ``torch_threads`` let two trainings run side by side on one CPU machine."""
     from mpo.jobs import train_job
 
-    return _run_job(train_job, dict(pairs_dir=pairs_dir, model=model, out=out, training=training,
-                                    eval_pairs=eval_pairs, torch_threads=torch_threads), time_limit,
-                    progress="training: steps done", own_process=own_process)
+    return _run_job(
+        train_job,
+        dict(
+            pairs_dir=pairs_dir,
+            model=model,
+            out=out,
+            training=training,
+            eval_pairs=eval_pairs,
+            torch_threads=torch_threads,
+        ),
+        time_limit,
+        progress="training: steps done",
+        own_process=own_process,
+    )
 
 
 @task(name="evaluate")
-def evaluate_model(model: str, prompts_dir: str, out: str, engine: str, engine_options: dict[str, Any],
-                   sampling: SamplingConfig, pairing: PairingConfig, max_tokens: int,
-                   time_limit: float | None = None, python: str | None = None) -> dict[str, dict[str, Any]]:
+def evaluate_model(
+    model: str,
+    prompts_dir: str,
+    out: str,
+    engine: str,
+    engine_options: dict[str, Any],
+    sampling: SamplingConfig,
+    pairing: PairingConfig,
+    max_tokens: int,
+    time_limit: float | None = None,
+    python: str | None = None,
+) -> dict[str, dict[str, Any]]:
     """Greedy held-out accuracy per dataset (reuses finished evaluation shards)."""
     from mpo.jobs import evaluate_job
 
-    return _run_job(evaluate_job, dict(model=model, prompts_dir=prompts_dir, out=out, engine=engine,
-                                       engine_options=engine_options, sampling=sampling, pairing=pairing,
-                                       max_tokens=max_tokens), time_limit, python=python)
+    return _run_job(
+        evaluate_job,
+        dict(
+            model=model,
+            prompts_dir=prompts_dir,
+            out=out,
+            engine=engine,
+            engine_options=engine_options,
+            sampling=sampling,
+            pairing=pairing,
+            max_tokens=max_tokens,
+        ),
+        time_limit,
+        python=python,
+    )

@@ -67,7 +67,9 @@ def gold_pairs_dir(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def ref_pairs_dir(gold_pairs_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ref_pairs_dir(
+    gold_pairs_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """The gold pairs with the random tiny model's reference log-probs (max_length 512). Copy before changing."""
     import shutil
 

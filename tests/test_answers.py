@@ -48,7 +48,9 @@ def test_r1_needs_closed_think_then_boxed() -> None:
     assert extract_answer("<think>x</think> The answer is 3", "r1") is None
 
 
-@pytest.mark.parametrize("response", ["", "I am not sure.", "Final answer:", "Final answer:   \n", "Final answer: ."])
+@pytest.mark.parametrize(
+    "response", ["", "I am not sure.", "Final answer:", "Final answer:   \n", "Final answer: ."]
+)
 def test_no_parsable_answer_is_a_format_failure(response: str) -> None:
     assert extract_answer(response, "en") is None
     assert judge(response, "3", "en", VerifyMode.EXACT) == (Verdict.FORMAT_FAILURE, None)
@@ -57,10 +59,18 @@ def test_no_parsable_answer_is_a_format_failure(response: str) -> None:
 # ------------------------------------------------------------- exact (VQA normalisation)
 
 
-@pytest.mark.parametrize("prediction,gold", [
-    ("Red", "red"), ("the red one", "red one"), ("Two", "2"), ("yes.", "Yes"), ("1,000", "1000"),
-    ("**blue**", "blue"), ("A dog", "dog"),
-])
+@pytest.mark.parametrize(
+    "prediction,gold",
+    [
+        ("Red", "red"),
+        ("the red one", "red one"),
+        ("Two", "2"),
+        ("yes.", "Yes"),
+        ("1,000", "1000"),
+        ("**blue**", "blue"),
+        ("A dog", "dog"),
+    ],
+)
 def test_exact_match_after_normalisation(prediction: str, gold: str) -> None:
     assert is_correct(prediction, gold, VerifyMode.EXACT)
 
@@ -77,7 +87,9 @@ def test_normalisation_keeps_decimal_points() -> None:
 # ------------------------------------------------------------- multiple choice
 
 
-@pytest.mark.parametrize("prediction", ["B", "(B)", "B.", "B)", "**B**", "B. 3", "b", "Option B", "(B) three"])
+@pytest.mark.parametrize(
+    "prediction", ["B", "(B)", "B.", "B)", "**B**", "B. 3", "b", "Option B", "(B) three"]
+)
 def test_choice_letter_forms(prediction: str) -> None:
     assert choice_letter(prediction) == "B"
     assert is_correct(prediction, "B", VerifyMode.CHOICE)
@@ -103,15 +115,28 @@ def test_reference_bug_choice_cut_at_period(prediction: str, gold: str) -> None:
 # ------------------------------------------------------------- numeric
 
 
-@pytest.mark.parametrize("prediction,gold", [
-    ("12.0", "12"), ("3/10", "0.3"), ("30%", "30"), ("90°", "90"), ("90 degrees", "90"), ("5 cm", "5"),
-    ("$1,200", "1200"), ("three", "3"), ("-4", "-4"), ("0.33333", "1/3"),
-])
+@pytest.mark.parametrize(
+    "prediction,gold",
+    [
+        ("12.0", "12"),
+        ("3/10", "0.3"),
+        ("30%", "30"),
+        ("90°", "90"),
+        ("90 degrees", "90"),
+        ("5 cm", "5"),
+        ("$1,200", "1200"),
+        ("three", "3"),
+        ("-4", "-4"),
+        ("0.33333", "1/3"),
+    ],
+)
 def test_numeric_equal(prediction: str, gold: str) -> None:
     assert is_correct(prediction, gold, VerifyMode.NUMERIC, rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("prediction,gold", [("12", "2"), ("2.5", "2"), ("0.3", "3"), ("seven", "6"), ("none", "5")])
+@pytest.mark.parametrize(
+    "prediction,gold", [("12", "2"), ("2.5", "2"), ("0.3", "3"), ("seven", "6"), ("none", "5")]
+)
 def test_numeric_not_equal(prediction: str, gold: str) -> None:
     assert not is_correct(prediction, gold, VerifyMode.NUMERIC)
 
@@ -162,6 +187,23 @@ def test_judge_correct() -> None:
 def test_auto_mode_follows_the_gold_answers_shape() -> None:
     from mpo.answers import auto_mode
 
-    assert [auto_mode(g) for g in ("B", "(c)", "12", "-3.5", "3/10", "45 degrees", "$5", "Route 66", "red", "A cat")] == [
-        "choice", "choice", "numeric", "numeric", "numeric", "numeric", "numeric", "exact", "exact", "exact"]
-    assert is_correct("12.0", "12", "auto") and is_correct("B", "(b)", "auto") and not is_correct("66", "Route 66", "auto")
+    assert [
+        auto_mode(g)
+        for g in ("B", "(c)", "12", "-3.5", "3/10", "45 degrees", "$5", "Route 66", "red", "A cat")
+    ] == [
+        "choice",
+        "choice",
+        "numeric",
+        "numeric",
+        "numeric",
+        "numeric",
+        "numeric",
+        "exact",
+        "exact",
+        "exact",
+    ]
+    assert (
+        is_correct("12.0", "12", "auto")
+        and is_correct("B", "(b)", "auto")
+        and not is_correct("66", "Route 66", "auto")
+    )

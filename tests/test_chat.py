@@ -8,7 +8,10 @@ from mpo.chat import collate, conversation, encode, render_prompt, user_content
 def test_user_content_splits_on_placeholders() -> None:
     assert user_content("<image>\nWhat?", 1) == [{"type": "image"}, {"type": "text", "text": "What?"}]
     assert user_content("A <image> vs <image>", 2) == [
-        {"type": "text", "text": "A "}, {"type": "image"}, {"type": "text", "text": " vs "}, {"type": "image"},
+        {"type": "text", "text": "A "},
+        {"type": "image"},
+        {"type": "text", "text": " vs "},
+        {"type": "image"},
     ]
     assert user_content("What?", 1) == [{"type": "image"}, {"type": "text", "text": "What?"}]
     assert user_content("Text only", 0) == [{"type": "text", "text": "Text only"}]

@@ -16,14 +16,29 @@ def test_synth_command(tmp_path: Path) -> None:
 
 
 def test_tiny_model_command_with_warmup(tmp_path: Path, synth_dir: Path) -> None:
-    result = runner.invoke(app, ["tiny-model", str(tmp_path / "m"), "--warmup-steps", "2", "--data", str(synth_dir),
-                                 "--warmup-vision-lr-scale", "5", "--image-size", "112"])
+    result = runner.invoke(
+        app,
+        [
+            "tiny-model",
+            str(tmp_path / "m"),
+            "--warmup-steps",
+            "2",
+            "--data",
+            str(synth_dir),
+            "--warmup-vision-lr-scale",
+            "5",
+            "--image-size",
+            "112",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "m" / "tiny_model.json").read_text())
     assert summary["warmup_steps"] == 2 and summary["first_loss"] > 0
     assert summary["warmup_vision_lr_scale"] == 5.0
     assert summary["image_size"] == 112 and summary["image_seq_length"] == 16  # (112 / 14 / 2) ** 2
-    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "processor_config.json").exists()
+    assert (tmp_path / "m" / "model.safetensors").exists() and (
+        tmp_path / "m" / "processor_config.json"
+    ).exists()
 
 
 def test_synth_rejects_bad_count(tmp_path: Path) -> None:
@@ -65,14 +80,36 @@ def test_pairs_and_export_commands_on_synth_data(tmp_path: Path, synth_dir: Path
         good = solutions[prompt["question"], prompt["answer"]]
         wrong = good.rsplit("Final answer:", 1)[0] + "Final answer: X"
         for index, response in enumerate([good, wrong, "I cannot tell."]):
-            rows.append({**{k: prompt[k] for k in ("prompt_id", "dataset", "images", "question", "answer")},
-                         "prompt_version": "en", "response": response, "finish_reason": "stop", "num_tokens": 9,
-                         "sample_index": index, "source": "correctness", "model": "tiny", "seed": 0})
+            rows.append(
+                {
+                    **{k: prompt[k] for k in ("prompt_id", "dataset", "images", "question", "answer")},
+                    "prompt_version": "en",
+                    "response": response,
+                    "finish_reason": "stop",
+                    "num_tokens": 9,
+                    "sample_index": index,
+                    "source": "correctness",
+                    "model": "tiny",
+                    "seed": 0,
+                }
+            )
     write_table(pa.Table.from_pylist(rows), tmp_path / "samples" / "part-0.parquet", SAMPLES)
 
-    result = runner.invoke(app, ["pairs", str(tmp_path / "samples"), "--out", str(tmp_path / "pairs"),
-                                 "--verify", "synth_choice=choice", "--verify", "synth_count=numeric",
-                                 "--selection", "closest"])
+    result = runner.invoke(
+        app,
+        [
+            "pairs",
+            str(tmp_path / "samples"),
+            "--out",
+            str(tmp_path / "pairs"),
+            "--verify",
+            "synth_choice=choice",
+            "--verify",
+            "synth_count=numeric",
+            "--selection",
+            "closest",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "pairs" / "report.json").read_text())
     assert report["pairs_by_source"] == {"correctness": 40, "format": 40}
@@ -80,16 +117,22 @@ def test_pairs_and_export_commands_on_synth_data(tmp_path: Path, synth_dir: Path
 
     # The wrong responses keep the gold steps: with a claim pattern they contradict themselves.
     claim = ["--claim", r"synth_count=I count (\d+)", "--verify", "synth_count=numeric"]
-    result = runner.invoke(app, ["pairs", str(tmp_path / "samples"), "--out", str(tmp_path / "pairs-c"), *claim])
+    result = runner.invoke(
+        app, ["pairs", str(tmp_path / "samples"), "--out", str(tmp_path / "pairs-c"), *claim]
+    )
     assert result.exit_code == 0, result.output
     count = json.loads((tmp_path / "pairs-c" / "report.json").read_text())["datasets"]["synth_count"]
     assert count["pairs"] == {"format": count["prompts"]}
     assert count["filtered"]["self_contradictory"] == count["prompts"]
-    result = runner.invoke(app, ["pairs", str(tmp_path / "samples"), "--out", str(tmp_path / "pairs-d"),
-                                 "--claim", "synth_count"])
+    result = runner.invoke(
+        app,
+        ["pairs", str(tmp_path / "samples"), "--out", str(tmp_path / "pairs-d"), "--claim", "synth_count"],
+    )
     assert result.exit_code != 0 and "--claim takes DATASET=REGEX" in result.output
 
-    result = runner.invoke(app, ["export", str(tmp_path / "pairs"), "--format", "internvl", "--out", str(tmp_path / "x")])
+    result = runner.invoke(
+        app, ["export", str(tmp_path / "pairs"), "--format", "internvl", "--out", str(tmp_path / "x")]
+    )
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "x" / "meta.json").read_text())
     assert set(meta) == {"synth_count", "synth_colour", "synth_compare", "synth_choice", "synth_arith"}
@@ -99,21 +142,43 @@ def test_pairs_and_export_commands_on_synth_data(tmp_path: Path, synth_dir: Path
     assert first["question"].startswith("<image>\n")
     assert sum(m["length"] for m in meta.values()) == 80
 
-    result = runner.invoke(app, ["export", str(tmp_path / "pairs"), "--format", "llava", "--out", str(tmp_path / "y")])
+    result = runner.invoke(
+        app, ["export", str(tmp_path / "pairs"), "--format", "llava", "--out", str(tmp_path / "y")]
+    )
     assert result.exit_code != 0
 
 
-def test_sample_command_takes_config_fields_and_engine_options(tmp_path: Path, prompts_dir: Path,
-                                                               tiny_model_dir: Path) -> None:
+def test_sample_command_takes_config_fields_and_engine_options(
+    tmp_path: Path, prompts_dir: Path, tiny_model_dir: Path
+) -> None:
     """`mpo sample`: unset options keep SamplingConfig's defaults, --set reaches any field,
     --engine-option reaches the engine (a bad one is the engine's error, not ignored)."""
-    args = ["sample", "--prompts", str(prompts_dir), "--model", str(tiny_model_dir), "--out", str(tmp_path / "s"),
-            "--stage", "dropout_ntp", "--set", "dropout_max_tokens=4", "--set", "top_k=5",
-            "--engine-option", "max_batch_sequences=8"]
+    args = [
+        "sample",
+        "--prompts",
+        str(prompts_dir),
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(tmp_path / "s"),
+        "--stage",
+        "dropout_ntp",
+        "--set",
+        "dropout_max_tokens=4",
+        "--set",
+        "top_k=5",
+        "--engine-option",
+        "max_batch_sequences=8",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (store,) = (tmp_path / "s").glob("dropout_ntp-*")
     config = json.loads((store / "_stage.json").read_text())["config"]
-    assert (config["dropout_max_tokens"], config["top_k"], config["n"], config["temperature"]) == (4, 5, 32, 0.7)
+    assert (config["dropout_max_tokens"], config["top_k"], config["n"], config["temperature"]) == (
+        4,
+        5,
+        32,
+        0.7,
+    )
     bad = CliRunner().invoke(app, [*args[:-2], "--engine-option", "no_such_option=1"])
     assert bad.exit_code != 0 and "no_such_option" in str(bad.exception)

@@ -25,21 +25,37 @@ def free_port() -> int:
 
 
 def run(args: list[str], env: dict[str, str], timeout: int = 300) -> str:
-    done = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
 
 
 @pytest.mark.timeout(900)
-def test_deploy_all_and_run_one_deployment_through_a_worker(synth_dir: Path, tiny_model_dir: Path,
-                                                            tmp_path: Path) -> None:
+def test_deploy_all_and_run_one_deployment_through_a_worker(
+    synth_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MPO_REPO_DIR": str(ROOT), "MPO_WORKDIR": str(tmp_path / "run"),
-           "MPO_TRAIN_DATA": str(synth_dir / "meta.json"), "MPO_MODEL": str(tiny_model_dir), "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MPO_REPO_DIR": str(ROOT),
+        "MPO_WORKDIR": str(tmp_path / "run"),
+        "MPO_TRAIN_DATA": str(synth_dir / "meta.json"),
+        "MPO_MODEL": str(tiny_model_dir),
+        "HF_HUB_OFFLINE": "1",
+    }
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -57,22 +73,49 @@ def test_deploy_all_and_run_one_deployment_through_a_worker(synth_dir: Path, tin
         listing = run(["deployment", "ls"], env)
         assert "data-engine" in listing and "sampling" in listing and "training" in listing
 
-        config = {"workdir": str(tmp_path / "run"), "train_data": str(synth_dir / "meta.json"),
-                  "model": str(tiny_model_dir), "train": False,
-                  "sampling": {"n": 2, "max_tokens": 8, "dropout_max_tokens": 8, "prompts_per_shard": 16}}
-        run(["deployment", "run", "mpo-data-engine/data-engine", "--params", json.dumps({"config": config})], env)
+        config = {
+            "workdir": str(tmp_path / "run"),
+            "train_data": str(synth_dir / "meta.json"),
+            "model": str(tiny_model_dir),
+            "train": False,
+            "sampling": {"n": 2, "max_tokens": 8, "dropout_max_tokens": 8, "prompts_per_shard": 16},
+        }
+        run(
+            ["deployment", "run", "mpo-data-engine/data-engine", "--params", json.dumps({"config": config})],
+            env,
+        )
         worker = run(["worker", "start", "--pool", "cpu", "--run-once"], env, timeout=600)
         assert "Finished in state Completed()" in worker
         assert list((tmp_path / "run" / "pairs").glob("*/data/*.parquet"))
 
         # The full flow on the cpu pool hands sampling and training to the gpu pool's deployments.
-        gpu_worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "gpu"], cwd=ROOT, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        gpu_worker = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", "gpu"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
-            split = {**config, "workdir": str(tmp_path / "run2"), "train": True,
-                     "sampling_deployment": "mpo-sampling/sampling", "training_deployment": "mpo-training/training",
-                     "training": {"max_steps": 2, "batch_size": 4, "max_length": 512}}
-            run(["deployment", "run", "mpo-data-engine/data-engine", "--params", json.dumps({"config": split})], env)
+            split = {
+                **config,
+                "workdir": str(tmp_path / "run2"),
+                "train": True,
+                "sampling_deployment": "mpo-sampling/sampling",
+                "training_deployment": "mpo-training/training",
+                "training": {"max_steps": 2, "batch_size": 4, "max_length": 512},
+            }
+            run(
+                [
+                    "deployment",
+                    "run",
+                    "mpo-data-engine/data-engine",
+                    "--params",
+                    json.dumps({"config": split}),
+                ],
+                env,
+            )
             worker = run(["worker", "start", "--pool", "cpu", "--run-once"], env, timeout=600)
             assert "Finished in state Completed()" in worker
         finally:

@@ -28,7 +28,9 @@ def import_engine(name: str):
     """The engine package, skipped where it is not installed unless MPO_REQUIRE_ENGINES names it."""
     if name in os.environ.get("MPO_REQUIRE_ENGINES", "").split(","):
         return __import__(name)
-    return pytest.importorskip(name, reason=f"{name} is not installed here (see the Makefile's engine targets)")
+    return pytest.importorskip(
+        name, reason=f"{name} is not installed here (see the Makefile's engine targets)"
+    )
 
 
 def model_with_architecture(folder: Path, architecture: str) -> str:
@@ -39,13 +41,24 @@ def model_with_architecture(folder: Path, architecture: str) -> str:
 
 def test_vllm_sampling_kwargs_always_set_max_tokens_and_seed() -> None:
     kwargs = vl.sampling_kwargs(PARAMS, seed=320, stop_token_ids=[2, 5])
-    assert kwargs == {"n": 4, "temperature": 0.7, "top_p": 1.0, "top_k": 50, "max_tokens": 4096, "seed": 320,
-                      "stop_token_ids": [2, 5]}
+    assert kwargs == {
+        "n": 4,
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "top_k": 50,
+        "max_tokens": 4096,
+        "seed": 320,
+        "stop_token_ids": [2, 5],
+    }
     assert vl.sampling_kwargs(SamplingParams(top_k=0), 0)["top_k"] == -1
 
 
 def test_max_dynamic_patch_maps_to_each_model_formats_own_knobs(tiny_model_dir: Path, tmp_path: Path) -> None:
-    assert processor_kwargs(str(tiny_model_dir), 6) == {"crop_to_patches": True, "min_patches": 1, "max_patches": 6}
+    assert processor_kwargs(str(tiny_model_dir), 6) == {
+        "crop_to_patches": True,
+        "min_patches": 1,
+        "max_patches": 6,
+    }
     assert processor_kwargs(str(tiny_model_dir), 1)["crop_to_patches"] is False
     assert processor_kwargs(str(tiny_model_dir), None) == {}
     original = model_with_architecture(tmp_path / "original", "InternVLChatModel")
@@ -56,19 +69,31 @@ def test_max_dynamic_patch_maps_to_each_model_formats_own_knobs(tiny_model_dir: 
 
 
 def test_vllm_engine_kwargs_map_tiles_and_pass_other_llm_arguments(tiny_model_dir: Path) -> None:
-    kwargs = vl.engine_kwargs(str(tiny_model_dir), max_images=3, max_dynamic_patch=6, tensor_parallel_size=2,
-                              dtype="float32", enforce_eager=True, max_num_seqs=8, hf_overrides={"x": 1})
+    kwargs = vl.engine_kwargs(
+        str(tiny_model_dir),
+        max_images=3,
+        max_dynamic_patch=6,
+        tensor_parallel_size=2,
+        dtype="float32",
+        enforce_eager=True,
+        max_num_seqs=8,
+        hf_overrides={"x": 1},
+    )
     assert kwargs["limit_mm_per_prompt"] == {"image": 3} and kwargs["enable_prefix_caching"] is True
     assert kwargs["mm_processor_kwargs"] == {"crop_to_patches": True, "min_patches": 1, "max_patches": 6}
     assert (kwargs["dtype"], kwargs["enforce_eager"], kwargs["max_num_seqs"]) == ("float32", True, 8)
     assert kwargs["hf_overrides"] == {"x": 1} and kwargs["tensor_parallel_size"] == 2
     assert kwargs["trust_remote_code"] is False
-    explicit = vl.engine_kwargs(str(tiny_model_dir), max_dynamic_patch=6, mm_processor_kwargs={"max_patches": 2})
+    explicit = vl.engine_kwargs(
+        str(tiny_model_dir), max_dynamic_patch=6, mm_processor_kwargs={"max_patches": 2}
+    )
     assert explicit["mm_processor_kwargs"]["max_patches"] == 2
     assert "mm_processor_kwargs" not in vl.engine_kwargs(str(tiny_model_dir))
 
 
-def test_transformers_engine_image_tokens_follow_max_dynamic_patch(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_transformers_engine_image_tokens_follow_max_dynamic_patch(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """A 448 px image on the 224 px tiny model: 4 tiles + a thumbnail at 6, one tile at 1 (64 tokens each)."""
     from mpo.engines.hf import TransformersEngine
 
@@ -85,19 +110,31 @@ def test_transformers_engine_image_tokens_follow_max_dynamic_patch(tiny_model_di
 def test_stop_tokens_from_tokenizer(hf_engine) -> None:
     tokenizer = hf_engine.tokenizer
     ids = stop_token_ids(tokenizer)
-    assert ids == sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")})
+    assert ids == sorted(
+        {tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+    )
 
 
 def test_finish_reasons_other_than_stop_or_length_are_kept_by_name() -> None:
     assert [finish_reason(r) for r in ("stop", "length", "abort", "error", "repetition", None)] == [
-        "stop", "length", "abort", "error", "repetition", "error"]
+        "stop",
+        "length",
+        "abort",
+        "error",
+        "repetition",
+        "error",
+    ]
 
 
 def test_messages_carry_images_in_placeholder_order(tmp_path: Path) -> None:
     for name, colour in (("a.png", "red"), ("b.png", "blue")):
         Image.new("RGB", (8, 8), colour).save(tmp_path / name)
-    request = GenerationRequest("r", "<image> or <image>?", (str(tmp_path / "a.png"), str(tmp_path / "b.png")),
-                                assistant_prefix="The first")
+    request = GenerationRequest(
+        "r",
+        "<image> or <image>?",
+        (str(tmp_path / "a.png"), str(tmp_path / "b.png")),
+        assistant_prefix="The first",
+    )
     messages = vl.chat_messages(request)
     items = messages[0]["content"]
     assert [i["type"] for i in items] == ["image_pil", "text", "image_pil", "text"]
@@ -138,7 +175,9 @@ def test_lmdeploy_generation_configs_build_from_our_options() -> None:
 
 def test_lmdeploy_backend_configs_build_from_our_options() -> None:
     lmdeploy = import_engine("lmdeploy")
-    turbomind = lmdeploy.TurbomindEngineConfig(**lmd.backend_kwargs(tp=2, session_len=4096, max_batch_size=64))
+    turbomind = lmdeploy.TurbomindEngineConfig(
+        **lmd.backend_kwargs(tp=2, session_len=4096, max_batch_size=64)
+    )
     assert (turbomind.tp, turbomind.session_len, turbomind.max_batch_size) == (2, 4096, 64)
     assert turbomind.enable_prefix_caching
     pytorch = lmdeploy.PytorchEngineConfig(**lmd.backend_kwargs(device_type="ascend"))
@@ -164,7 +203,9 @@ def test_lmdeploy_pipeline_has_no_tokenizer_so_dropout_cuts_with_the_models_own(
 
     assert not hasattr(Pipeline, "tokenizer")
     assert "add_special_tokens" not in inspect.signature(Tokenizer.__call__).parameters
-    engine = object.__new__(lmd.LMDeployEngine)  # the pipeline itself needs CUDA: build only the tokenizer part
+    engine = object.__new__(
+        lmd.LMDeployEngine
+    )  # the pipeline itself needs CUDA: build only the tokenizer part
     engine.tokenizer = lmd.load_tokenizer(str(tiny_model_dir))
     text = "A red circle sits to the left of two small blue squares."
     prefix = prefix_by_tokens(text, 0.5, engine.tokenizer)
@@ -202,9 +243,12 @@ def test_lmdeploy_responses_fan_in_with_their_finish_reasons(tiny_model_dir: Pat
     engine.stop_ids = [1]
     engine.pipe = lambda prompts, gen_config: [
         Response(text=f"r{i}", generate_token_len=i + 1, input_token_len=3, finish_reason=next(reasons))
-        for i in range(len(prompts))]
-    requests = [GenerationRequest("a", "q?", params=SamplingParams(n=4)),
-                GenerationRequest("b", "q?", params=SamplingParams(n=2))]
+        for i in range(len(prompts))
+    ]
+    requests = [
+        GenerationRequest("a", "q?", params=SamplingParams(n=4)),
+        GenerationRequest("b", "q?", params=SamplingParams(n=2)),
+    ]
     out = engine.generate(requests)
     assert [len(o) for o in out] == [4, 2]
     assert out[0][2] == Completion("r2", 3, "abort") and out[0][3].finish_reason == "error"

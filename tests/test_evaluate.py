@@ -13,8 +13,10 @@ from mpo.evaluate import mean_and_error, overall, overall_standard_error, paired
 
 
 def test_standard_error_of_the_mean_over_datasets() -> None:
-    table = {"a": {"prompts": 100, "correct": 50, "accuracy": 0.5},
-             "b": {"prompts": 400, "correct": 360, "accuracy": 0.9}}
+    table = {
+        "a": {"prompts": 100, "correct": 50, "accuracy": 0.5},
+        "b": {"prompts": 400, "correct": 360, "accuracy": 0.9},
+    }
     assert overall(table) == pytest.approx(0.7)
     # each dataset weighs 1/2: sqrt(0.5*0.5/100 + 0.9*0.1/400) / 2
     assert overall_standard_error(table) == pytest.approx(math.sqrt(0.0025 + 0.000225) / 2)
@@ -30,8 +32,13 @@ def test_standard_error_shrinks_with_more_prompts_and_is_zero_without_any() -> N
 
 def scored(correct: dict[str, list[float]]) -> pl.DataFrame:
     """A ``correct_per_prompt``-shaped frame: prompts ``{dataset}-{i}`` with the given 0/1 scores."""
-    return pl.DataFrame([{"prompt_id": f"{dataset}-{i}", "dataset": dataset, "correct": value}
-                         for dataset, values in correct.items() for i, value in enumerate(values)])
+    return pl.DataFrame(
+        [
+            {"prompt_id": f"{dataset}-{i}", "dataset": dataset, "correct": value}
+            for dataset, values in correct.items()
+            for i, value in enumerate(values)
+        ]
+    )
 
 
 def test_paired_difference_is_the_mean_of_per_prompt_differences_with_their_error() -> None:
@@ -53,7 +60,8 @@ def test_paired_difference_refuses_models_scored_on_different_prompts() -> None:
 
 
 def test_compare_models_reads_back_the_evaluations_and_names_a_model_never_evaluated(
-        hf_engine: Any, tiny_model_dir: Path, prompts_dir: Path, tmp_path: Path) -> None:
+    hf_engine: Any, tiny_model_dir: Path, prompts_dir: Path, tmp_path: Path
+) -> None:
     from mpo.evaluate import compare_models, evaluate_accuracy
     from mpo.pairs import PairingConfig
     from mpo.sampling import SamplingConfig
@@ -65,6 +73,7 @@ def test_compare_models_reads_back_the_evaluations_and_names_a_model_never_evalu
     model = str(tiny_model_dir)
     # one model under two names: the same answers, so no difference; no sft, so no pair with it
     assert compare_models(tmp_path, prompts_dir, {"start": model, "mpo": model}, sampling, pairing, 8) == {
-        "mpo - start": {"difference": 0.0, "standard_error": 0.0}}
+        "mpo - start": {"difference": 0.0, "standard_error": 0.0}
+    }
     with pytest.raises(FileNotFoundError, match="no evaluation"):
         compare_models(tmp_path, prompts_dir, {"start": model, "mpo": model}, sampling, pairing, 16)

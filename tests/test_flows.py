@@ -24,11 +24,15 @@ NO_RETRIES = StagePolicies(**{name: StagePolicy(retries=0) for name in StagePoli
 
 def tiny_config(data: Path, model: Path, workdir: Path, **overrides) -> FlowConfig:
     fields = dict(
-        workdir=workdir, train_data=data / "meta.json", heldout_data=data / "meta_heldout.json", model=str(model),
+        workdir=workdir,
+        train_data=data / "meta.json",
+        heldout_data=data / "meta_heldout.json",
+        model=str(model),
         sampling=SamplingConfig(n=2, max_tokens=12, dropout_max_tokens=8, prompts_per_shard=8),
         pairing=PairingConfig(verify_modes=VERIFY_MODES),
         training=TrainConfig(max_steps=2, batch_size=4, max_length=512, learning_rate=1e-4),
-        eval_max_tokens=12, stages=NO_RETRIES,
+        eval_max_tokens=12,
+        stages=NO_RETRIES,
     )
     return FlowConfig(**{**fields, **overrides})
 
@@ -48,8 +52,13 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
     with (data / "annotations" / "train" / "synth_colour.jsonl").open("a") as handle:
         handle.write('{"image": "x.png", "question": \n')  # malformed line
     limited = StagePolicy(retries=0, time_limit_seconds=600)  # sampling runs in a child process
-    config = tiny_config(data, tiny_model_dir, tmp_path / "run", sft_baseline=True,
-                         stages=NO_RETRIES.model_copy(update={"sampling": limited}))
+    config = tiny_config(
+        data,
+        tiny_model_dir,
+        tmp_path / "run",
+        sft_baseline=True,
+        stages=NO_RETRIES.model_copy(update={"sampling": limited}),
+    )
 
     summary = data_engine(config)
 
@@ -62,8 +71,13 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert written["models"] == summary["models"] and set(written["models"]) == {"start", "mpo", "sft"}
     assert written["models"]["sft"].endswith("final") and written["evaluation"] == summary["evaluation"]
-    assert set(summary["evaluation"]["start"]) == {"synth_arith", "synth_choice", "synth_colour", "synth_compare",
-                                                   "synth_count"}
+    assert set(summary["evaluation"]["start"]) == {
+        "synth_arith",
+        "synth_choice",
+        "synth_colour",
+        "synth_compare",
+        "synth_count",
+    }
     # the paired differences read back the same answers the accuracy tables counted
     assert set(summary["comparison"]) == {"mpo - start", "sft - start", "mpo - sft"}
     for pair, compared in summary["comparison"].items():
@@ -79,15 +93,22 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
     assert "Held-out accuracy" in markdown and "- mpo - sft: " in markdown
 
 
-def test_a_failed_shard_resumes_without_recomputing_or_duplicating(tiny_model_dir: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_shard_resumes_without_recomputing_or_duplicating(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mpo.sampling
     from flows.data_engine import data_engine
 
     data = tmp_path / "data"
     generate(data, count=10, seed=0)
-    config = tiny_config(data, tiny_model_dir, tmp_path / "run", train=False, evaluate=False,
-                         result_storage=str(tmp_path / "results"))
+    config = tiny_config(
+        data,
+        tiny_model_dir,
+        tmp_path / "run",
+        train=False,
+        evaluate=False,
+        result_storage=str(tmp_path / "results"),
+    )
     real = mpo.sampling._sample_rows
     calls = {"correctness": 0}
 
@@ -117,7 +138,9 @@ def test_a_failed_shard_resumes_without_recomputing_or_duplicating(tiny_model_di
     assert len(list((tmp_path / "results").iterdir())) >= 3  # cached results of 2 sampling stages + pairs
 
 
-def test_a_refresh_samples_only_new_prompts_into_a_new_data_version(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_refresh_samples_only_new_prompts_into_a_new_data_version(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """A scheduled refresh: the annotation files grew; only the new prompts are sampled, old
     shards stay untouched, and the pairs land in a new data version covering every prompt."""
     from flows.data_engine import data_engine
@@ -135,12 +158,18 @@ def test_a_refresh_samples_only_new_prompts_into_a_new_data_version(tiny_model_d
     after = shard_stats(tmp_path / "run" / "samples")
     assert all(after[name] == stat for name, stat in before.items()), "a finished shard was rewritten"
     written = {s["stage"]: s["samples_written"] for s in second["sampling"]}
-    assert written == {"correctness": 5 * 3 * 2, "dropout_ntp": 3}  # 3 new prompts per dataset, n=2 / one continuation
+    assert written == {
+        "correctness": 5 * 3 * 2,
+        "dropout_ntp": 3,
+    }  # 3 new prompts per dataset, n=2 / one continuation
     assert second["data_version"] != first["data_version"]
     assert (tmp_path / "run" / "pairs" / first["data_version"]).is_dir()  # the old version is kept as it was
     correctness = next(s for s in second["sampling"] if s["stage"] == "correctness")
     samples = pl.read_parquet(Path(correctness["samples_dir"]) / "*.parquet")
-    assert samples.height == 5 * 13 * 2 and samples.select("prompt_id", "sample_index").n_unique() == samples.height
+    assert (
+        samples.height == 5 * 13 * 2
+        and samples.select("prompt_id", "sample_index").n_unique() == samples.height
+    )
     pairs = pl.read_parquet(tmp_path / "run" / "pairs" / second["data_version"] / "data" / "*.parquet")
     prompts = read_prompts(tmp_path / "run" / "ingested" / "prompts")
     assert set(pairs["prompt_id"]) <= set(prompts["prompt_id"])
@@ -151,9 +180,9 @@ def test_a_refresh_samples_only_new_prompts_into_a_new_data_version(tiny_model_d
     assert shard_stats(tmp_path / "run" / "samples") == after
 
 
-
 def test_a_deleted_work_folder_or_new_weights_are_resampled_not_served_from_the_cache(
-        tiny_model_dir: Path, tmp_path: Path) -> None:
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """Cached stage results name folders: a result whose folder is gone, or whose model was
     rewritten at the same path, must be recomputed, never returned."""
     import shutil
@@ -166,15 +195,17 @@ def test_a_deleted_work_folder_or_new_weights_are_resampled_not_served_from_the_
     data, model = tmp_path / "data", tmp_path / "model"
     generate(data, count=6, seed=0, heldout_fraction=0.0)
     shutil.copytree(tiny_model_dir, model)
-    config = tiny_config(data, model, tmp_path / "run", train=False, evaluate=False,
-                         result_storage=str(tmp_path / "results"))
+    config = tiny_config(
+        data, model, tmp_path / "run", train=False, evaluate=False, result_storage=str(tmp_path / "results")
+    )
     first = data_engine(config)
     assert first["pairs"]["pairs_by_source"].get("dropout_ntp", 0) > 0
 
     shutil.rmtree(tmp_path / "run")
     second = data_engine(config)
-    assert {s["stage"]: s["samples_written"] for s in second["sampling"]} == \
-        {s["stage"]: s["samples_written"] for s in first["sampling"]}
+    assert {s["stage"]: s["samples_written"] for s in second["sampling"]} == {
+        s["stage"]: s["samples_written"] for s in first["sampling"]
+    }
     assert second["pairs"]["pairs_by_source"] == first["pairs"]["pairs_by_source"]
 
     weights = AutoModelForImageTextToText.from_pretrained(model)
@@ -185,7 +216,8 @@ def test_a_deleted_work_folder_or_new_weights_are_resampled_not_served_from_the_
     third = data_engine(config)
     assert all(s["samples_written"] > 0 for s in third["sampling"])
     assert {Path(s["samples_dir"]).name for s in third["sampling"]}.isdisjoint(
-        Path(s["samples_dir"]).name for s in second["sampling"])
+        Path(s["samples_dir"]).name for s in second["sampling"]
+    )
     assert third["data_version"] != second["data_version"]
 
 
@@ -206,15 +238,26 @@ def test_bad_input_is_not_retried_but_transient_failures_are() -> None:
     assert attempts == {"bad": 1, "transient": 3}
 
 
-def test_a_stage_past_its_hard_limit_fails_as_transient(prompts_dir: Path, tiny_model_dir: Path,
-                                                        tmp_path: Path) -> None:
+def test_a_stage_past_its_hard_limit_fails_as_transient(
+    prompts_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     from mpo.time_limit import StageTimeout
     from tasks.stages import sample_stage
 
     @flow
     def run() -> None:
-        sample_stage("correctness", str(prompts_dir), "v", str(tiny_model_dir), "fp", "transformers", {},
-                     SamplingConfig(n=1, max_tokens=4), str(tmp_path), time_limit=0.5)
+        sample_stage(
+            "correctness",
+            str(prompts_dir),
+            "v",
+            str(tiny_model_dir),
+            "fp",
+            "transformers",
+            {},
+            SamplingConfig(n=1, max_tokens=4),
+            str(tmp_path),
+            time_limit=0.5,
+        )
 
     state = run(return_state=True)
     assert state.is_failed()
@@ -241,7 +284,8 @@ def test_ingest_task_body(synth_dir: Path, tmp_path: Path) -> None:
 
 def test_config_loads_from_yaml_with_relative_paths(tmp_path: Path) -> None:
     (tmp_path / "cfg.yaml").write_text(
-        "workdir: run\ntrain_data: data/meta.json\nmodel: /models/x\nsampling:\n  n: 4\ntraining:\n  max_steps: 3\n")
+        "workdir: run\ntrain_data: data/meta.json\nmodel: /models/x\nsampling:\n  n: 4\ntraining:\n  max_steps: 3\n"
+    )
     config = FlowConfig.from_yaml(tmp_path / "cfg.yaml")
     assert config.workdir == tmp_path / "run" and config.train_data == tmp_path / "data" / "meta.json"
     assert config.sampling.n == 4 and config.training.max_steps == 3
@@ -257,8 +301,16 @@ def test_dask_task_runner_on_a_two_worker_local_cluster(tiny_model_dir: Path, tm
 
     data = tmp_path / "data"
     generate(data, count=10, seed=0)
-    config = tiny_config(data, tiny_model_dir, tmp_path / "run", train=False, evaluate=False, task_runner="dask",
-                         dask_workers=2, dask_processes=False)
+    config = tiny_config(
+        data,
+        tiny_model_dir,
+        tmp_path / "run",
+        train=False,
+        evaluate=False,
+        task_runner="dask",
+        dask_workers=2,
+        dask_processes=False,
+    )
     runner = task_runner(config)
     assert isinstance(runner, DaskTaskRunner)
     summary = run_pipeline(config)
@@ -274,12 +326,35 @@ def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: P
 
     from mpo.cli import app
 
-    args = ["demo", "--workdir", str(tmp_path / "run"), "--count", "12", "--warmup-steps", "2", "--warmup-count", "6",
-            "--sample-n", "2", "--train-steps", "2", "--image-size", "112"]
+    args = [
+        "demo",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--count",
+        "12",
+        "--warmup-steps",
+        "2",
+        "--warmup-count",
+        "6",
+        "--sample-n",
+        "2",
+        "--train-steps",
+        "2",
+        "--image-size",
+        "112",
+    ]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    for heading in ("Held-out accuracy", "start", "mpo", "sft", "± standard error", "mpo - sft: ", "Time per stage",
-                    "pairs"):
+    for heading in (
+        "Held-out accuracy",
+        "start",
+        "mpo",
+        "sft",
+        "± standard error",
+        "mpo - sft: ",
+        "Time per stage",
+        "pairs",
+    ):
         assert heading in first.output
     built = tmp_path / "run" / "model-start" / "tiny_model.json"
     recipe = json.loads(built.read_text())
@@ -294,7 +369,9 @@ def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: P
 
 
 @pytest.mark.engines
-def test_data_engine_samples_with_vllm_in_the_engines_own_environment(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_data_engine_samples_with_vllm_in_the_engines_own_environment(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """The flow (Prefect's environment) hands sampling to vLLM's environment (``engine_python``):
     the two cannot share one. ``make test-engines`` sets MPO_VLLM_PYTHON."""
     import os
@@ -308,8 +385,16 @@ def test_data_engine_samples_with_vllm_in_the_engines_own_environment(tiny_model
     data = tmp_path / "data"
     generate(data, count=5, seed=0)
     options = {"max_model_len": 2048, "dtype": "float32", "max_num_seqs": 16}
-    config = tiny_config(data, tiny_model_dir, tmp_path / "run", engine="vllm", engine_options=options,
-                         engine_python=python, train=False, evaluate=False)
+    config = tiny_config(
+        data,
+        tiny_model_dir,
+        tmp_path / "run",
+        engine="vllm",
+        engine_options=options,
+        engine_python=python,
+        train=False,
+        evaluate=False,
+    )
 
     summary = data_engine(config)
 
@@ -321,7 +406,9 @@ def test_data_engine_samples_with_vllm_in_the_engines_own_environment(tiny_model
     assert summary["pairs"]["pairs"] >= 0 and "training" not in summary
 
 
-def test_the_local_runner_and_the_prefect_flow_make_the_same_pairs(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_the_local_runner_and_the_prefect_flow_make_the_same_pairs(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """One pipeline, two runners: ``mpo.pipeline.run_local`` (no orchestrator) and the Prefect flow,
     on the same config in two work folders, sample, pair and train alike."""
     from flows.data_engine import data_engine
@@ -335,11 +422,19 @@ def test_the_local_runner_and_the_prefect_flow_make_the_same_pairs(tiny_model_di
         summaries[name] = runner(config)
     local, prefect = summaries["local"], summaries["prefect"]
     assert local["data_version"] == prefect["data_version"] and local["pairs"] == prefect["pairs"]
-    pairs = {name: pl.read_parquet(tmp_path / name / "pairs" / s["data_version"] / "data" / "*.parquet")
-             for name, s in summaries.items()}
+    pairs = {
+        name: pl.read_parquet(tmp_path / name / "pairs" / s["data_version"] / "data" / "*.parquet")
+        for name, s in summaries.items()
+    }
     assert pairs["local"].height > 0
-    assert pairs["local"].select("pair_id", "chosen", "rejected").sort("pair_id").equals(
-        pairs["prefect"].select("pair_id", "chosen", "rejected").sort("pair_id"))
+    assert (
+        pairs["local"]
+        .select("pair_id", "chosen", "rejected")
+        .sort("pair_id")
+        .equals(pairs["prefect"].select("pair_id", "chosen", "rejected").sort("pair_id"))
+    )
     assert set(local["models"]) == set(prefect["models"]) == {"start", "mpo", "sft"}
     assert local["training"]["steps"] == prefect["training"]["steps"] == 2
-    assert json.loads((tmp_path / "local" / "summary.json").read_text())["data_version"] == local["data_version"]
+    assert (
+        json.loads((tmp_path / "local" / "summary.json").read_text())["data_version"] == local["data_version"]
+    )

@@ -11,7 +11,9 @@ from mpo.ingest import IngestError, ingest
 from mpo.schemas import PROMPTS, read_dir
 
 
-def _dataset(tmp_path: Path, rows: list, repeat_time: float = 1, raw_lines: list[bytes] | None = None) -> Path:
+def _dataset(
+    tmp_path: Path, rows: list, repeat_time: float = 1, raw_lines: list[bytes] | None = None
+) -> Path:
     root = tmp_path / "root"
     (root / "img").mkdir(parents=True, exist_ok=True)
     for name, colour in (("a.png", "red"), ("b.png", "blue")):
@@ -20,8 +22,16 @@ def _dataset(tmp_path: Path, rows: list, repeat_time: float = 1, raw_lines: list
     lines = [json.dumps(r).encode() for r in rows] + (raw_lines or [])
     annotation = tmp_path / "ann.jsonl"
     annotation.write_bytes(b"\n".join(lines) + b"\n")
-    meta = {"edge": {"root": str(root), "annotation": str(annotation), "data_augment": False,
-                     "max_dynamic_patch": 6, "repeat_time": repeat_time, "length": len(lines)}}
+    meta = {
+        "edge": {
+            "root": str(root),
+            "annotation": str(annotation),
+            "data_augment": False,
+            "max_dynamic_patch": 6,
+            "repeat_time": repeat_time,
+            "length": len(lines),
+        }
+    }
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     return tmp_path / "meta.json"
 
@@ -96,8 +106,12 @@ def test_repeat_time(tmp_path: Path, repeat_time: float, expected: int) -> None:
 def test_plain_jsonl_and_parquet_prompt_files(tmp_path: Path) -> None:
     _dataset(tmp_path, GOOD)
     # A plain file's image paths are relative to the file's own folder.
-    plain = [dict(r, image=[f"root/{i}" for i in ([r["image"]] if isinstance(r["image"], str) else r["image"])])
-             if "image" in r else r for r in GOOD]
+    plain = [
+        dict(r, image=[f"root/{i}" for i in ([r["image"]] if isinstance(r["image"], str) else r["image"])])
+        if "image" in r
+        else r
+        for r in GOOD
+    ]
     (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
     report = ingest(tmp_path / "ann.jsonl", tmp_path / "out")
     assert report.prompts == {"ann": 4} and not report.quarantined

@@ -21,14 +21,19 @@ def naive_logp(model, processor, prompt: str, images: list[str], response: str) 
     """Full-logits teacher forcing of one sequence through the model's own forward."""
     enc = encode(processor, prompt, [load_rgb(p) for p in images], response)
     batch = collate([enc], processor.tokenizer.pad_token_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch.get("pixel_values")).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch.get("pixel_values"),
+    ).logits
     logps = logits[0, :-1].log_softmax(-1).gather(-1, batch["input_ids"][0, 1:, None]).squeeze(-1)
     return logps[batch["labels"][0, 1:] != -100].sum().item()
 
 
 def batch_of(pairs: PairTable, processor, rows: list[int], max_length: int = 512):
-    return collate_pairs([pairs.encode(processor, r, max_length) for r in rows], processor.tokenizer.pad_token_id)
+    return collate_pairs(
+        [pairs.encode(processor, r, max_length) for r in rows], processor.tokenizer.pad_token_id
+    )
 
 
 def test_shared_vision_pass_equals_the_models_own_forward(tiny_model, gold_pairs_dir: Path) -> None:
@@ -39,13 +44,20 @@ def test_shared_vision_pass_equals_the_models_own_forward(tiny_model, gold_pairs
         shared = PairLogps(model, "shared").batch_logps(batch)
         repeat = PairLogps(model, "repeat").batch_logps(batch)
         chunked = PairLogps(model, "shared", chunk_tokens=5).batch_logps(batch)
-        expected = [naive_logp(model, processor, pairs.prompts[r], pairs.images[r], pairs.chosen[r]) for r in batch.rows]
-        expected += [naive_logp(model, processor, pairs.prompts[r], pairs.images[r], pairs.rejected[r])
-                     for r in batch.rows]
+        expected = [
+            naive_logp(model, processor, pairs.prompts[r], pairs.images[r], pairs.chosen[r])
+            for r in batch.rows
+        ]
+        expected += [
+            naive_logp(model, processor, pairs.prompts[r], pairs.images[r], pairs.rejected[r])
+            for r in batch.rows
+        ]
     assert torch.allclose(shared, torch.tensor(expected), atol=1e-3)
     assert torch.allclose(shared, repeat, atol=1e-4)
     assert torch.allclose(shared, chunked, atol=1e-4)
-    assert batch.pixel_values is not None and batch.pixel_values.shape[0] == 3  # once per pair, not per sequence
+    assert (
+        batch.pixel_values is not None and batch.pixel_values.shape[0] == 3
+    )  # once per pair, not per sequence
 
 
 def test_gradients_match_between_vision_passes_and_chunk_sizes(tiny_model, gold_pairs_dir: Path) -> None:
@@ -54,7 +66,11 @@ def test_gradients_match_between_vision_passes_and_chunk_sizes(tiny_model, gold_
     vision = next(model.model.vision_tower.parameters())
     head = model.get_output_embeddings().weight
     grads = []
-    for forward in (PairLogps(model, "shared", 4096), PairLogps(model, "repeat", 4096), PairLogps(model, "shared", 3)):
+    for forward in (
+        PairLogps(model, "shared", 4096),
+        PairLogps(model, "repeat", 4096),
+        PairLogps(model, "shared", 3),
+    ):
         model.zero_grad()
         chosen, rejected = split_pairs(forward.batch_logps(batch))
         (chosen - 2 * rejected).sum().backward()
@@ -66,7 +82,9 @@ def test_gradients_match_between_vision_passes_and_chunk_sizes(tiny_model, gold_
     assert grads[0][0].abs().sum() > 0
 
 
-def test_rejected_half_without_grad_gives_the_same_logps_and_chosen_gradients(tiny_model, gold_pairs_dir: Path) -> None:
+def test_rejected_half_without_grad_gives_the_same_logps_and_chosen_gradients(
+    tiny_model, gold_pairs_dir: Path
+) -> None:
     """The SFT baseline's path: rejected log-probs without autograd, same numbers, same gradients of the chosen."""
     model, processor = tiny_model
     batch = batch_of(PairTable.read(gold_pairs_dir), processor, [2, 11, 25])
@@ -76,8 +94,13 @@ def test_rejected_half_without_grad_gives_the_same_logps_and_chosen_gradients(ti
         results = []
         for rejected_grad in (True, False):
             model.zero_grad()
-            logps = forward(batch.input_ids, batch.attention_mask, batch.response_mask, batch.pixel_values,
-                            rejected_grad=rejected_grad)
+            logps = forward(
+                batch.input_ids,
+                batch.attention_mask,
+                batch.response_mask,
+                batch.pixel_values,
+                rejected_grad=rejected_grad,
+            )
             chosen, _ = split_pairs(logps)
             chosen.sum().backward()
             results.append((logps.detach(), vision.grad.clone()))
@@ -112,8 +135,9 @@ def test_text_only_pairs(tiny_model) -> None:
     assert logps[0].item() == pytest.approx(expected, abs=1e-3)
 
 
-def test_ref_logps_are_written_into_the_pairs_and_resume(tiny_model, tiny_model_dir: Path, gold_pairs_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_ref_logps_are_written_into_the_pairs_and_resume(
+    tiny_model, tiny_model_dir: Path, gold_pairs_dir: Path, tmp_path: Path
+) -> None:
     model, processor = tiny_model
     pairs_dir = tmp_path / "pairs"
     shutil.copytree(gold_pairs_dir, pairs_dir)

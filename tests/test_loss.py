@@ -94,8 +94,15 @@ def test_shift_state_round_trips_and_checks_mode() -> None:
 def test_gradient_flows_only_through_the_policy() -> None:
     policy_c = torch.tensor([-3.0], requires_grad=True)
     policy_r = torch.tensor([-3.0], requires_grad=True)
-    out = mpo_loss(policy_c, policy_r, t(-3.0).float(), t(-3.0).float(), torch.tensor([3]), MPOLossConfig(),
-                   RewardShift())
+    out = mpo_loss(
+        policy_c,
+        policy_r,
+        t(-3.0).float(),
+        t(-3.0).float(),
+        torch.tensor([3]),
+        MPOLossConfig(),
+        RewardShift(),
+    )
     out.loss.backward()
     assert policy_c.grad is not None and policy_c.grad.item() < 0  # raising log π(chosen) lowers the loss
     assert policy_r.grad is not None and policy_r.grad.item() > 0
@@ -104,8 +111,15 @@ def test_gradient_flows_only_through_the_policy() -> None:
 # --- parity with TRL's DPOTrainer loss code (dev extra) -------------------------------------------
 
 
-def _trl_loss(loss_types: list[str], weights: list[float], per_token_logps: torch.Tensor, mask: torch.Tensor,
-              ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float) -> float:
+def _trl_loss(
+    loss_types: list[str],
+    weights: list[float],
+    per_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> float:
     """Run TRL's own ``DPOTrainer._compute_loss`` on given per-token log-probs.
 
     The model is replaced by an object returning those log-probs from TRL's fused LM head
@@ -114,17 +128,37 @@ def _trl_loss(loss_types: list[str], weights: list[float], per_token_logps: torc
     trl = pytest.importorskip("trl")
     seq = mask.shape[1] + 1
     completion_mask = torch.cat([torch.zeros(mask.shape[0], 1, dtype=torch.long), mask.long()], dim=1)
-    outputs = SimpleNamespace(log_probs=per_token_logps * mask, entropy=torch.zeros_like(per_token_logps),
-                              mean_logits=torch.zeros_like(per_token_logps), is_top1=torch.zeros_like(mask).bool())
-    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=weights,
-        beta=beta, use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+    outputs = SimpleNamespace(
+        log_probs=per_token_logps * mask,
+        entropy=torch.zeros_like(per_token_logps),
+        mean_logits=torch.zeros_like(per_token_logps),
+        is_top1=torch.zeros_like(mask).bool(),
     )
-    inputs = {"input_ids": torch.ones(mask.shape[0], seq, dtype=torch.long), "attention_mask": torch.ones(
-        mask.shape[0], seq, dtype=torch.long), "completion_mask": completion_mask,
-        "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    accelerator = SimpleNamespace(
+        device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x
+    )
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=loss_types,
+        loss_weights=weights,
+        beta=beta,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.ones(mask.shape[0], seq, dtype=torch.long),
+        "attention_mask": torch.ones(mask.shape[0], seq, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
     loss = trl.DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, False)
     return float(loss)
 
@@ -135,7 +169,7 @@ def test_parity_with_trl_sigmoid_bco_without_shift_and_token_mean_sft() -> None:
     per_token = -torch.rand(2 * pairs, length, generator=generator, dtype=torch.float64) * 3
     mask = torch.zeros(2 * pairs, length, dtype=torch.long)
     for row, n in enumerate([3, 5, 7, 2, 6, 4]):
-        mask[row, length - n:] = 1
+        mask[row, length - n :] = 1
     logps = (per_token * mask).sum(1)
     chosen, rejected = logps[:pairs], logps[pairs:]
     ref_chosen, ref_rejected = chosen + t(0.5, -1.0, 2.0), rejected + t(-0.7, 0.3, 1.1)

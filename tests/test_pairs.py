@@ -13,13 +13,37 @@ from mpo.pairs import PairingConfig, extract_answers, make_pairs, run_pairing
 from mpo.schemas import SAMPLES, write_table
 
 
-def sample(prompt_id: str, index: int, response: str, answer: str | None = "2", *, dataset: str = "count",
-           finish: str = "stop", source: str = "correctness", chosen: str | None = None,
-           prefix: str | None = None, version: str = "en") -> dict:
-    return {"prompt_id": prompt_id, "dataset": dataset, "images": ["/img/a.png"], "question": "<image>\nHow many?",
-            "answer": answer, "prompt_version": version, "response": response, "finish_reason": finish,
-            "num_tokens": len(response.split()), "sample_index": index, "source": source, "model": "tiny",
-            "chosen": chosen, "prefix": prefix, "seed": 0, "sampling_config": "{}"}
+def sample(
+    prompt_id: str,
+    index: int,
+    response: str,
+    answer: str | None = "2",
+    *,
+    dataset: str = "count",
+    finish: str = "stop",
+    source: str = "correctness",
+    chosen: str | None = None,
+    prefix: str | None = None,
+    version: str = "en",
+) -> dict:
+    return {
+        "prompt_id": prompt_id,
+        "dataset": dataset,
+        "images": ["/img/a.png"],
+        "question": "<image>\nHow many?",
+        "answer": answer,
+        "prompt_version": version,
+        "response": response,
+        "finish_reason": finish,
+        "num_tokens": len(response.split()),
+        "sample_index": index,
+        "source": source,
+        "model": "tiny",
+        "chosen": chosen,
+        "prefix": prefix,
+        "seed": 0,
+        "sampling_config": "{}",
+    }
 
 
 def frame(rows: list[dict]) -> pl.DataFrame:
@@ -39,10 +63,24 @@ def test_cross_product_of_correct_and_wrong() -> None:
 
 def test_failed_requests_are_never_paired() -> None:
     """An aborted or errored request (its text may look like an answer) is counted, not paired."""
-    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "Final answer: 2", finish="abort"),
-            sample("p1", 2, "Final answer: 3", finish="error"), sample("p1", 3, "Final answer: 4", finish="length")]
-    rows += [sample("p2", 0, "a cat on", source="dropout_ntp", chosen="a cat on a mat", prefix="a cat ",
-                    finish="error", answer=None)]
+    rows = [
+        sample("p1", 0, "Final answer: 2"),
+        sample("p1", 1, "Final answer: 2", finish="abort"),
+        sample("p1", 2, "Final answer: 3", finish="error"),
+        sample("p1", 3, "Final answer: 4", finish="length"),
+    ]
+    rows += [
+        sample(
+            "p2",
+            0,
+            "a cat on",
+            source="dropout_ntp",
+            chosen="a cat on a mat",
+            prefix="a cat ",
+            finish="error",
+            answer=None,
+        )
+    ]
     result = make_pairs(frame(rows), PairingConfig())
     assert result.pairs.select("chosen", "rejected").rows() == [("Final answer: 2", "Final answer: 4")]
     assert result.report["datasets"]["count"]["filtered"]["failed_request"] == 3
@@ -50,15 +88,27 @@ def test_failed_requests_are_never_paired() -> None:
 
 
 def test_chosen_answer_contained_in_rejected_is_skipped_as_a_whole_answer() -> None:
-    """"2 or 5" hedges with the right answer: skipped. "12" and "2.5" are other numbers: paired."""
-    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "Final answer: 12"), sample("p1", 2, "Final answer: 5"),
-            sample("p1", 3, "Final answer: 2 or 5"), sample("p1", 4, "Final answer: 2.5")]
+    """ "2 or 5" hedges with the right answer: skipped. "12" and "2.5" are other numbers: paired."""
+    rows = [
+        sample("p1", 0, "Final answer: 2"),
+        sample("p1", 1, "Final answer: 12"),
+        sample("p1", 2, "Final answer: 5"),
+        sample("p1", 3, "Final answer: 2 or 5"),
+        sample("p1", 4, "Final answer: 2.5"),
+    ]
     result = make_pairs(frame(rows), PairingConfig(verify_modes={"count": "numeric"}))
     assert sorted(result.pairs["rejected_answer"].to_list()) == ["12", "2.5", "5"]
     assert result.report["datasets"]["count"]["filtered"]["answer_contained"] == 1
-    pi = [sample("p2", 0, "Final answer: 3", "3"), sample("p2", 1, "Final answer: 3.14", "3"),
-          sample("p2", 2, "Final answer: about 3 or 4", "3")]
-    kept = make_pairs(frame(pi), PairingConfig(verify_modes={"count": "numeric"})).pairs["rejected_answer"].to_list()
+    pi = [
+        sample("p2", 0, "Final answer: 3", "3"),
+        sample("p2", 1, "Final answer: 3.14", "3"),
+        sample("p2", 2, "Final answer: about 3 or 4", "3"),
+    ]
+    kept = (
+        make_pairs(frame(pi), PairingConfig(verify_modes={"count": "numeric"}))
+        .pairs["rejected_answer"]
+        .to_list()
+    )
     assert kept == ["3.14"]
 
 
@@ -67,7 +117,10 @@ def test_auto_verifier_reads_numbers_and_letters_by_the_gold_answers_shape() -> 
     cases = [("12", "12.0"), ("3/10", "0.3"), ("45 degrees", "45"), ("B", "(b)"), ("red", "Red")]
     rows = []
     for index, (gold, said) in enumerate(cases):
-        rows += [sample(f"q{index}", 0, f"Final answer: {said}", gold), sample(f"q{index}", 1, "Final answer: 7", gold)]
+        rows += [
+            sample(f"q{index}", 0, f"Final answer: {said}", gold),
+            sample(f"q{index}", 1, "Final answer: 7", gold),
+        ]
     result = make_pairs(frame(rows), PairingConfig())
     assert result.pairs.height == len(cases)
     assert sorted(result.pairs["chosen_answer"].to_list()) == sorted(said for _, said in cases)
@@ -95,40 +148,57 @@ def test_cap_is_deterministic_and_seeded() -> None:
 
 
 def test_closest_selection_keeps_the_pairs_that_part_latest() -> None:
-    chosen = ["The circle is at the left. It is red.\nFinal answer: red",
-              "The square is at the top. It is red.\nFinal answer: red"]
-    wrong = ["The circle is at the left. It is blue.\nFinal answer: blue",
-             "The square is at the top. It is green.\nFinal answer: green",
-             "Nothing to see. It is blue.\nFinal answer: blue"]
+    chosen = [
+        "The circle is at the left. It is red.\nFinal answer: red",
+        "The square is at the top. It is red.\nFinal answer: red",
+    ]
+    wrong = [
+        "The circle is at the left. It is blue.\nFinal answer: blue",
+        "The square is at the top. It is green.\nFinal answer: green",
+        "Nothing to see. It is blue.\nFinal answer: blue",
+    ]
     rows = [sample("p1", i, text, "red", dataset="colour") for i, text in enumerate(chosen + wrong)]
     closest = make_pairs(frame(rows), PairingConfig(pairs_per_prompt=2, selection="closest")).pairs
     assert sorted(zip(closest["chosen"], closest["rejected"], strict=True)) == sorted(
-        [(chosen[0], wrong[0]), (chosen[1], wrong[1])])
+        [(chosen[0], wrong[0]), (chosen[1], wrong[1])]
+    )
     drawn = [make_pairs(frame(rows), PairingConfig(pairs_per_prompt=2, seed=seed)).pairs for seed in range(6)]
-    assert any(set(pairs["pair_id"]) != set(closest["pair_id"]) for pairs in drawn)  # the draw ignores closeness
+    assert any(
+        set(pairs["pair_id"]) != set(closest["pair_id"]) for pairs in drawn
+    )  # the draw ignores closeness
     assert closest.columns == drawn[0].columns  # no helper column leaks out
     report = make_pairs(frame(rows), PairingConfig(pairs_per_prompt=2, selection="closest")).report
     assert report["datasets"]["colour"]["filtered"]["over_cap_correctness"] == 4
 
 
 def test_self_contradictory_responses_are_paired_on_neither_side() -> None:
-    texts = ["The circle is largest. It is red.\nFinal answer: red",  # right, steps agree: chosen
-             "The square is largest. It is blue.\nFinal answer: red",  # right by luck: steps say blue
-             "The circle is largest. It is red.\nFinal answer: green",  # wrong after right steps
-             "The square is largest. It is Blue.\nFinal answer: blue",  # wrong, steps agree (case-blind verifier)
-             "No steps at all.\nFinal answer: yellow"]  # no claim to check: stays
+    texts = [
+        "The circle is largest. It is red.\nFinal answer: red",  # right, steps agree: chosen
+        "The square is largest. It is blue.\nFinal answer: red",  # right by luck: steps say blue
+        "The circle is largest. It is red.\nFinal answer: green",  # wrong after right steps
+        "The square is largest. It is Blue.\nFinal answer: blue",  # wrong, steps agree (case-blind verifier)
+        "No steps at all.\nFinal answer: yellow",
+    ]  # no claim to check: stays
     rows = [sample("p1", i, text, "red", dataset="colour") for i, text in enumerate(texts)]
     config = PairingConfig(claim_patterns={"colour": r"It is (\w+)\."})
     result = make_pairs(frame(rows), config)
     assert sorted(zip(result.pairs["chosen"], result.pairs["rejected"], strict=True)) == sorted(
-        [(texts[0], texts[3]), (texts[0], texts[4])])
+        [(texts[0], texts[3]), (texts[0], texts[4])]
+    )
     assert result.report["datasets"]["colour"]["filtered"]["self_contradictory"] == 2
     assert make_pairs(frame(rows), PairingConfig()).pairs.height == 6  # off unless the dataset has a pattern
-    numeric = [sample("p2", 0, "I count 3.0 circles.\nFinal answer: 3", "3"),
-               sample("p2", 1, "I count 4 circles.\nFinal answer: 3", "3"), sample("p2", 2, "Final answer: 5", "3")]
-    result = make_pairs(frame(numeric), PairingConfig(verify_modes={"count": "numeric"},
-                                                      claim_patterns={"count": r"I count (\S+) circle"}))
-    assert result.pairs["chosen"].to_list() == [numeric[0]["response"]]  # 3.0 states 3 under the numeric verifier
+    numeric = [
+        sample("p2", 0, "I count 3.0 circles.\nFinal answer: 3", "3"),
+        sample("p2", 1, "I count 4 circles.\nFinal answer: 3", "3"),
+        sample("p2", 2, "Final answer: 5", "3"),
+    ]
+    result = make_pairs(
+        frame(numeric),
+        PairingConfig(verify_modes={"count": "numeric"}, claim_patterns={"count": r"I count (\S+) circle"}),
+    )
+    assert result.pairs["chosen"].to_list() == [
+        numeric[0]["response"]
+    ]  # 3.0 states 3 under the numeric verifier
 
 
 @pytest.mark.parametrize("pattern", [r"It is \w+", r"(It) is (\w+)", r"It is (\w+"])
@@ -138,8 +208,11 @@ def test_a_claim_pattern_needs_one_capture_group(pattern: str) -> None:
 
 
 def test_truncated_response_is_never_chosen() -> None:
-    rows = [sample("p1", 0, "Counting. Final answer: 2", finish="length"), sample("p1", 1, "Final answer: 2"),
-            sample("p1", 2, "Final answer: 9")]
+    rows = [
+        sample("p1", 0, "Counting. Final answer: 2", finish="length"),
+        sample("p1", 1, "Final answer: 2"),
+        sample("p1", 2, "Final answer: 9"),
+    ]
     result = make_pairs(frame(rows), PairingConfig())
     assert result.pairs["chosen"].to_list() == ["Final answer: 2"] and result.pairs.height == 1
     assert result.report["datasets"]["count"]["filtered"]["truncated_chosen"] == 1
@@ -147,8 +220,12 @@ def test_truncated_response_is_never_chosen() -> None:
 
 def test_repetitive_and_duplicate_responses_are_dropped() -> None:
     loop = "I count one circle " * 20 + "Final answer: 9"
-    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "Final answer: 2"), sample("p1", 2, loop),
-            sample("p1", 3, "Final answer: 8")]
+    rows = [
+        sample("p1", 0, "Final answer: 2"),
+        sample("p1", 1, "Final answer: 2"),
+        sample("p1", 2, loop),
+        sample("p1", 3, "Final answer: 8"),
+    ]
     result = make_pairs(frame(rows), PairingConfig())
     assert result.pairs["rejected"].to_list() == ["Final answer: 8"]
     filtered = result.report["datasets"]["count"]["filtered"]
@@ -156,7 +233,11 @@ def test_repetitive_and_duplicate_responses_are_dropped() -> None:
 
 
 def test_format_failures_pair_with_correct_responses() -> None:
-    rows = [sample("p1", 0, "Final answer: 2"), sample("p1", 1, "I am not sure"), sample("p1", 2, "Final answer: 4")]
+    rows = [
+        sample("p1", 0, "Final answer: 2"),
+        sample("p1", 1, "I am not sure"),
+        sample("p1", 2, "Final answer: 4"),
+    ]
     result = make_pairs(frame(rows), PairingConfig())
     by_source = dict(zip(result.pairs["source"], result.pairs["rejected"], strict=True))
     assert by_source == {"correctness": "Final answer: 4", "format": "I am not sure"}
@@ -165,8 +246,7 @@ def test_format_failures_pair_with_correct_responses() -> None:
 
 def test_length_ratio_cap() -> None:
     long = " ".join(f"step{i} looks at shape {i}." for i in range(12))
-    rows = [sample("p1", 0, long + " Final answer: 2"),
-            sample("p1", 1, "Final answer: 3")]
+    rows = [sample("p1", 0, long + " Final answer: 2"), sample("p1", 1, "Final answer: 3")]
     assert make_pairs(frame(rows), PairingConfig()).pairs.height == 1
     result = make_pairs(frame(rows), PairingConfig(max_length_ratio=2.0))
     assert result.pairs.height == 0 and result.report["datasets"]["count"]["filtered"]["length_ratio"] == 1
@@ -175,15 +255,43 @@ def test_length_ratio_cap() -> None:
 def test_dropout_ntp_rows_become_pairs() -> None:
     chosen = "The image shows two red circles on a white background."
     rows = [
-        sample("d1", 0, " a blue square.", None, dataset="describe", source="dropout_ntp", chosen=chosen,
-               prefix="The image shows", version="sr0.5_wo_image"),
-        sample("d1", 1, "   ", None, dataset="describe", source="dropout_ntp", chosen=chosen, prefix="The image shows"),
-        sample("d1", 2, " two red circles on a white background.", None, dataset="describe", source="dropout_ntp",
-               chosen=chosen, prefix="The image shows"),
+        sample(
+            "d1",
+            0,
+            " a blue square.",
+            None,
+            dataset="describe",
+            source="dropout_ntp",
+            chosen=chosen,
+            prefix="The image shows",
+            version="sr0.5_wo_image",
+        ),
+        sample(
+            "d1",
+            1,
+            "   ",
+            None,
+            dataset="describe",
+            source="dropout_ntp",
+            chosen=chosen,
+            prefix="The image shows",
+        ),
+        sample(
+            "d1",
+            2,
+            " two red circles on a white background.",
+            None,
+            dataset="describe",
+            source="dropout_ntp",
+            chosen=chosen,
+            prefix="The image shows",
+        ),
     ]
     result = make_pairs(frame(rows), PairingConfig())
     assert result.pairs["rejected"].to_list() == ["The image shows a blue square."]
-    assert result.pairs["chosen"].to_list() == [chosen] and result.pairs["prompt"].to_list() == ["<image>\nHow many?"]
+    assert result.pairs["chosen"].to_list() == [chosen] and result.pairs["prompt"].to_list() == [
+        "<image>\nHow many?"
+    ]
     filtered = result.report["datasets"]["describe"]["filtered"]
     assert filtered == {"empty_continuation": 1, "identical_to_chosen": 1}
 
@@ -200,26 +308,52 @@ def test_report_and_hard_prompts() -> None:
     assert result.hard_prompts["prompt_id"].to_list() == ["hard"] and result.hard_prompts["samples"][0] == 3
 
 
-ALPHABET = ["Final answer:", "Final Answer:", "Answer:", "答案:", "答案：", "\\boxed{", "}", "{", "\n", " ", ".",
-            "。", "2", "red", "\t", "<think>", "</think>", "x"]
+ALPHABET = [
+    "Final answer:",
+    "Final Answer:",
+    "Answer:",
+    "答案:",
+    "答案：",
+    "\\boxed{",
+    "}",
+    "{",
+    "\n",
+    " ",
+    ".",
+    "。",
+    "2",
+    "red",
+    "\t",
+    "<think>",
+    "</think>",
+    "x",
+]
 
 
 def test_vectorised_extraction_matches_the_reference_function() -> None:
     rng = random.Random(0)
     filler = ["lorem ipsum " * rng.randint(1, 40) for _ in range(5)]  # pushes triggers out of the tail window
-    responses = ["".join(rng.choice(ALPHABET + filler) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
+    responses = [
+        "".join(rng.choice(ALPHABET + filler) for _ in range(rng.randint(0, 12))) for _ in range(3000)
+    ]
     versions = [rng.choice(["en", "zh", "en_v2", "r1", "other"]) for _ in responses]
     df = pl.DataFrame({"response": responses, "prompt_version": versions})
-    assert extract_answers(df).to_list() == [extract_answer(r, v) for r, v in zip(responses, versions, strict=True)]
+    assert extract_answers(df).to_list() == [
+        extract_answer(r, v) for r, v in zip(responses, versions, strict=True)
+    ]
 
 
 def test_run_pairing_writes_a_loadable_pairs_directory(tmp_path: Path) -> None:
-    rows = [sample(f"p{k}", i, f"Step {i}. Final answer: {2 if i % 2 else 3}") for k in range(4) for i in range(4)]
+    rows = [
+        sample(f"p{k}", i, f"Step {i}. Final answer: {2 if i % 2 else 3}") for k in range(4) for i in range(4)
+    ]
     write_table(pa.Table.from_pylist(rows, schema=SAMPLES), tmp_path / "samples" / "shard-0.parquet")
     report = run_pairing(tmp_path / "samples", tmp_path / "pairs", PairingConfig(shard_rows=5))
     assert report["pairs"] == 16 and len(list((tmp_path / "pairs" / "data").glob("*.parquet"))) == 4
     assert pl.read_parquet(tmp_path / "pairs" / "data" / "*.parquet")["pair_id"].n_unique() == 16
-    assert json.loads((tmp_path / "pairs" / "report.json").read_text())["pairs_by_source"] == {"correctness": 16}
+    assert json.loads((tmp_path / "pairs" / "report.json").read_text())["pairs_by_source"] == {
+        "correctness": 16
+    }
     datasets = pytest.importorskip("datasets")
     loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "pairs" / "data"), split="train")
     assert loaded.num_rows == 16 and {"prompt", "chosen", "rejected", "images"} <= set(loaded.column_names)
@@ -238,7 +372,12 @@ def test_a_missing_samples_folder_is_an_error_not_an_empty_stage(tmp_path: Path)
 
 
 def test_chunks_and_prompts_spanning_shards_give_the_same_pairs(tmp_path: Path) -> None:
-    rows = [sample(f"p{k}", i, f"Step {k} {i}. Final answer: {2 if (i + k) % 3 else 5}") for k in range(6) for i in range(6)]
+    rows = [
+        sample(f"p{k}", i, f"Step {k} {i}. Final answer: {2 if (i + k) % 3 else 5}")
+        for k in range(6)
+        for i in range(6)
+    ]
+
     # p0..p5 in three shards; p1 and p4 have samples in two shards each.
     def shard_of(r: dict) -> int:
         k, i = int(r["prompt_id"][1]), r["sample_index"]
@@ -256,11 +395,14 @@ def test_chunks_and_prompts_spanning_shards_give_the_same_pairs(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("failing_write", [1, 2])  # 1: raised while the next chunk is paired; 2: at the end
-def test_a_failed_background_write_fails_the_stage_and_keeps_the_old_pairs(tmp_path: Path, failing_write: int,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_background_write_fails_the_stage_and_keeps_the_old_pairs(
+    tmp_path: Path, failing_write: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mpo.pairs
 
-    rows = [sample(f"p{k}", i, f"Step {i}. Final answer: {2 if i % 2 else 3}") for k in range(4) for i in range(4)]
+    rows = [
+        sample(f"p{k}", i, f"Step {i}. Final answer: {2 if i % 2 else 3}") for k in range(4) for i in range(4)
+    ]
     for k in range(2):  # two shards, so two chunks and two writes
         part = [r for r in rows if int(r["prompt_id"][1]) // 2 == k]
         write_table(pa.Table.from_pylist(part, schema=SAMPLES), tmp_path / "samples" / f"shard-{k}.parquet")

@@ -30,7 +30,9 @@ def test_engine_returns_n_reproducible_completions(hf_engine, synth_dir: Path) -
     params = SamplingParams(n=3, temperature=1.0, max_tokens=12)
     request = GenerationRequest("r", "<image>\nHow many circles?", (image,), params=params, seed=7)
     first, again = hf_engine.generate([request, request])
-    other = hf_engine.generate([GenerationRequest("r", "<image>\nHow many circles?", (image,), params=params, seed=8)])[0]
+    other = hf_engine.generate(
+        [GenerationRequest("r", "<image>\nHow many circles?", (image,), params=params, seed=8)]
+    )[0]
     assert len(first) == 3 and first == again and first != other
     for completion in first:
         assert completion.finish_reason in ("stop", "length") and 1 <= completion.num_tokens <= 12
@@ -41,8 +43,12 @@ def test_engine_returns_n_reproducible_completions(hf_engine, synth_dir: Path) -
 def test_a_request_samples_the_same_alone_or_in_a_batch(hf_engine, synth_dir: Path, monkeypatch) -> None:
     images = sorted((synth_dir / "images" / "synth_colour").glob("*.png"))[:5]
     params = SamplingParams(n=2, temperature=1.0, max_tokens=10)
-    requests = [GenerationRequest(f"r{i}", "<image>\nWhat colour is the largest shape?", (str(image),), params=params,
-                                  seed=100 * i) for i, image in enumerate(images)]
+    requests = [
+        GenerationRequest(
+            f"r{i}", "<image>\nWhat colour is the largest shape?", (str(image),), params=params, seed=100 * i
+        )
+        for i, image in enumerate(images)
+    ]
     batched = hf_engine.generate(requests)
     monkeypatch.setattr(hf_engine, "max_batch_sequences", 2)  # one request per generate call
     alone = hf_engine.generate(requests)
@@ -53,8 +59,12 @@ def test_greedy_answers_do_not_depend_on_batching(hf_engine, synth_dir: Path, mo
     images = sorted((synth_dir / "images" / "synth_count").glob("*.png"))[:6]
     params = SamplingParams(n=1, temperature=0, max_tokens=10)
     questions = ["<image>\nHow many circles are there?", "Describe a square.", "<image>\nWhat is shown?"]
-    requests = [GenerationRequest(f"r{i}", questions[i % 3], (str(image),) if "<image>" in questions[i % 3] else (),
-                                  params=params) for i, image in enumerate(images)]
+    requests = [
+        GenerationRequest(
+            f"r{i}", questions[i % 3], (str(image),) if "<image>" in questions[i % 3] else (), params=params
+        )
+        for i, image in enumerate(images)
+    ]
     batched = hf_engine.generate(requests)
     monkeypatch.setattr(hf_engine, "max_batch_sequences", 1)
     assert batched == hf_engine.generate(requests)
@@ -70,7 +80,10 @@ def test_gumbel_sampling_draws_from_the_tempered_softmax() -> None:
     expected = torch.softmax(logits[0].double() / 0.5, -1)
     assert torch.allclose(observed, expected, atol=0.025), (observed, expected)
     top_k = sampling_processors(SamplingParams(temperature=1.0, top_k=2), list(range(500)), "cpu")
-    assert set(top_k(torch.zeros((500, 1), dtype=torch.long), logits.repeat(500, 1)).argmax(-1).tolist()) == {0, 1}
+    assert set(top_k(torch.zeros((500, 1), dtype=torch.long), logits.repeat(500, 1)).argmax(-1).tolist()) == {
+        0,
+        1,
+    }
     assert len(sampling_processors(SamplingParams(temperature=0), [0], "cpu")) == 0
 
 
@@ -82,8 +95,12 @@ def test_batches_keep_order_params_and_the_sequence_cap() -> None:
 
 
 def test_engine_continues_an_assistant_prefix(hf_engine) -> None:
-    request = GenerationRequest("r", "Describe a square.", assistant_prefix="The image shows",
-                                params=SamplingParams(n=1, temperature=0, max_tokens=6))
+    request = GenerationRequest(
+        "r",
+        "Describe a square.",
+        assistant_prefix="The image shows",
+        params=SamplingParams(n=1, temperature=0, max_tokens=6),
+    )
     prompt = hf_engine.processor.tokenizer.decode(hf_engine.encode_prompts([request])["input_ids"][0])
     assert prompt.endswith("<|im_start|>assistant\nThe image shows")
     assert len(hf_engine.generate([request])[0]) == 1
@@ -91,7 +108,9 @@ def test_engine_continues_an_assistant_prefix(hf_engine) -> None:
 
 def test_greedy_with_n_above_one_is_refused(hf_engine) -> None:
     with pytest.raises(ValueError, match="greedy"):
-        hf_engine.generate([GenerationRequest("r", "q", params=SamplingParams(n=2, temperature=0, max_tokens=2))])
+        hf_engine.generate(
+            [GenerationRequest("r", "q", params=SamplingParams(n=2, temperature=0, max_tokens=2))]
+        )
 
 
 def test_variants_and_token_prefixes(hf_engine) -> None:
@@ -151,9 +170,26 @@ def test_dropout_stage_rows(hf_engine, prompts_dir: Path, tmp_path: Path) -> Non
 def test_killed_stage_resumes_exactly(tiny_model_dir: Path, prompts_dir: Path, tmp_path: Path) -> None:
     """Kill `mpo sample` after its first shard lands; the re-run keeps finished shards and
     ends with every (prompt, sample_index) exactly once."""
-    command = [sys.executable, "-m", "mpo.cli", "sample", "--prompts", str(prompts_dir), "--model", str(tiny_model_dir),
-               "--out", str(tmp_path), "--stage", "correctness", "--n", "2", "--max-tokens", "24",
-               "--prompts-per-shard", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "mpo.cli",
+        "sample",
+        "--prompts",
+        str(prompts_dir),
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(tmp_path),
+        "--stage",
+        "correctness",
+        "--n",
+        "2",
+        "--max-tokens",
+        "24",
+        "--prompts-per-shard",
+        "2",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240

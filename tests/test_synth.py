@@ -30,7 +30,14 @@ def test_meta_json_follows_internvl_format(synth_dir: Path) -> None:
         meta = json.loads((synth_dir / name).read_text())
         assert set(meta) == set(synth.TASKS)
         for dataset, entry in meta.items():
-            assert set(entry) == {"root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time", "length"}
+            assert set(entry) == {
+                "root",
+                "annotation",
+                "data_augment",
+                "max_dynamic_patch",
+                "repeat_time",
+                "length",
+            }
             lines = Path(entry["annotation"]).read_text().splitlines()
             assert len(lines) == entry["length"] == (8 if split == "train" else 2)
             assert Path(entry["annotation"]).name == f"{dataset}.jsonl"
@@ -38,7 +45,11 @@ def test_meta_json_follows_internvl_format(synth_dir: Path) -> None:
 
 def _rows(synth_dir: Path) -> list[tuple[str, dict]]:
     meta = json.loads((synth_dir / "meta.json").read_text())
-    return [(d, json.loads(line)) for d, e in meta.items() for line in Path(e["annotation"]).read_text().splitlines()]
+    return [
+        (d, json.loads(line))
+        for d, e in meta.items()
+        for line in Path(e["annotation"]).read_text().splitlines()
+    ]
 
 
 def test_every_row_is_valid(synth_dir: Path) -> None:
@@ -74,7 +85,10 @@ def test_claim_patterns_read_the_gold_answer_from_every_worked_solution(synth_di
         if dataset in synth.CLAIM_PATTERNS:
             steps = row["solution"].rsplit(synth.FINAL_ANSWER, 1)[0]
             claims = re.findall(synth.CLAIM_PATTERNS[dataset], steps)
-            assert claims and is_correct(claims[-1], row["answer"], synth.VERIFY_MODES[dataset]), (dataset, row)
+            assert claims and is_correct(claims[-1], row["answer"], synth.VERIFY_MODES[dataset]), (
+                dataset,
+                row,
+            )
             seen.add(dataset)
     assert seen == set(synth.CLAIM_PATTERNS)
 
@@ -88,11 +102,14 @@ def test_largest_shape_is_unique() -> None:
         assert len(set(radii)) == len(radii) == 7
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"count": 0}, "--count"),
-    ({"count": 5, "heldout_fraction": 1.0}, "heldout_fraction"),
-    ({"count": 5, "datasets": ("nope",)}, "unknown synthetic datasets"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"count": 0}, "--count"),
+        ({"count": 5, "heldout_fraction": 1.0}, "heldout_fraction"),
+        ({"count": 5, "datasets": ("nope",)}, "unknown synthetic datasets"),
+    ],
+)
 def test_bad_arguments_are_named(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         synth.generate(tmp_path, **kwargs)

@@ -24,7 +24,7 @@ def test_several_images_stay_in_place() -> None:
 
 
 def test_template_wording() -> None:
-    assert 'Final answer: ..' in apply_template("q", "en")
+    assert "Final answer: .." in apply_template("q", "en")
     assert "\\boxed{$FINAL_ANSWER}" in apply_template("q", "en_v2")
     assert "<think>" in apply_template("q", "r1")
     assert "答案: .." in apply_template("q", "zh")

@@ -76,7 +76,10 @@ def test_own_process_without_a_limit_runs_in_a_child() -> None:
     """Two Python-bound jobs side by side (MPO and its SFT baseline) each need an interpreter."""
     events: list[Any] = []
     assert call_with_time_limit(pid, {}, None, own_process=True) != os.getpid()
-    assert call_with_time_limit(counts, {"n": 2}, None, events.append, own_process=True) == 4 and len(events) == 2
+    assert (
+        call_with_time_limit(counts, {"n": 2}, None, events.append, own_process=True) == 4
+        and len(events) == 2
+    )
 
 
 def test_a_child_error_keeps_its_type_so_bad_input_is_not_retried() -> None:
@@ -105,7 +108,9 @@ def leaves_with_a_slow_exit_handler(marker: str, emit: Any) -> str:
 
 def test_a_child_that_answered_is_left_to_exit_on_its_own(tmp_path: Path) -> None:
     marker = tmp_path / "exited"
-    result = call_with_time_limit(leaves_with_a_slow_exit_handler, {"marker": str(marker)}, 60, grace_seconds=10)
+    result = call_with_time_limit(
+        leaves_with_a_slow_exit_handler, {"marker": str(marker)}, 60, grace_seconds=10
+    )
     assert result == "done"
     assert marker.read_text() == "clean exit", "the child was terminated while it shut down"
 
@@ -153,7 +158,9 @@ def test_another_interpreter_is_killed_at_its_limit(importable_tests: None, tmp_
     import sys
 
     with pytest.raises(StageTimeout, match="hard limit of 3 s"):
-        call_with_time_limit(stuck, {"pid_file": str(tmp_path / "pid")}, 3, grace_seconds=1, python=sys.executable)
+        call_with_time_limit(
+            stuck, {"pid_file": str(tmp_path / "pid")}, 3, grace_seconds=1, python=sys.executable
+        )
     assert not _alive(int((tmp_path / "pid").read_text()))
 
 

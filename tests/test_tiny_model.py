@@ -20,8 +20,9 @@ def test_loads_offline_with_auto_classes(tiny_model, tiny_model_dir: Path) -> No
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["image_seq_length"] == processor.image_seq_length == 64
     assert processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == config["image_token_id"]
-    assert processor.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                                   add_generation_prompt=True).startswith("<|im_start|>user\nhi")
+    assert processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    ).startswith("<|im_start|>user\nhi")
 
 
 def test_generates_from_an_image_without_image_tokens(tiny_model, synth_dir: Path) -> None:
@@ -31,9 +32,15 @@ def test_generates_from_an_image_without_image_tokens(tiny_model, synth_dir: Pat
     prompt = render_prompt(processor, conversation("<image>\nHow many circles?", 1))
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     torch.manual_seed(0)
-    out = model.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=True, num_return_sequences=4,
-                         suppress_tokens=special_image_token_ids(processor))
-    new = out[:, inputs["input_ids"].shape[1]:]
+    out = model.generate(
+        **inputs,
+        max_new_tokens=24,
+        min_new_tokens=24,
+        do_sample=True,
+        num_return_sequences=4,
+        suppress_tokens=special_image_token_ids(processor),
+    )
+    new = out[:, inputs["input_ids"].shape[1] :]
     assert new.shape == (4, 24)
     assert not torch.isin(new, torch.tensor(special_image_token_ids(processor))).any()
 
@@ -44,7 +51,10 @@ def test_forward_backward_reaches_the_vision_tower(tiny_model_dir: Path) -> None
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     image = Image.new("RGB", (224, 224), "red")
-    batch = collate([encode(processor, "<image>\nColour?", [image], "Final answer: red")], processor.tokenizer.pad_token_id)
+    batch = collate(
+        [encode(processor, "<image>\nColour?", [image], "Final answer: red")],
+        processor.tokenizer.pad_token_id,
+    )
     loss = model(**batch).loss
     assert math.isfinite(loss.item()) and loss.item() > 0
     loss.backward()
@@ -59,7 +69,9 @@ def test_warmup_lowers_the_loss(synth_dir: Path) -> None:
     tokenizer = build_tokenizer(spec, seed=0)
     processor = build_processor(spec, tokenizer)
     model = build_model(spec, tokenizer, seed=0)
-    losses = warmup(model, processor, warmup_examples(synth_dir), steps=20, seed=0, batch_size=4, warmup_steps=2)
+    losses = warmup(
+        model, processor, warmup_examples(synth_dir), steps=20, seed=0, batch_size=4, warmup_steps=2
+    )
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0
 
 
@@ -75,8 +87,16 @@ def test_warmup_vision_lr_scale_moves_only_the_language_model_at_zero(synth_dir:
     tokenizer = build_tokenizer(spec, seed=0)
     model = build_model(spec, tokenizer, seed=0)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    warmup(model, build_processor(spec, tokenizer), warmup_examples(synth_dir), steps=3, seed=0, batch_size=2,
-           warmup_steps=1, vision_lr_scale=0.0)
+    warmup(
+        model,
+        build_processor(spec, tokenizer),
+        warmup_examples(synth_dir),
+        steps=3,
+        seed=0,
+        batch_size=2,
+        warmup_steps=1,
+        vision_lr_scale=0.0,
+    )
     moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert any(name.startswith("model.language_model.") for name in moved)
     assert not any(name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for name in moved)
@@ -93,7 +113,9 @@ def test_prior_bias_rewrites_only_final_answers_to_the_dataset_majority(synth_di
     for before, after in zip(clean, biased, strict=True):
         steps, gold = before.response.rsplit("Final answer:", 1)
         assert after.response.startswith(steps)  # the worked steps stay
-        by_dataset.setdefault(before.image_path.parent.name, []).append((gold.strip(), after.response.rsplit(" ", 1)[1]))
+        by_dataset.setdefault(before.image_path.parent.name, []).append(
+            (gold.strip(), after.response.rsplit(" ", 1)[1])
+        )
     for dataset, answers in by_dataset.items():
         majority = Counter(gold for gold, _ in answers).most_common(1)[0][0]
         assert {taught for _, taught in answers} == {majority}, dataset
@@ -106,10 +128,16 @@ def test_prior_bias_rewrites_only_final_answers_to_the_dataset_majority(synth_di
 
 def test_prior_in_reasoning_states_the_majority_answer_in_the_steps_too(synth_dir: Path) -> None:
     clean = [ex for ex in warmup_examples(synth_dir) if "Final answer:" in ex.response]
-    biased = [ex for ex in warmup_examples(synth_dir, prior_bias=1.0, prior_in_reasoning=True)
-              if "Final answer:" in ex.response]
-    colour = [(a.response, b.response) for a, b in zip(clean, biased, strict=True)
-              if a.image_path.parent.name == "synth_colour"]
+    biased = [
+        ex
+        for ex in warmup_examples(synth_dir, prior_bias=1.0, prior_in_reasoning=True)
+        if "Final answer:" in ex.response
+    ]
+    colour = [
+        (a.response, b.response)
+        for a, b in zip(clean, biased, strict=True)
+        if a.image_path.parent.name == "synth_colour"
+    ]
     assert colour, "the fixture has colour prompts"
     for before, after in colour:
         gold, taught = before.rsplit(" ", 1)[1], after.rsplit(" ", 1)[1]
@@ -121,7 +149,11 @@ def test_prior_in_reasoning_states_the_majority_answer_in_the_steps_too(synth_di
 def test_as_if_answered_replaces_whole_words_only() -> None:
     from mpo.synth import as_if_answered
 
-    assert as_if_answered("I count 2 squares, not 12.\nFinal answer: 2", "2", "4") == \
-        "I count 4 squares, not 12.\nFinal answer: 4"
-    assert as_if_answered("It is red, not redder.\nFinal answer: red", "red", "blue") == \
-        "It is blue, not redder.\nFinal answer: blue"
+    assert (
+        as_if_answered("I count 2 squares, not 12.\nFinal answer: 2", "2", "4")
+        == "I count 4 squares, not 12.\nFinal answer: 4"
+    )
+    assert (
+        as_if_answered("It is red, not redder.\nFinal answer: red", "red", "blue")
+        == "It is blue, not redder.\nFinal answer: blue"
+    )

@@ -18,8 +18,15 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 def run_worker(args: list[str], procs: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if procs > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
-                   str(WORKER), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={procs}",
+            str(WORKER),
+            *args,
+        ]
     else:
         command = [sys.executable, str(WORKER), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -31,13 +38,17 @@ def deltas(path: Path) -> list[float]:
 
 
 @pytest.mark.timeout(900)
-def test_two_ddp_processes_keep_delta_in_sync_and_match_one_process(ref_pairs_dir: Path, tiny_model_dir: Path,
-                                                                   tmp_path: Path) -> None:
+def test_two_ddp_processes_keep_delta_in_sync_and_match_one_process(
+    ref_pairs_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     steps = "4"
     run_worker([str(ref_pairs_dir), str(tiny_model_dir), str(tmp_path / "ddp"), "2", steps], procs=2)
     run_worker([str(ref_pairs_dir), str(tiny_model_dir), str(tmp_path / "single"), "4", steps], procs=1)
 
-    rank0, rank1 = deltas(tmp_path / "ddp" / "delta-rank0.jsonl"), deltas(tmp_path / "ddp" / "delta-rank1.jsonl")
+    rank0, rank1 = (
+        deltas(tmp_path / "ddp" / "delta-rank0.jsonl"),
+        deltas(tmp_path / "ddp" / "delta-rank1.jsonl"),
+    )
     single = deltas(tmp_path / "single" / "delta-rank0.jsonl")
     assert len(rank0) == len(rank1) == 4
     assert rank0 == rank1  # all-reduced: bit-identical on both ranks
@@ -51,15 +62,19 @@ def test_two_ddp_processes_keep_delta_in_sync_and_match_one_process(ref_pairs_di
 
 
 @pytest.mark.timeout(900)
-def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(ref_pairs_dir: Path, tiny_model_dir: Path,
-                                                                   tmp_path: Path) -> None:
+def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(
+    ref_pairs_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     args = [str(ref_pairs_dir), str(tiny_model_dir), str(tmp_path / "fsdp"), "2", "4", "fsdp"]
     run_worker([*args, "2"], procs=2)  # two steps, a gathered checkpoint, stop
     assert (tmp_path / "fsdp" / "checkpoints" / "step-000002" / "model.safetensors").exists()
     run_worker(args, procs=2)  # resume from it for steps 3 and 4
     run_worker([str(ref_pairs_dir), str(tiny_model_dir), str(tmp_path / "single"), "4", "4"], procs=1)
 
-    rank0, rank1 = deltas(tmp_path / "fsdp" / "delta-rank0.jsonl"), deltas(tmp_path / "fsdp" / "delta-rank1.jsonl")
+    rank0, rank1 = (
+        deltas(tmp_path / "fsdp" / "delta-rank0.jsonl"),
+        deltas(tmp_path / "fsdp" / "delta-rank1.jsonl"),
+    )
     assert rank0 == rank1 and len(rank0) == 4
     assert rank0 == pytest.approx(deltas(tmp_path / "single" / "delta-rank0.jsonl"), abs=1e-5)
     sharded = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))

@@ -44,8 +44,10 @@ def count_image(synth_dir: Path) -> str:
 
 def test_n_completions_per_request_with_finish_reasons(vllm_engine, count_image: str) -> None:
     params = SamplingParams(n=4, temperature=1.0, max_tokens=8)
-    requests = [GenerationRequest(f"r{i}", "<image>\nHow many circles?", (count_image,), params=params, seed=8 * i)
-                for i in range(3)]
+    requests = [
+        GenerationRequest(f"r{i}", "<image>\nHow many circles?", (count_image,), params=params, seed=8 * i)
+        for i in range(3)
+    ]
     out = vllm_engine.generate(requests)
     assert [len(o) for o in out] == [4, 4, 4]
     completions = [c for o in out for c in o]
@@ -67,7 +69,9 @@ def test_seeded_samples_repeat_across_calls_and_batches(vllm_engine, count_image
 
 
 @pytest.mark.parametrize("with_image", [False, True], ids=["without_image", "with_image"])
-def test_dropout_prompt_ends_in_the_cut_and_is_continued(vllm_engine, count_image: str, with_image: bool) -> None:
+def test_dropout_prompt_ends_in_the_cut_and_is_continued(
+    vllm_engine, count_image: str, with_image: bool
+) -> None:
     from vllm import SamplingParams as VLLMSamplingParams
 
     from mpo.engines import vllm as vl
@@ -75,12 +79,22 @@ def test_dropout_prompt_ends_in_the_cut_and_is_continued(vllm_engine, count_imag
 
     answer = "There are three red circles and one blue square in the picture."
     prefix = prefix_by_tokens(answer, 0.5, vllm_engine.tokenizer)
-    request = GenerationRequest("d", "<image>\nDescribe the picture." if with_image else "Describe the picture.",
-                                (count_image,) if with_image else (), assistant_prefix=prefix,
-                                params=SamplingParams(n=1, temperature=0.7, max_tokens=10), seed=3)
+    request = GenerationRequest(
+        "d",
+        "<image>\nDescribe the picture." if with_image else "Describe the picture.",
+        (count_image,) if with_image else (),
+        assistant_prefix=prefix,
+        params=SamplingParams(n=1, temperature=0.7, max_tokens=10),
+        seed=3,
+    )
     # The adapter's own call, one level down, to read the prompt vLLM rendered.
-    rendered = vllm_engine.llm.chat([vl.chat_messages(request)], VLLMSamplingParams(max_tokens=4, temperature=0),
-                                    add_generation_prompt=False, continue_final_message=True, use_tqdm=False)[0]
+    rendered = vllm_engine.llm.chat(
+        [vl.chat_messages(request)],
+        VLLMSamplingParams(max_tokens=4, temperature=0),
+        add_generation_prompt=False,
+        continue_final_message=True,
+        use_tqdm=False,
+    )[0]
     assert rendered.prompt.endswith("<|im_start|>assistant\n" + prefix)
     assert ("<IMG_CONTEXT>" in rendered.prompt) == with_image
     (completion,) = vllm_engine.generate([request])[0]
@@ -112,26 +126,50 @@ def few_prompts(prompts_dir: Path, out: Path) -> Path:
     table = read_dir(prompts_dir, PROMPTS)
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
-    few = pl.concat([frame.filter(pl.col("kind") == "closed").head(3), frame.filter(pl.col("kind") == "open").head(2)])
+    few = pl.concat(
+        [frame.filter(pl.col("kind") == "closed").head(3), frame.filter(pl.col("kind") == "open").head(2)]
+    )
     write_table(few.to_arrow().cast(PROMPTS), out / "part-00000.parquet")
     return out
 
 
-def test_mpo_sample_with_vllm_writes_the_transformers_engines_contract(vllm_engine, tiny_model_dir: Path,
-                                                                       prompts_dir: Path, tmp_path: Path) -> None:
+def test_mpo_sample_with_vllm_writes_the_transformers_engines_contract(
+    vllm_engine, tiny_model_dir: Path, prompts_dir: Path, tmp_path: Path
+) -> None:
     """The whole `mpo sample` stage, once per engine, on the same prompts: same tables, keys and seeds."""
     prompts = few_prompts(prompts_dir, tmp_path / "prompts")
     stores = {}
     for engine, options in (("vllm", ENGINE_OPTIONS), ("transformers", {"max_dynamic_patch": 6})):
         out = tmp_path / engine
-        command = [sys.executable, "-m", "mpo.cli", "sample", "--prompts", str(prompts), "--model",
-                   str(tiny_model_dir), "--out", str(out), "--engine", engine, "--n", "4", "--max-tokens", "16",
-                   "--temperature", "1.0", "--prompts-per-shard", "2"]
+        command = [
+            sys.executable,
+            "-m",
+            "mpo.cli",
+            "sample",
+            "--prompts",
+            str(prompts),
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--engine",
+            engine,
+            "--n",
+            "4",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--prompts-per-shard",
+            "2",
+        ]
         command += [arg for key, value in options.items() for arg in ("--engine-option", f"{key}={value}")]
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
-        stores[engine] = {store.name.split("-")[0]: pl.from_arrow(read_dir(store, SAMPLES))
-                          for store in sorted(out.iterdir())}
+        stores[engine] = {
+            store.name.split("-")[0]: pl.from_arrow(read_dir(store, SAMPLES))
+            for store in sorted(out.iterdir())
+        }
     assert set(stores["vllm"]) == set(stores["transformers"]) == {"correctness", "dropout_ntp"}
     keys = ["prompt_id", "sample_index", "seed", "prompt_version", "source", "prefix"]
     for stage in ("correctness", "dropout_ntp"):

@@ -28,8 +28,16 @@ from transformers import (
 from mpo.chat import conversation, load_rgb, render_prompt
 from mpo.engines.base import Completion, GenerationRequest, SamplingParams
 
-_IMAGE_TOKEN_ATTRS = ("image_token_id", "start_image_token_id", "end_image_token_id", "video_token_id",
-                      "image_start_token_id", "image_end_token_id", "vision_start_token_id", "vision_end_token_id")
+_IMAGE_TOKEN_ATTRS = (
+    "image_token_id",
+    "start_image_token_id",
+    "end_image_token_id",
+    "video_token_id",
+    "image_start_token_id",
+    "image_end_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
 
 
 def special_image_token_ids(processor: Any) -> list[int]:
@@ -54,12 +62,16 @@ class GumbelNoise(LogitsProcessor):
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators])
+        uniform = torch.stack(
+            [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators]
+        )
         gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(uniform.dtype).tiny)))
         return scores.float() + gumbel  # type: ignore[return-value]
 
 
-def sampling_processors(params: SamplingParams, seeds: Sequence[int], device: torch.device | str) -> LogitsProcessorList:
+def sampling_processors(
+    params: SamplingParams, seeds: Sequence[int], device: torch.device | str
+) -> LogitsProcessorList:
     """Temperature, top-k, top-p, then per-sequence Gumbel noise (empty for greedy)."""
     if params.greedy:
         return LogitsProcessorList()
@@ -75,7 +87,9 @@ def batches(requests: Sequence[GenerationRequest], max_sequences: int) -> Iterat
     """Runs of consecutive requests with the same params, at most ``max_sequences`` sequences each."""
     batch: list[GenerationRequest] = []
     for request in requests:
-        if batch and (request.params != batch[0].params or (len(batch) + 1) * request.params.n > max_sequences):
+        if batch and (
+            request.params != batch[0].params or (len(batch) + 1) * request.params.n > max_sequences
+        ):
             yield batch
             batch = []
         batch.append(request)
@@ -86,8 +100,14 @@ def batches(requests: Sequence[GenerationRequest], max_sequences: int) -> Iterat
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, model: str, device: str | None = None, trust_remote_code: bool = False,
-                 max_batch_sequences: int = 64, max_dynamic_patch: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        max_batch_sequences: int = 64,
+        max_dynamic_patch: int | None = None,
+    ) -> None:
         from mpo.engines.tiles import processor_kwargs
         from mpo.logps import load_vlm
 
@@ -101,22 +121,34 @@ class TransformersEngine:
         self.model: Any = loaded.eval()
         self.tokenizer = tokenizer = self.processor.tokenizer
         eos = self.model.generation_config.eos_token_id
-        self.stop_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-                                tokenizer.eos_token_id} - {None})
+        self.stop_ids = sorted(
+            {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tokenizer.eos_token_id}
+            - {None}
+        )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.suppress_ids = special_image_token_ids(self.processor)
 
-    def encode_prompts(self, requests: Sequence[GenerationRequest], copies: int = 1) -> dict[str, torch.Tensor]:
+    def encode_prompts(
+        self, requests: Sequence[GenerationRequest], copies: int = 1
+    ) -> dict[str, torch.Tensor]:
         """Left-padded inputs, each request repeated ``copies`` times in a row."""
         prompts: list[str] = []
         images = []
         for request in requests:
             loaded = [load_rgb(p) for p in request.images]
-            prompt = render_prompt(self.processor, conversation(request.question, len(loaded), request.assistant_prefix))
+            prompt = render_prompt(
+                self.processor, conversation(request.question, len(loaded), request.assistant_prefix)
+            )
             prompts += [prompt] * copies
             images += loaded * copies
-        inputs = self.processor(text=prompts, images=images or None, return_tensors="pt", padding=True,
-                                padding_side="left", **(self.image_kwargs if images else {}))
+        inputs = self.processor(
+            text=prompts,
+            images=images or None,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            **(self.image_kwargs if images else {}),
+        )
         return inputs.to(self.device)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
@@ -133,12 +165,19 @@ class TransformersEngine:
         inputs = self.encode_prompts(batch, copies=params.n)
         seeds = [request.seed + i for request in batch for i in range(params.n)]
         output = self.model.generate(
-            **inputs, max_new_tokens=params.max_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-            suppress_tokens=self.suppress_ids or None, do_sample=False, temperature=None, top_k=None, top_p=None,
+            **inputs,
+            max_new_tokens=params.max_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            suppress_tokens=self.suppress_ids or None,
+            do_sample=False,
+            temperature=None,
+            top_k=None,
+            top_p=None,
             logits_processor=sampling_processors(params, seeds, self.device),
         )
-        rows = [self._completion(row) for row in output[:, inputs["input_ids"].shape[1]:]]
-        return [rows[k * params.n:(k + 1) * params.n] for k in range(len(batch))]
+        rows = [self._completion(row) for row in output[:, inputs["input_ids"].shape[1] :]]
+        return [rows[k * params.n : (k + 1) * params.n] for k in range(len(batch))]
 
     def _completion(self, tokens: torch.Tensor) -> Completion:
         stops = torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device)).nonzero()

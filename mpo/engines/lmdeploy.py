@@ -38,23 +38,40 @@ BACKENDS = ("turbomind", "pytorch")
 MAX_TEMPERATURE = 2.0  # GenerationConfig's own bound
 
 
-def backend_kwargs(*, tp: int = 1, session_len: int = 8192, cache_max_entry_count: float = 0.8,
-                   **backend_options: Any) -> dict[str, Any]:
+def backend_kwargs(
+    *, tp: int = 1, session_len: int = 8192, cache_max_entry_count: float = 0.8, **backend_options: Any
+) -> dict[str, Any]:
     """Keyword arguments of ``TurbomindEngineConfig`` / ``PytorchEngineConfig``; any other field of
     the chosen config class (``max_batch_size``, ``device_type``, ...) passes through as given."""
-    return {"tp": tp, "session_len": session_len, "cache_max_entry_count": cache_max_entry_count,
-            "enable_prefix_caching": True, **backend_options}
+    return {
+        "tp": tp,
+        "session_len": session_len,
+        "cache_max_entry_count": cache_max_entry_count,
+        "enable_prefix_caching": True,
+        **backend_options,
+    }
 
 
-def generation_kwargs(params: SamplingParams, seed: int, stop_token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+def generation_kwargs(
+    params: SamplingParams, seed: int, stop_token_ids: Sequence[int] = ()
+) -> list[dict[str, Any]]:
     """One ``GenerationConfig`` keyword set per sample (n = 1 each, seeds seed + i)."""
     if params.temperature > MAX_TEMPERATURE:
-        raise ValueError(f"lmdeploy samples at temperature <= {MAX_TEMPERATURE:g}, got {params.temperature:g}; "
-                         "lower sampling.temperature or use another engine")
+        raise ValueError(
+            f"lmdeploy samples at temperature <= {MAX_TEMPERATURE:g}, got {params.temperature:g}; "
+            "lower sampling.temperature or use another engine"
+        )
     return [
-        {"n": 1, "do_sample": not params.greedy, "temperature": params.temperature, "top_p": params.top_p,
-         "top_k": params.top_k if params.top_k > 0 else 0, "max_new_tokens": params.max_tokens,
-         "random_seed": seed + i, "stop_token_ids": list(stop_token_ids) or None}
+        {
+            "n": 1,
+            "do_sample": not params.greedy,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k if params.top_k > 0 else 0,
+            "max_new_tokens": params.max_tokens,
+            "random_seed": seed + i,
+            "stop_token_ids": list(stop_token_ids) or None,
+        }
         for i in range(params.n)
     ]
 
@@ -80,14 +97,19 @@ def pipeline_kwargs(model: str, backend: str, trust_remote_code: bool, **options
     if backend not in BACKENDS:
         raise ValueError(f"unknown lmdeploy backend {backend!r}; known: {BACKENDS}")
     config_class = TurbomindEngineConfig if backend == "turbomind" else PytorchEngineConfig
-    return {"model_path": model, "backend_config": config_class(**backend_kwargs(**options)),
-            "trust_remote_code": trust_remote_code}
+    return {
+        "model_path": model,
+        "backend_config": config_class(**backend_kwargs(**options)),
+        "trust_remote_code": trust_remote_code,
+    }
 
 
 class LMDeployEngine:
     name = "lmdeploy"
 
-    def __init__(self, model: str, backend: str = "turbomind", trust_remote_code: bool = False, **options: Any) -> None:
+    def __init__(
+        self, model: str, backend: str = "turbomind", trust_remote_code: bool = False, **options: Any
+    ) -> None:
         from lmdeploy import pipeline
 
         self.model_id = str(model)
@@ -107,8 +129,9 @@ class LMDeployEngine:
         responses = self.pipe(prompts, gen_config=configs)
         results: list[list[Completion]] = [[] for _ in requests]
         for owner, response in zip(owners, responses, strict=True):
-            results[owner].append(Completion(response.text, response.generate_token_len,
-                                             finish_reason(response.finish_reason)))
+            results[owner].append(
+                Completion(response.text, response.generate_token_len, finish_reason(response.finish_reason))
+            )
         return results
 
     def close(self) -> None:

@@ -46,5 +46,7 @@ def processor_kwargs(model: str, max_dynamic_patch: int | None) -> dict[str, Any
     if any(name in HF_INTERNVL for name in declared):
         # One tile means no cropping (the whole image, resized); more means a grid plus a thumbnail.
         return {"crop_to_patches": max_dynamic_patch > 1, "min_patches": 1, "max_patches": max_dynamic_patch}
-    raise ValueError(f"max_dynamic_patch applies to InternVL models; {model} declares {declared or 'no architecture'}: "
-                     "set its own image-processor options instead (engine option mm_processor_kwargs for vLLM)")
+    raise ValueError(
+        f"max_dynamic_patch applies to InternVL models; {model} declares {declared or 'no architecture'}: "
+        "set its own image-processor options instead (engine option mm_processor_kwargs for vLLM)"
+    )

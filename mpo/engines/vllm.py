@@ -28,9 +28,18 @@ from mpo.engines.base import (
 from mpo.engines.tiles import processor_kwargs
 
 
-def engine_kwargs(model: str, *, max_images: int = 1, max_model_len: int = 8192, tensor_parallel_size: int = 1,
-                  gpu_memory_utilization: float = 0.9, max_dynamic_patch: int | None = None,
-                  trust_remote_code: bool = False, seed: int = 0, **llm_options: Any) -> dict[str, Any]:
+def engine_kwargs(
+    model: str,
+    *,
+    max_images: int = 1,
+    max_model_len: int = 8192,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    max_dynamic_patch: int | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    **llm_options: Any,
+) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM``.
 
     ``max_dynamic_patch`` becomes the model format's own image-processor knobs
@@ -39,9 +48,14 @@ def engine_kwargs(model: str, *, max_images: int = 1, max_model_len: int = 8192,
     given, an explicit ``mm_processor_kwargs`` entry winning over the mapped one.
     """
     kwargs: dict[str, Any] = {
-        "model": model, "limit_mm_per_prompt": {"image": max_images}, "max_model_len": max_model_len,
-        "enable_prefix_caching": True, "tensor_parallel_size": tensor_parallel_size,
-        "gpu_memory_utilization": gpu_memory_utilization, "trust_remote_code": trust_remote_code, "seed": seed,
+        "model": model,
+        "limit_mm_per_prompt": {"image": max_images},
+        "max_model_len": max_model_len,
+        "enable_prefix_caching": True,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "trust_remote_code": trust_remote_code,
+        "seed": seed,
     }
     processor = {**processor_kwargs(model, max_dynamic_patch), **llm_options.pop("mm_processor_kwargs", {})}
     if processor:
@@ -52,8 +66,12 @@ def engine_kwargs(model: str, *, max_images: int = 1, max_model_len: int = 8192,
 def sampling_kwargs(params: SamplingParams, seed: int, stop_token_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Keyword arguments of ``vllm.SamplingParams`` for one request."""
     return {
-        "n": params.n, "temperature": params.temperature, "top_p": params.top_p,
-        "top_k": params.top_k if params.top_k > 0 else -1, "max_tokens": params.max_tokens, "seed": seed,
+        "n": params.n,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "max_tokens": params.max_tokens,
+        "seed": seed,
         "stop_token_ids": list(stop_token_ids) or None,
     }
 
@@ -91,11 +109,19 @@ class VLLMEngine:
                 continue
             outputs = self.llm.chat(
                 [chat_messages(requests[i]) for i in indices],
-                [VLLMSamplingParams(**sampling_kwargs(requests[i].params, requests[i].seed, self.stop_ids))
-                 for i in indices],
-                add_generation_prompt=not continues, continue_final_message=continues, use_tqdm=False)
+                [
+                    VLLMSamplingParams(**sampling_kwargs(requests[i].params, requests[i].seed, self.stop_ids))
+                    for i in indices
+                ],
+                add_generation_prompt=not continues,
+                continue_final_message=continues,
+                use_tqdm=False,
+            )
             for i, output in zip(indices, outputs, strict=True):
-                results[i] = [Completion(o.text, len(o.token_ids), finish_reason(o.finish_reason)) for o in output.outputs]
+                results[i] = [
+                    Completion(o.text, len(o.token_ids), finish_reason(o.finish_reason))
+                    for o in output.outputs
+                ]
         return [results[i] for i in range(len(requests))]
 
     def close(self) -> None:
