@@ -594,6 +594,28 @@ def _run_pipeline(settings: Any, runner: str) -> dict:
     return summary
 
 
+@app.command()
+def report(
+    workdir: Annotated[Path, typer.Argument(help="Work folder of a finished run (holds summary.json)")],
+) -> None:
+    """Draw a finished run's charts again (training curves, held-out accuracy, pairs and drops) into
+    WORKDIR/plots/, and print its summary."""
+    import json
+
+    from rich.markdown import Markdown
+
+    from mpo.pipeline import render_summary
+    from mpo.report import write_plots
+
+    try:
+        written = write_plots(workdir)
+    except FileNotFoundError as error:
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(Markdown(render_summary(json.loads((workdir / "summary.json").read_text()))))
+    console.print(f"{len(written)} charts written to {workdir / 'plots'}")
+
+
 # `mpo demo`'s options, kept from before the demo became configs/demo.yaml: each sets one field.
 DEMO_OPTIONS = {
     "workdir": "workdir",

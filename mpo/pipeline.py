@@ -84,8 +84,12 @@ class RunLayout:
         key = hashlib.sha256(f"{key}/{model_fingerprint(config.model)}".encode()).hexdigest()[:12]
         return self.workdir / "train" / Path(pairs_dir).name / f"{name}-{key}"
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def write_summary(self, summary: dict[str, Any]) -> list[Path]:
+        """``summary.json``, then the run's charts from it (``mpo.report``); returns the charts' paths."""
+        from mpo.report import write_plots
+
         atomic_write_text(self.summary_file, json.dumps(summary, indent=2, default=str) + "\n")
+        return write_plots(self.workdir)
 
 
 def verdict(difference: float, error: float) -> str:
@@ -154,6 +158,9 @@ def render_summary(summary: dict[str, Any]) -> str:
             ]
     lines += ["", "## Time per stage", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary["timings"].items()]
+    charts = sorted((Path(summary["workdir"]) / "plots").glob("*.png"))
+    if charts:
+        lines += ["", "## Charts", *[f"- `{chart}`" for chart in charts]]
     return "\n".join(lines) + "\n"
 
 
@@ -294,5 +301,6 @@ def run_local(config: PipelineConfig, on_event: Emit | None = None) -> dict[str,
         )
         timings["evaluation"] = time.perf_counter() - started
     summary["timings"] = timings
-    layout.write_summary(summary)
+    for plot in layout.write_summary(summary):
+        emit({"log": f"chart: {plot}"})
     return summary

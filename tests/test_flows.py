@@ -92,6 +92,25 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
     assert "corrupt_image: 1" in markdown and "malformed_json: 1" in markdown
     assert "Held-out accuracy" in markdown and "- mpo - sft: " in markdown
 
+    # the run's charts, linked from the summary, and `mpo report` draws them again
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mpo.cli import app
+    from mpo.report import PLOTS
+
+    charts = tmp_path / "run" / "plots"
+    assert sorted(p.name for p in charts.glob("*.png")) == sorted(PLOTS)
+    assert all(Image.open(charts / name).size[0] >= 600 for name in PLOTS)
+    assert "## Charts" in markdown and str(charts / "pairs.png") in markdown
+    for name in PLOTS:
+        (charts / name).unlink()
+    redrawn = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert redrawn.exit_code == 0, redrawn.output
+    assert "3 charts written" in redrawn.output and all((charts / name).is_file() for name in PLOTS)
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "no run summary" in missing.output
+
 
 def test_a_failed_shard_resumes_without_recomputing_or_duplicating(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
