@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,24 @@ def run(args: list[str], env: dict[str, str], timeout: int = 300) -> str:
     )
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
+
+
+def copy_dataset(source: Path, target: Path) -> Path:
+    """A copy of a synthetic dataset whose meta.json points at the copy (it holds absolute paths)."""
+    shutil.copytree(source, target)
+    for name in ("meta.json", "meta_heldout.json"):
+        meta = target / name
+        meta.write_text(meta.read_text().replace(str(source), str(target)))
+    return target
+
+
+def add_closed_prompt(data: Path) -> None:
+    """One new counting prompt: an existing one, asked another way (a new prompt id)."""
+    annotation = data / "annotations" / "train" / "synth_count.jsonl"
+    row = json.loads(annotation.read_text().splitlines()[0])
+    row["question"] += " Count them carefully."
+    with annotation.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
 
 
 @pytest.mark.timeout(900)
@@ -87,6 +106,38 @@ def test_deploy_all_and_run_one_deployment_through_a_worker(
         worker = run(["worker", "start", "--pool", "cpu", "--run-once"], env, timeout=600)
         assert "Finished in state Completed()" in worker
         assert list((tmp_path / "run" / "pairs").glob("*/data/*.parquet"))
+
+        # The nightly refresh, as its schedule runs it (the data-engine deployment, train off) twice:
+        # new prompts arrive in between, and the second run samples only those, into a new pairs
+        # version beside the old one.
+        data = copy_dataset(synth_dir, tmp_path / "data")
+        refresh = {**config, "workdir": str(tmp_path / "refresh"), "train_data": str(data / "meta.json")}
+        summaries = []
+        for arrived in (False, True):
+            if arrived:
+                add_closed_prompt(data)
+            run(
+                [
+                    "deployment",
+                    "run",
+                    "mpo-data-engine/data-engine",
+                    "--params",
+                    json.dumps({"config": refresh}),
+                ],
+                env,
+            )
+            worker = run(["worker", "start", "--pool", "cpu", "--run-once"], env, timeout=600)
+            assert "Finished in state Completed()" in worker
+            summaries.append(json.loads((tmp_path / "refresh" / "summary.json").read_text()))
+        first, second = summaries
+        assert second["ingest"]["total_prompts"] == first["ingest"]["total_prompts"] + 1
+        written = {s["stage"]: s["samples_written"] for s in second["sampling"]}
+        assert written == {"correctness": config["sampling"]["n"], "dropout_ntp": 0}  # only the new prompt
+        assert second["data_version"] != first["data_version"]
+        assert {p.name for p in (tmp_path / "refresh" / "pairs").iterdir()} == {
+            first["data_version"],
+            second["data_version"],
+        }
 
         # The full flow on the cpu pool hands sampling and training to the gpu pool's deployments.
         gpu_worker = subprocess.Popen(
