@@ -64,7 +64,7 @@ def build_inputs(work: Path) -> tuple[str, Any, Any]:
     import polars as pl
 
     from mpo.ingest import ingest
-    from mpo.schemas import PROMPTS, read_dir
+    from mpo.sampling import read_prompts
     from mpo.synth import generate
     from mpo.tiny_model import TinyModelSpec, build_tiny_model
 
@@ -86,8 +86,7 @@ def build_inputs(work: Path) -> tuple[str, Any, Any]:
         datasets=("synth_count", "synth_colour", "synth_describe"),
     )
     ingest(work / "data" / "meta.json", work / "ingested")
-    prompts = pl.from_arrow(read_dir(work / "ingested" / "prompts", PROMPTS))
-    assert isinstance(prompts, pl.DataFrame)
+    prompts = read_prompts(work / "ingested" / "prompts")
     return str(model), prompts.filter(pl.col("kind") == "closed"), prompts.filter(pl.col("kind") == "open")
 
 

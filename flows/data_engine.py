@@ -67,7 +67,7 @@ def sample_prompts(config: FlowConfig, prompts: dict[str, Any]) -> list[dict[str
     from mpo.sampling import stage_store
 
     sample = with_stage_policy(sample_stage, config.stages.sampling, **result_storage(config))
-    out = str(Path(config.workdir) / "samples")
+    out = str(RunLayout(Path(config.workdir)).samples)
     futures = [
         sample.with_options(
             refresh_cache=not stage_store(out, stage, config.sampling, config.model).is_dir()
@@ -132,16 +132,15 @@ def data_engine(config: FlowConfig) -> dict[str, Any]:
     """The whole DAG on one config; returns the run summary (also published as artifacts)."""
     logger = get_run_logger()
     layout = RunLayout(Path(config.workdir))
-    work = layout.workdir
     stages = config.stages
     timings: dict[str, float] = {}
-    summary: dict[str, Any] = {"workdir": str(work)}
+    summary: dict[str, Any] = {"workdir": str(layout.workdir)}
 
     started = time.perf_counter()
     ingest = with_stage_policy(ingest_prompts, stages.ingest)
-    prompts = ingest(str(config.train_data), str(work / "ingested"), config.strict_ingest)
+    prompts = ingest(str(config.train_data), str(layout.ingested), config.strict_ingest)
     heldout = (
-        ingest(str(config.heldout_data), str(work / "heldout"), config.strict_ingest)
+        ingest(str(config.heldout_data), str(layout.heldout), config.strict_ingest)
         if config.evaluate and config.heldout_data
         else None
     )
@@ -223,7 +222,7 @@ def data_engine(config: FlowConfig) -> dict[str, Any]:
             name: evaluate(
                 model,
                 heldout["prompts_dir"],
-                str(work / "eval"),
+                str(layout.evaluation),
                 config.engine,
                 config.engine_options,
                 config.sampling,
@@ -235,7 +234,7 @@ def data_engine(config: FlowConfig) -> dict[str, Any]:
             for name, model in models.items()
         }
         summary["comparison"] = compare_models(
-            work / "eval",
+            layout.evaluation,
             heldout["prompts_dir"],
             models,
             config.sampling,

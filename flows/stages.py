@@ -15,7 +15,7 @@ from prefect import flow
 
 from flows.config import FlowConfig
 from flows.data_engine import sample_prompts, train_on_pairs
-from mpo.pipeline import sft_only
+from mpo.pipeline import RunLayout, sft_only
 from tasks.stages import ingest_prompts, reference_logps, with_stage_policy
 
 
@@ -23,7 +23,9 @@ from tasks.stages import ingest_prompts, reference_logps, with_stage_policy
 def sampling(config: FlowConfig) -> list[dict[str, Any]]:
     """Ingest the prompts and run both sampling stages; returns the samples folders."""
     ingest = with_stage_policy(ingest_prompts, config.stages.ingest)
-    prompts = ingest(str(config.train_data), str(Path(config.workdir) / "ingested"), config.strict_ingest)
+    prompts = ingest(
+        str(config.train_data), str(RunLayout(Path(config.workdir)).ingested), config.strict_ingest
+    )
     return sample_prompts(config, prompts)
 
 

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from mpo.engines.base import FINISHED, GenerationRequest, SamplingParams
+from mpo.sampling import read_prompts
 from mpo.schemas import PROMPTS, SAMPLES, read_dir, write_table
 
 pytestmark = pytest.mark.engines
@@ -123,9 +124,7 @@ def test_image_tokens_follow_max_dynamic_patch(vllm_engine, tmp_path: Path) -> N
 
 def few_prompts(prompts_dir: Path, out: Path) -> Path:
     """Three closed and two open prompts of the session's ingested prompts, as a prompts folder."""
-    table = read_dir(prompts_dir, PROMPTS)
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
+    frame = read_prompts(prompts_dir)
     few = pl.concat(
         [frame.filter(pl.col("kind") == "closed").head(3), frame.filter(pl.col("kind") == "open").head(2)]
     )
