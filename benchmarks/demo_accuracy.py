@@ -20,7 +20,6 @@ wrong answers, which shows where a model falls back to a default answer.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from mpo.engines.hf import TransformersEngine  # noqa: E402
 from mpo.evaluate import correct_per_prompt, greedy_samples, mean_and_error, paired_difference  # noqa: E402
 from mpo.ingest import ingest  # noqa: E402
 from mpo.pairs import PairingConfig  # noqa: E402
+from mpo.results import RunSummary  # noqa: E402
 from mpo.sampling import SamplingConfig  # noqa: E402
 from mpo.synth import VERIFY_MODES, generate  # noqa: E402
 
@@ -46,7 +46,7 @@ def demo_models(workdir: Path) -> dict[str, Path]:
     summary = workdir / "summary.json"
     if not summary.exists():
         raise SystemExit(f"{summary} not found: run `mpo demo --workdir {workdir}` first")
-    models = {name: Path(path) for name, path in json.loads(summary.read_text()).get("models", {}).items()}
+    models = {name: Path(path) for name, path in RunSummary.read(summary).models.items()}
     if set(models) != {"start", "mpo", "sft"}:
         raise SystemExit(f"{summary}: models {sorted(models)}, expected start, mpo and sft (a demo run)")
     return models

@@ -8,7 +8,10 @@ parameter (the UI form) and what ``mpo run`` loads for the Prefect runner.
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -68,3 +71,31 @@ class FlowConfig(PipelineConfig):
         2, ge=1, description="workers of the local Dask cluster when no address is given"
     )
     dask_processes: bool = Field(True, description="local Dask workers as processes (False: threads)")
+
+    def result_storage_options(self) -> dict[str, Any]:
+        """Task options that persist cached results where ``result_storage`` says (a folder or a block slug)."""
+        if self.result_storage is None:
+            return {}
+        slug = re.fullmatch(r"[a-z0-9-]+/[A-Za-z0-9_-]+", self.result_storage)
+        if slug and not Path(self.result_storage).exists():
+            return {"result_storage": self.result_storage}  # a saved block: "<block-type>/<block-name>"
+        from prefect.filesystems import LocalFileSystem
+
+        # Prefect takes result storage only as a saved block: save one per folder, named by its path.
+        folder = str(Path(self.result_storage).resolve())
+        name = "mpo-results-" + hashlib.sha256(folder.encode()).hexdigest()[:12]
+        LocalFileSystem(basepath=folder).save(name, overwrite=True)
+        return {"result_storage": f"local-file-system/{name}"}
+
+    def task_runner_instance(self) -> Any:
+        """The task runner asked for (Dask needs the `dask` extra: prefect-dask + distributed)."""
+        if self.task_runner == "threads":
+            from prefect.task_runners import ThreadPoolTaskRunner
+
+            return ThreadPoolTaskRunner()
+        from prefect_dask import DaskTaskRunner
+
+        if self.dask_address:
+            return DaskTaskRunner(address=self.dask_address)
+        workers = {"n_workers": self.dask_workers, "processes": self.dask_processes, "threads_per_worker": 1}
+        return DaskTaskRunner(cluster_kwargs=workers)

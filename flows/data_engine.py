@@ -1,270 +1,172 @@
-"""The data engine flow: ingest -> {correctness, DropoutNTP} in parallel -> pairs -> reference
-log-probs -> MPO training (and an optional SFT baseline) -> evaluation -> report.
+"""The Prefect runner of the pipeline: each step of ``mpo.pipeline.run_pipeline`` as a task.
 
-Run it embedded (``mpo run CONFIG.yaml``: Prefect's ephemeral API, no server), from a
-deployment (``prefect.yaml``), or watch it in the UI by pointing ``PREFECT_API_URL`` at a
-server. Stage outputs live under ``config.workdir``; every stage resumes from what is
-already there, so a retry or a re-run with the same config redoes nothing finished.
-The run summary (the models scored, accuracy, pairs, time per stage) is also written to
-``workdir/summary.json`` for scripts such as ``benchmarks/demo_accuracy.py``.
+ingest -> {correctness, DropoutNTP} in parallel -> pairs -> reference log-probs -> MPO (and the
+SFT baseline) -> evaluation -> summary. The chain, its arguments and the summary are the
+library's; here each step gets its stage's retries, caching and tags (``tasks.stages``),
+sampling and training can run as deployments on other work pools, and the finished run is
+published as artifacts and an event. Run it embedded (``mpo run CONFIG.yaml``), from a
+deployment (``prefect.yaml``), or against a server to watch it in the UI.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
-from prefect.logging import get_run_logger
 
 from flows.config import FlowConfig
 from mpo.config import PipelineConfig
-from mpo.evaluate import compare_models
-from mpo.pipeline import RunLayout, render_summary, sft_only, side_by_side_threads
-from mpo.sampling import STAGES
-from mpo.train import TrainConfig
-from tasks.stages import (
-    evaluate_model,
-    ingest_prompts,
-    make_pairs,
-    reference_logps,
-    sample_stage,
-    train_policy,
-    with_stage_policy,
-)
+from mpo.pipeline import Step, Steps, run_pipeline, side_by_side_threads
+from mpo.results import EvalResult, IngestResult, PairsResult, RunSummary, StageResult, TrainingResult
+from tasks import stages as tasks
 
 
-def result_storage(config: FlowConfig) -> dict[str, Any]:
-    """Task options that persist cached results where the config says (a folder or a block slug)."""
-    if config.result_storage is None:
-        return {}
-    if (
-        re.fullmatch(r"[a-z0-9-]+/[A-Za-z0-9_-]+", config.result_storage)
-        and not Path(config.result_storage).exists()
-    ):
-        return {"result_storage": config.result_storage}  # a saved block: "<block-type>/<block-name>"
-    from prefect.filesystems import LocalFileSystem
-
-    # Prefect takes result storage only as a saved block: save one per folder, named by its path.
-    folder = str(Path(config.result_storage).resolve())
-    name = "mpo-results-" + hashlib.sha256(folder.encode()).hexdigest()[:12]
-    LocalFileSystem(basepath=folder).save(name, overwrite=True)
-    return {"result_storage": f"local-file-system/{name}"}
+def _call(step: Step, **options: Any) -> dict[str, Any]:
+    """A task's arguments: the job's, plus how it must run where the step says so."""
+    extra = {"time_limit": step.time_limit, "python": step.python}
+    return {**step.kwargs, **{k: v for k, v in extra.items() if v is not None}, **options}
 
 
-def sample_prompts(config: FlowConfig, prompts: dict[str, Any]) -> list[dict[str, Any]]:
-    """Both sampling stages at once (each loads its engine once and loops over its shards).
+@dataclass
+class PrefectRunner:
+    """Every step a task with its stage's policy; sampling or training as a deployment when configured."""
 
-    A cached result whose store folder is gone (a deleted work folder) is recomputed,
-    not returned: its path would name samples that no longer exist.
-    """
-    from mpo.model_identity import model_fingerprint
-    from mpo.sampling import stage_store
+    config: FlowConfig
 
-    sample = with_stage_policy(sample_stage, config.stages.sampling, **result_storage(config))
-    out = str(RunLayout(Path(config.workdir)).samples)
-    futures = [
-        sample.with_options(
-            refresh_cache=not stage_store(out, stage, config.sampling, config.model).is_dir()
-        ).submit(
-            stage,
-            prompts["prompts_dir"],
-            prompts["version"],
-            config.model,
-            model_fingerprint(config.model),
-            config.engine,
-            config.engine_options,
-            config.sampling,
-            out,
-            config.stages.sampling.time_limit_seconds,
-            config.engine_python,
+    @property
+    def steps(self) -> Steps:
+        return Steps(self.config)
+
+    def ingest(self, source: Path | str, out: Path) -> IngestResult:
+        task = tasks.with_stage_policy(tasks.ingest_prompts, self.config.stages.ingest)
+        result: IngestResult = task(**_call(self.steps.ingest(source, out)))
+        return result
+
+    def sample(self, prompts: IngestResult) -> list[StageResult]:
+        """Both stages at once. A cached result whose store is gone (a deleted work folder) is
+        recomputed, not returned: it would name samples that no longer exist."""
+        from mpo.model_identity import model_fingerprint
+        from mpo.sampling import STAGES, stage_store
+
+        config = self.config
+        if config.sampling_deployment:
+            return run_stage_deployment(config.sampling_deployment, config)  # type: ignore[no-any-return]
+        task = tasks.with_stage_policy(
+            tasks.sample_stage, config.stages.sampling, **config.result_storage_options()
         )
-        for stage in STAGES
-    ]
-    return [f.result() for f in futures]
+        futures = []
+        for stage in STAGES:
+            step = self.steps.sample(stage, prompts)
+            fresh = not stage_store(step.kwargs["out"], stage, config.sampling, config.model).is_dir()
+            futures.append(
+                task.with_options(refresh_cache=fresh).submit(
+                    **_call(
+                        step,
+                        prompts_version=prompts.version,
+                        model_fingerprint=model_fingerprint(config.model),
+                    )
+                )
+            )
+        return [future.result() for future in futures]
 
-
-def _training_arguments(
-    config: FlowConfig, pairs_dir: str, training: TrainConfig, name: str
-) -> dict[str, Any]:
-    """``train_policy``'s arguments, its folder from the run layout."""
-    out = RunLayout(Path(config.workdir)).training(config, pairs_dir, training, name)
-    return {
-        "pairs_dir": pairs_dir,
-        "model": config.model,
-        "out": str(out),
-        "training": training,
-        "time_limit": config.stages.train.time_limit_seconds,
-    }
-
-
-def train_on_pairs(config: FlowConfig, pairs_dir: str, training: TrainConfig, name: str) -> dict[str, Any]:
-    """Train one model on the pairs (``name``: mpo or sft), resuming what its folder holds."""
-    result: dict[str, Any] = with_stage_policy(train_policy, config.stages.train)(
-        **_training_arguments(config, pairs_dir, training, name)
-    )
-    return result
-
-
-def train_mpo_and_baseline_side_by_side(
-    config: FlowConfig, pairs_dir: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """MPO and the SFT baseline at once, each in its own process with half the CPU threads."""
-    threads = side_by_side_threads()
-    task = with_stage_policy(train_policy, config.stages.train)
-    futures = [
-        task.submit(
-            **_training_arguments(config, pairs_dir, training, name), own_process=True, torch_threads=threads
+    def pairs(self, samples: list[StageResult], prompts: IngestResult) -> PairsResult:
+        step = self.steps.pairs(samples, prompts)
+        done = (Path(step.kwargs["out"]) / "report.json").exists()
+        options = self.config.result_storage_options()
+        task = tasks.with_stage_policy(
+            tasks.make_pairs, self.config.stages.pairs, refresh_cache=not done, **options
         )
-        for training, name in ((config.training, "mpo"), (sft_only(config.training), "sft"))
+        pairs: PairsResult = task(**_call(step))
+        emit_event(
+            event="mpo.pairs.ready",
+            resource={"prefect.resource.id": f"mpo.pairs.{pairs.version}"},
+            payload={"pairs_dir": pairs.out_dir, "pairs": pairs.counts["pairs"]},
+        )
+        return pairs
+
+    def train(self, pairs: PairsResult) -> tuple[StageResult | None, dict[str, TrainingResult]]:
+        """Reference log-probs, then MPO and the SFT baseline: one after the other, side by side
+        (each its own process with half the CPU threads), or as the training deployment."""
+        config = self.config
+        if config.training_deployment:
+            return run_stage_deployment(config.training_deployment, config, pairs=pairs)  # type: ignore[no-any-return]
+        reference_task = tasks.with_stage_policy(tasks.reference_logps, config.stages.ref_logps)
+        reference: StageResult = reference_task(**_call(self.steps.reference(pairs)))
+        train = tasks.with_stage_policy(tasks.train_policy, config.stages.train)
+        plans = self.steps.trainings(pairs)
+        if len(plans) > 1 and config.baseline_side_by_side:
+            threads = side_by_side_threads()
+            steps = [self.steps.train(pairs, plan, torch_threads=threads) for plan in plans]
+            futures = [train.submit(**_call(step, own_process=True)) for step in steps]
+            return reference, {
+                plan.name: future.result() for plan, future in zip(plans, futures, strict=True)
+            }
+        return reference, {plan.name: train(**_call(self.steps.train(pairs, plan))) for plan in plans}
+
+    def evaluate(self, models: dict[str, str], heldout: IngestResult) -> dict[str, EvalResult]:
+        task = tasks.with_stage_policy(tasks.evaluate_model, self.config.stages.evaluate)
+        return {
+            name: task(**_call(self.steps.evaluate(name, model, heldout))) for name, model in models.items()
+        }
+
+    def publish(self, summary: RunSummary) -> None:
+        """The summary as a markdown artifact with the charts embedded, and tables of pairs and training."""
+        from mpo.report import embedded_charts
+
+        create_table_artifact(
+            key="mpo-pairs-per-source",
+            description="preference pairs per dataset and source",
+            table=[
+                {
+                    "dataset": d,
+                    **{s: stats.get("pairs", {}).get(s, 0) for s in ("correctness", "format", "dropout_ntp")},
+                }
+                for d, stats in summary.pairs.datasets.items()
+            ],
+        )
+        if "mpo" in summary.trainings:
+            create_table_artifact(
+                key="mpo-training-curves",
+                table=_curve_rows(summary.trainings["mpo"].metrics_file),
+                description="MPO training: loss terms and rewards",
+            )
+        create_markdown_artifact(
+            key="mpo-run-summary",
+            markdown=summary.render() + embedded_charts(Path(summary.workdir)),
+            description="MPO data engine run summary",
+        )
+
+
+def _curve_rows(metrics_file: str) -> list[dict[str, Any]]:
+    """About 50 rows of the training metrics: a table artifact, not the whole log."""
+    from mpo.train import read_metrics
+
+    records = [r for r in read_metrics(metrics_file) if r.get("split") != "eval"]
+    keys = ("step", "loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "delta", "lr")
+    return [
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k in keys}
+        for r in records[:: max(1, len(records) // 50)]
     ]
-    mpo, sft = (future.result() for future in futures)
-    return mpo, sft
 
 
 @flow(name="mpo-data-engine", log_prints=True)
-def data_engine(config: FlowConfig) -> dict[str, Any]:
+def data_engine(config: FlowConfig) -> RunSummary:
     """The whole DAG on one config; returns the run summary (also published as artifacts)."""
-    logger = get_run_logger()
-    layout = RunLayout(Path(config.workdir))
-    stages = config.stages
-    timings: dict[str, float] = {}
-    summary: dict[str, Any] = {"workdir": str(layout.workdir)}
-
-    started = time.perf_counter()
-    ingest = with_stage_policy(ingest_prompts, stages.ingest)
-    prompts = ingest(str(config.train_data), str(layout.ingested), config.strict_ingest)
-    heldout = (
-        ingest(str(config.heldout_data), str(layout.heldout), config.strict_ingest)
-        if config.evaluate and config.heldout_data
-        else None
-    )
-    timings["ingest"] = time.perf_counter() - started
-    summary["ingest"] = prompts
-
-    started = time.perf_counter()
-    if config.sampling_deployment:
-        sampled = run_stage_deployment(config.sampling_deployment, config)
-    else:
-        sampled = sample_prompts(config, prompts)
-    timings["sampling"] = time.perf_counter() - started
-    summary["sampling"] = sampled
-
-    started = time.perf_counter()
-    pairs_dir = layout.pairs(config, prompts["version"], [s["samples_dir"] for s in sampled])
-    pairs_version = pairs_dir.name
-    make = with_stage_policy(
-        make_pairs,
-        stages.pairs,
-        refresh_cache=not (pairs_dir / "report.json").exists(),
-        **result_storage(config),
-    )
-    pairs = make([s["samples_dir"] for s in sampled], prompts["prompts_dir"], str(pairs_dir), config.pairing)
-    timings["pairs"] = time.perf_counter() - started
-    summary["pairs"] = pairs["report"]
-    summary["data_version"] = pairs_version
-    emit_event(
-        event="mpo.pairs.ready",
-        resource={"prefect.resource.id": f"mpo.pairs.{pairs_version}"},
-        payload={"pairs_dir": str(pairs_dir), "pairs": pairs["report"]["pairs"]},
-    )
-
-    models = {"start": config.model}
-    baseline: dict[str, Any] | None = None
-    if config.train:
-        started = time.perf_counter()
-        if config.training_deployment:
-            trained = run_stage_deployment(config.training_deployment, config, pairs_dir=str(pairs_dir))
-            timings["reference log-probs + MPO training"] = time.perf_counter() - started
-        else:
-            with_stage_policy(reference_logps, stages.ref_logps)(
-                str(pairs_dir),
-                config.model,
-                config.training.max_length,
-                stages.ref_logps.time_limit_seconds,
-                config.training.bf16,
-            )
-            timings["reference log-probs"] = time.perf_counter() - started
-            started = time.perf_counter()
-            if config.sft_baseline and config.baseline_side_by_side:
-                trained, baseline = train_mpo_and_baseline_side_by_side(config, str(pairs_dir))
-                timings["MPO + SFT baseline, side by side"] = time.perf_counter() - started
-            else:
-                trained = train_on_pairs(config, str(pairs_dir), config.training, "mpo")
-                timings["MPO training"] = time.perf_counter() - started
-        models["mpo"] = trained["final_model"]
-        summary["training"] = trained
-        _training_curves(trained["metrics_file"])
-        if baseline is not None:
-            models["sft"] = baseline["final_model"]
-        elif config.sft_baseline:
-            started = time.perf_counter()
-            baseline = (
-                run_stage_deployment(
-                    config.training_deployment, config, pairs_dir=str(pairs_dir), sft_baseline=True
-                )
-                if config.training_deployment
-                else train_on_pairs(config, str(pairs_dir), sft_only(config.training), "sft")
-            )
-            models["sft"] = baseline["final_model"]
-            timings["SFT baseline"] = time.perf_counter() - started
-
-    summary["models"] = models
-    if heldout is not None:
-        started = time.perf_counter()
-        evaluate = with_stage_policy(evaluate_model, stages.evaluate)
-        summary["evaluation"] = {
-            name: evaluate(
-                model,
-                heldout["prompts_dir"],
-                str(layout.evaluation),
-                config.engine,
-                config.engine_options,
-                config.sampling,
-                config.pairing,
-                config.eval_max_tokens,
-                stages.evaluate.time_limit_seconds,
-                config.engine_python,
-            )
-            for name, model in models.items()
-        }
-        summary["comparison"] = compare_models(
-            layout.evaluation,
-            heldout["prompts_dir"],
-            models,
-            config.sampling,
-            config.pairing,
-            config.eval_max_tokens,
-        )
-        timings["evaluation"] = time.perf_counter() - started
-    summary["timings"] = timings
-    layout.write_summary(summary)
-    _publish_summary(summary)
-    logger.info(
-        "data engine done: %s pairs; %s",
-        pairs["report"]["pairs"],
-        {k: round(v, 1) for k, v in timings.items()},
-    )
-    return summary
+    return run_pipeline(PrefectRunner(config))
 
 
 def run_stage_deployment(name: str, config: FlowConfig, **parameters: Any) -> Any:
-    """Run a stage flow as its deployment (on its own work pool, e.g. GPU workers), wait for it
-    and return its result. It shows in the UI as a sub-flow of this run.
-
-    The stage flows persist their (small) results; across machines, point every worker at
-    shared result storage (``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``) and a shared work folder.
-    """
+    """Run a stage flow as its deployment (on its own work pool, e.g. GPU workers), wait for it and
+    return its result; it shows in the UI as a sub-flow of this run. Across machines, point every
+    worker at shared result storage (``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``) and a shared work folder."""
     from prefect.deployments import run_deployment
 
-    flow_run: Any = run_deployment(
-        name, parameters={"config": config.model_dump(mode="json"), **parameters}, timeout=None
-    )
+    parameters = {"config": config.model_dump(mode="json"), **parameters}
+    flow_run: Any = run_deployment(name, parameters=parameters, timeout=None)
     state = flow_run.state
     if state is None or not state.is_completed():
         raise RuntimeError(
@@ -274,64 +176,8 @@ def run_stage_deployment(name: str, config: FlowConfig, **parameters: Any) -> An
     return state.result()
 
 
-def task_runner(config: FlowConfig) -> Any:
-    """The task runner the config asks for (Dask needs the `dask` extra: prefect-dask + distributed)."""
-    if config.task_runner == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner()
-    from prefect_dask import DaskTaskRunner
-
-    if config.dask_address:
-        return DaskTaskRunner(address=config.dask_address)
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": config.dask_workers,
-            "processes": config.dask_processes,
-            "threads_per_worker": 1,
-        }
-    )
-
-
-def run_pipeline(config: PipelineConfig, **options: Any) -> Any:
-    """Run ``data_engine`` with the configured task runner (what ``mpo run`` and ``mpo demo`` call);
+def run_flow(config: PipelineConfig, **options: Any) -> Any:
+    """``data_engine`` with the configured task runner (what ``mpo run`` and ``mpo demo`` call);
     a plain ``PipelineConfig`` runs with the Prefect settings' defaults."""
     flow_config = config if isinstance(config, FlowConfig) else FlowConfig.model_validate(config.model_dump())
-    return data_engine.with_options(task_runner=task_runner(flow_config))(flow_config, **options)
-
-
-def _training_curves(metrics_file: str) -> None:
-    from mpo.train import read_metrics
-
-    records = [r for r in read_metrics(metrics_file) if r.get("split") != "eval"]
-    stride = max(1, len(records) // 50)
-    rows = [
-        {
-            k: round(v, 4) if isinstance(v, float) else v
-            for k, v in r.items()
-            if k in ("step", "loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "delta", "lr")
-        }
-        for r in records[::stride]
-    ]
-    create_table_artifact(
-        key="mpo-training-curves", table=rows, description="MPO training: loss terms and rewards"
-    )
-
-
-def _publish_summary(summary: dict[str, Any]) -> None:
-    """Markdown run summary + a table of pairs per source and dataset."""
-    pairs = summary["pairs"]
-    create_table_artifact(
-        key="mpo-pairs-per-source",
-        description="preference pairs per dataset and source",
-        table=[
-            {
-                "dataset": d,
-                **{s: stats.get("pairs", {}).get(s, 0) for s in ("correctness", "format", "dropout_ntp")},
-            }
-            for d, stats in pairs["datasets"].items()
-        ],
-    )
-    create_markdown_artifact(
-        key="mpo-run-summary", markdown=render_summary(summary), description="MPO data engine run summary"
-    )
+    return data_engine.with_options(task_runner=flow_config.task_runner_instance())(flow_config, **options)

@@ -7,12 +7,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from mpo.results import RunSummary
 
 # Nothing in this project may reach a model hub; fail fast instead of hanging on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -558,11 +561,10 @@ def run(
     from rich.markdown import Markdown
 
     from mpo.config import PipelineConfig
-    from mpo.pipeline import render_summary
 
     schema = PipelineConfig if runner == "local" else _prefect_runner(runner).FlowConfig
     settings = schema.from_yaml(config, _assignments(set_))
-    console.print(Markdown(render_summary(_run_pipeline(settings, runner))))
+    console.print(Markdown(_run_pipeline(settings, runner).render()))
 
 
 def _prefect_runner(runner: str) -> Any:
@@ -582,7 +584,7 @@ def _prefect_runner(runner: str) -> Any:
         ) from None
 
 
-def _run_pipeline(settings: Any, runner: str) -> dict:
+def _run_pipeline(settings: Any, runner: str) -> RunSummary:
     """The pipeline under the chosen runner (``local``: ``mpo.pipeline.run_local``)."""
     if runner == "local":
         from mpo.pipeline import run_local
@@ -590,7 +592,7 @@ def _run_pipeline(settings: Any, runner: str) -> dict:
         return run_local(
             settings, on_event=lambda event: console.print(event["log"]) if "log" in event else None
         )
-    summary: dict = _prefect_runner(runner).run_pipeline(settings)
+    summary: RunSummary = _prefect_runner(runner).run_flow(settings)
     return summary
 
 
@@ -600,19 +602,17 @@ def report(
 ) -> None:
     """Draw a finished run's charts again (training curves, held-out accuracy, pairs and drops) into
     WORKDIR/plots/, and print its summary."""
-    import json
-
     from rich.markdown import Markdown
 
-    from mpo.pipeline import render_summary
     from mpo.report import write_plots
+    from mpo.results import RunSummary
 
     try:
         written = write_plots(workdir)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise typer.Exit(2) from None
-    console.print(Markdown(render_summary(json.loads((workdir / "summary.json").read_text()))))
+    console.print(Markdown(RunSummary.read(workdir / "summary.json").render()))
     console.print(f"{len(written)} charts written to {workdir / 'plots'}")
 
 
@@ -725,7 +725,6 @@ def demo(
     from rich.markdown import Markdown
 
     from mpo.demo import DEFAULT_CONFIG, DemoConfig, prepare
-    from mpo.pipeline import render_summary
 
     given = {
         "workdir": workdir,
@@ -775,7 +774,7 @@ def demo(
         f"{warmup.steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
         f"{model['last_loss'] or float('nan'):.3f} ({time.perf_counter() - started:.0f} s with the data)"
     )
-    console.print(Markdown(render_summary(_run_pipeline(pipeline, runner))))
+    console.print(Markdown(_run_pipeline(pipeline, runner).render()))
     console.print(f"total {time.perf_counter() - started:.0f} s")
 
 

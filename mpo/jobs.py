@@ -1,7 +1,8 @@
 """The GPU stages as self-contained jobs: load what they need, run, return small values.
 
 Each job takes plain, picklable arguments plus ``emit`` (a callback for events: ``{"log":
-text}`` lines and ``{"progress": percent}``) and returns a dict of paths and counts. That
+text}`` lines and ``{"progress": percent}``) and returns a ``StageResult`` (``mpo.results``):
+where it wrote, what it counted and dropped, how long it took. That
 makes one job runnable the same way in the caller's process or in a child process under
 a hard time limit (``mpo.time_limit``), where an engine or a model lives and dies with
 the process. Orchestration (Prefect tasks, the CLI) stays outside.
@@ -9,42 +10,67 @@ the process. Orchestration (Prefect tasks, the CLI) stays outside.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from mpo.pairs import PairingConfig
+from mpo.results import EvalResult, IngestResult, PairsResult, StageResult, TrainingResult
 from mpo.sampling import SamplingConfig
 from mpo.time_limit import Emit
 from mpo.train import TrainConfig
 
 
-def ingest_job(source: str, out: str, strict: bool, emit: Emit) -> dict[str, Any]:
-    """meta.json / JSONL / Parquet -> prompts table + quarantine; returns its path, version and counts."""
+def ingest_job(source: str, out: str, strict: bool, emit: Emit) -> IngestResult:
+    """meta.json / JSONL / Parquet -> prompts table + quarantine; returns its folder, version and counts."""
     from mpo.ingest import ingest
     from mpo.sampling import prompts_version, read_prompts
 
+    started = time.perf_counter()
     report = ingest(Path(source), Path(out), strict=strict)
     prompts_dir = Path(out) / "prompts"
     table = read_prompts(prompts_dir)
     emit(
         {
-            "log": f"ingested {table.height} prompts from {source}, {report.as_dict()['total_quarantined']} quarantined"
+            "log": f"ingested {table.height} prompts from {source}, {sum(report.quarantined.values())} quarantined"
         }
     )
-    return {"prompts_dir": str(prompts_dir), "version": prompts_version(table), **report.as_dict()}
+    return IngestResult(
+        stage="ingest",
+        out_dir=str(prompts_dir),
+        counts={"prompts": table.height},
+        drops=dict(report.quarantined),
+        seconds=time.perf_counter() - started,
+        version=prompts_version(table),
+        prompts_by_dataset=dict(report.prompts),
+        kinds=dict(report.kinds),
+    )
 
 
 def pairs_job(
     samples_dirs: list[str], prompts_dir: str, out: str, pairing: PairingConfig, emit: Emit
-) -> dict[str, Any]:
-    """The samples of the prompts in ``prompts_dir`` -> preference pairs; returns the folder and the report."""
+) -> PairsResult:
+    """The samples of the prompts in ``prompts_dir`` -> preference pairs in ``out``."""
     from mpo.pairs import run_pairing
     from mpo.sampling import read_prompts
 
+    started = time.perf_counter()
     prompt_ids = read_prompts(prompts_dir)["prompt_id"]
     report = run_pairing([Path(d) for d in samples_dirs], Path(out), pairing, prompt_ids)
     emit({"log": f"{report['pairs']} pairs: {report['pairs_by_source']}"})
-    return {"pairs_dir": out, "report": report}
+    drops: dict[str, int] = {}
+    for stats in report["datasets"].values():
+        for reason, count in stats.get("filtered", {}).items():
+            drops[reason] = drops.get(reason, 0) + count
+    return PairsResult(
+        stage="pairs",
+        out_dir=out,
+        counts={"pairs": report["pairs"]},
+        drops=drops,
+        seconds=time.perf_counter() - started,
+        pairs_by_source=report["pairs_by_source"],
+        datasets=report["datasets"],
+    )
 
 
 def sample_job(
@@ -56,7 +82,7 @@ def sample_job(
     sampling: SamplingConfig,
     out: str,
     emit: Emit,
-) -> dict[str, Any]:
+) -> StageResult:
     """One sampling stage with one engine load: samples only the prompts its store lacks."""
     from mpo.engines import load_engine
     from mpo.sampling import run_stage
@@ -65,27 +91,33 @@ def sample_job(
         emit({"progress": 100.0 * done / max(1, total)})
         emit({"log": f"{stage} shard {done}/{total} {'already done' if skipped else 'written'}"})
 
+    started = time.perf_counter()
     sampler = load_engine(engine, model, **engine_options)
     try:
         report = run_stage(stage, prompts_dir, sampler, out, sampling, on_shard=advance)
     finally:
         sampler.close()
-    return {
-        "stage": stage,
-        "samples_dir": str(report.out_dir),
-        "shards": report.shards,
-        "skipped_shards": report.skipped,
-        "samples_written": report.samples_written,
-    }
+    return StageResult(
+        stage=stage,
+        out_dir=str(report.out_dir),
+        counts={
+            "shards": report.shards,
+            "skipped_shards": report.skipped,
+            "samples_written": report.samples_written,
+        },
+        seconds=time.perf_counter() - started,
+    )
 
 
 def reference_job(
     pairs_dir: str, model: str, max_length: int, emit: Emit, bf16: bool | None = None
-) -> dict[str, Any]:
+) -> StageResult:
     """Frozen reference log-probs into each pairs shard (finished shards are skipped), computed as
-    training will compute (``bf16``: the training config's)."""
+    training will compute (``bf16``: the training config's). Pairs too long to fit are counted
+    as drops: training skips them too."""
     from mpo.ref_logps import compute_reference_logps
 
+    started = time.perf_counter()
     report = compute_reference_logps(pairs_dir, model, max_length=max_length, bf16=bf16)
     emit(
         {
@@ -93,12 +125,13 @@ def reference_job(
             f"{report.too_long} pairs too long"
         }
     )
-    return {
-        "pairs_dir": pairs_dir,
-        "shards": report.shards,
-        "skipped_shards": report.skipped_shards,
-        "too_long": report.too_long,
-    }
+    return StageResult(
+        stage="reference",
+        out_dir=pairs_dir,
+        counts={"shards": report.shards, "skipped_shards": report.skipped_shards},
+        drops={"too_long": report.too_long} if report.too_long else {},
+        seconds=time.perf_counter() - started,
+    )
 
 
 def train_job(
@@ -109,9 +142,11 @@ def train_job(
     eval_pairs: str | None,
     emit: Emit,
     torch_threads: int | None = None,
-) -> dict[str, Any]:
-    """MPO training; resumes from the newest checkpoint in ``out``. ``torch_threads`` caps torch's
-    CPU threads (for a job that shares the machine with another); None keeps torch's default."""
+    name: str = "mpo",
+) -> TrainingResult:
+    """Training (``name``: mpo, or sft for the baseline); resumes from the newest checkpoint in
+    ``out``. ``torch_threads`` caps torch's CPU threads (for a job that shares the machine with
+    another); None keeps torch's default."""
     import torch
 
     from mpo.train import train
@@ -125,20 +160,25 @@ def train_job(
         if record["step"] == 1 or record["step"] % 10 == 0:
             emit(
                 {
-                    "log": f"step {record['step']} loss {record['loss']:.4f} margin {record['reward_margin']:+.4f} "
-                    f"reward acc {record['reward_accuracy']:.2f}"
+                    "log": f"{name} step {record['step']} loss {record['loss']:.4f} "
+                    f"margin {record['reward_margin']:+.4f} reward acc {record['reward_accuracy']:.2f}"
                 }
             )
 
+    started = time.perf_counter()
     result = train(pairs_dir, model, out, training, eval_pairs=eval_pairs, on_step=log_step)
-    return {
-        "final_model": str(result.final_model),
-        "metrics_file": str(result.metrics_file),
-        "steps": result.steps,
-        "first": result.first,
-        "last": result.last,
-        "resumed_from": result.resumed_from,
-    }
+    return TrainingResult(
+        stage=f"train:{name}",
+        out_dir=str(result.out),
+        counts={"steps": result.steps},
+        drops={"too_long": result.skipped_too_long} if result.skipped_too_long else {},
+        seconds=time.perf_counter() - started,
+        final_model=str(result.final_model),
+        metrics_file=str(result.metrics_file),
+        first=result.first,
+        last=result.last,
+        resumed_from=result.resumed_from,
+    )
 
 
 def evaluate_job(
@@ -151,15 +191,33 @@ def evaluate_job(
     pairing: PairingConfig,
     max_tokens: int,
     emit: Emit,
-) -> dict[str, dict[str, Any]]:
-    """Greedy held-out accuracy per dataset (reuses finished evaluation shards)."""
+    name: str = "model",
+) -> EvalResult:
+    """Greedy held-out accuracy per dataset of ``model`` (called ``name`` in the summary); reuses
+    finished evaluation shards."""
     from mpo.engines import load_engine
-    from mpo.evaluate import evaluate_accuracy
+    from mpo.evaluate import evaluate_accuracy, evaluation_store
 
+    started = time.perf_counter()
     sampler = load_engine(engine, model, **engine_options)
     try:
         table = evaluate_accuracy(sampler, prompts_dir, out, sampling, pairing, max_tokens)
     finally:
         sampler.close()
-    emit({"log": f"{Path(model).name}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in table.items())})
-    return table
+    emit(
+        {
+            "log": f"{name} ({Path(model).name}): "
+            + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in table.items())
+        }
+    )
+    return EvalResult(
+        stage=f"evaluate:{name}",
+        out_dir=str(evaluation_store(out, model, sampling, max_tokens)),
+        counts={
+            "prompts": sum(r["prompts"] for r in table.values()),
+            "correct": sum(r["correct"] for r in table.values()),
+        },
+        seconds=time.perf_counter() - started,
+        model=model,
+        by_dataset=table,
+    )

@@ -1,12 +1,14 @@
-"""The pipeline itself, apart from any orchestrator: where each stage writes, how versions are
-keyed, how a run is summarised, and a plain in-process runner.
+"""The pipeline itself, apart from any orchestrator: the chain of stages, where each writes,
+how versions are keyed, and a plain in-process runner.
 
 ingest -> {correctness, DropoutNTP} -> pairs -> reference log-probs -> MPO (+ SFT baseline)
--> held-out evaluation -> summary. Each stage is an ``mpo.jobs`` job; a runner decides how
-it runs: ``run_local`` here, one after the other in this process (a stage with a time limit
-or an engine interpreter in a child process), or the Prefect flow in ``flows/`` (tasks with
-retries, caching, artifacts), which uses the same layout and summary. Every stage resumes
-from what its folder holds, so any runner can pick up another's work.
+-> held-out evaluation -> summary. ``run_pipeline`` owns the chain: what runs, on what, in
+which order, and how the results add up to a ``RunSummary``. A ``Runner`` decides only how
+each step runs: ``LocalRunner`` here, one job after the other in this process (a job with a
+time limit or an engine interpreter in a child process), or the Prefect runner in ``flows/``
+(tasks with retries, caching, artifacts). Both run the same ``mpo.jobs`` with the same
+arguments (``Steps``), and every stage resumes from what its folder holds, so any runner can
+pick up another's work.
 """
 
 from __future__ import annotations
@@ -15,12 +17,22 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from mpo import jobs
 from mpo.config import PipelineConfig
-from mpo.io import atomic_write_text
+from mpo.results import (
+    Comparison,
+    EvalResult,
+    IngestResult,
+    PairsResult,
+    RunSummary,
+    StageResult,
+    TrainingResult,
+)
 from mpo.time_limit import Emit, call_with_time_limit
 from mpo.train import TrainConfig
 
@@ -84,223 +96,248 @@ class RunLayout:
         key = hashlib.sha256(f"{key}/{model_fingerprint(config.model)}".encode()).hexdigest()[:12]
         return self.workdir / "train" / Path(pairs_dir).name / f"{name}-{key}"
 
-    def write_summary(self, summary: dict[str, Any]) -> list[Path]:
+    def write_summary(self, summary: RunSummary) -> list[Path]:
         """``summary.json``, then the run's charts from it (``mpo.report``); returns the charts' paths."""
         from mpo.report import write_plots
 
-        atomic_write_text(self.summary_file, json.dumps(summary, indent=2, default=str) + "\n")
+        summary.write(self.summary_file)
         return write_plots(self.workdir)
 
 
-def verdict(difference: float, error: float) -> str:
-    """Ahead / behind only outside two standard errors: a few hundred held-out prompts leave
-    points of noise, and a demo's table should not read noise as a result."""
-    if abs(difference) <= 2 * error:
-        return "within noise"
-    return "ahead" if difference > 0 else "behind"
+@dataclass(frozen=True)
+class Step:
+    """One job call: the ``mpo.jobs`` function, its arguments, and how it must run."""
 
+    job: Callable[..., Any]
+    kwargs: dict[str, Any]
+    time_limit: float | None = None
+    python: str | None = None  # the interpreter of an engine's own environment
 
-def render_summary(summary: dict[str, Any]) -> str:
-    """The run summary as markdown (the CLI prints it; Prefect publishes it as an artifact)."""
-    from mpo.evaluate import overall, overall_standard_error
-
-    lines = ["# MPO data engine run", "", f"Work dir: `{summary['workdir']}`", ""]
-    ingest = summary["ingest"]
-    lines += ["## Inputs", f"{ingest['total_prompts']} prompts, {ingest['total_quarantined']} quarantined"]
-    lines += [f"- {reason}: {count}" for reason, count in sorted(ingest["quarantined"].items())]
-    pairs = summary["pairs"]
-    lines += [
-        "",
-        "## Pairs",
-        f"{pairs['pairs']} pairs: " + ", ".join(f"{k} {v}" for k, v in pairs["pairs_by_source"].items()),
-        "",
-        "| dataset | sampled accuracy | pairs |",
-        "| --- | ---: | ---: |",
-    ]
-    for dataset, stats in pairs["datasets"].items():
-        accuracy = stats.get("accuracy")
-        lines.append(
-            f"| {dataset} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
-            f"{sum(stats.get('pairs', {}).values())} |"
+    def run(self, emit: Emit, own_process: bool = False) -> Any:
+        """In this process, or in a child (time limit, other interpreter, ``own_process``)."""
+        return call_with_time_limit(
+            self.job, self.kwargs, self.time_limit, emit, own_process=own_process, python=self.python
         )
-    if "evaluation" in summary:
-        evaluation = summary["evaluation"]
-        names = list(evaluation)
-        datasets = sorted({d for table in evaluation.values() for d in table})
-        lines += [
-            "",
-            "## Held-out accuracy (greedy)",
-            "| dataset | " + " | ".join(names) + " |",
-            "| --- |" + " ---: |" * len(names),
-        ]
-        for dataset in datasets:
-            cells = [
-                f"{evaluation[n][dataset]['accuracy']:.1%}" if dataset in evaluation[n] else "-"
-                for n in names
-            ]
-            lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
-        lines.append("| **mean** | " + " | ".join(f"**{overall(evaluation[n]):.1%}**" for n in names) + " |")
-        lines.append(
-            "| ± standard error | "
-            + " | ".join(f"{overall_standard_error(evaluation[n]):.1%}" for n in names)
-            + " |"
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One training of the run: ``mpo``, or ``sft`` for the baseline, and its own folder."""
+
+    name: str
+    config: TrainConfig
+    out: Path
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Every job's arguments from the config and the layout, so that all runners call the jobs alike."""
+
+    config: PipelineConfig
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(Path(self.config.workdir))
+
+    def ingest(self, source: Path | str, out: Path) -> Step:
+        return Step(
+            jobs.ingest_job, {"source": str(source), "out": str(out), "strict": self.config.strict_ingest}
         )
-        if summary.get("comparison"):
-            lines += [
-                "",
-                "Paired differences on the same prompts (± standard error; more than two errors apart "
-                "counts as ahead or behind):",
-            ]
-            lines += [
-                f"- {pair}: {100 * c['difference']:+.1f} ± {100 * c['standard_error']:.1f} points, "
-                f"{verdict(c['difference'], c['standard_error'])}"
-                for pair, c in summary["comparison"].items()
-            ]
-    lines += ["", "## Time per stage", "| stage | seconds |", "| --- | ---: |"]
-    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary["timings"].items()]
-    charts = sorted((Path(summary["workdir"]) / "plots").glob("*.png"))
-    if charts:
-        lines += ["", "## Charts", *[f"- `{chart}`" for chart in charts]]
-    return "\n".join(lines) + "\n"
 
-
-def run_local(config: PipelineConfig, on_event: Emit | None = None) -> dict[str, Any]:
-    """The whole pipeline in this process, stage after stage, without an orchestrator.
-
-    Stages with a hard time limit (``config.stages.<stage>.time_limit_seconds``) or an engine
-    interpreter (``engine_python``) run in a child process, as under Prefect; there are no
-    retries (re-running resumes) and no caching beyond what each stage's folder holds. The
-    SFT baseline, when asked for, trains after MPO. Returns the run summary, also written to
-    ``summary.json``.
-    """
-    from mpo import jobs
-    from mpo.evaluate import compare_models
-    from mpo.sampling import STAGES
-
-    emit: Emit = on_event or (lambda _event: None)
-    layout = RunLayout(Path(config.workdir))
-    stages = config.stages
-    timings: dict[str, float] = {}
-    summary: dict[str, Any] = {"workdir": str(layout.workdir)}
-
-    def run(job: Any, limit: float | None, python: str | None = None, **kwargs: Any) -> Any:
-        return call_with_time_limit(job, kwargs, limit, emit, python=python)
-
-    started = time.perf_counter()
-    prompts = run(
-        jobs.ingest_job,
-        None,
-        source=str(config.train_data),
-        out=str(layout.ingested),
-        strict=config.strict_ingest,
-    )
-    heldout = (
-        run(
-            jobs.ingest_job,
-            None,
-            source=str(config.heldout_data),
-            out=str(layout.heldout),
-            strict=config.strict_ingest,
-        )
-        if config.evaluate and config.heldout_data
-        else None
-    )
-    timings["ingest"] = time.perf_counter() - started
-    summary["ingest"] = prompts
-
-    started = time.perf_counter()
-    sampled = [
-        run(
-            jobs.sample_job,
-            stages.sampling.time_limit_seconds,
-            config.engine_python,
-            stage=stage,
-            prompts_dir=prompts["prompts_dir"],
-            model=config.model,
-            engine=config.engine,
-            engine_options=config.engine_options,
-            sampling=config.sampling,
-            out=str(layout.samples),
-        )
-        for stage in STAGES
-    ]
-    timings["sampling"] = time.perf_counter() - started
-    summary["sampling"] = sampled
-
-    started = time.perf_counter()
-    pairs_dir = layout.pairs(config, prompts["version"], [s["samples_dir"] for s in sampled])
-    pairs = run(
-        jobs.pairs_job,
-        None,
-        samples_dirs=[s["samples_dir"] for s in sampled],
-        prompts_dir=prompts["prompts_dir"],
-        out=str(pairs_dir),
-        pairing=config.pairing,
-    )
-    timings["pairs"] = time.perf_counter() - started
-    summary["pairs"] = pairs["report"]
-    summary["data_version"] = pairs_dir.name
-
-    models = {"start": config.model}
-    if config.train:
-        started = time.perf_counter()
-        run(
-            jobs.reference_job,
-            stages.ref_logps.time_limit_seconds,
-            pairs_dir=str(pairs_dir),
-            model=config.model,
-            max_length=config.training.max_length,
-            bf16=config.training.bf16,
-        )
-        timings["reference log-probs"] = time.perf_counter() - started
-        trainings = [(config.training, "mpo")] + (
-            [(sft_only(config.training), "sft")] if config.sft_baseline else []
-        )
-        for training, name in trainings:
-            started = time.perf_counter()
-            trained = run(
-                jobs.train_job,
-                stages.train.time_limit_seconds,
-                pairs_dir=str(pairs_dir),
-                model=config.model,
-                out=str(layout.training(config, str(pairs_dir), training, name)),
-                training=training,
-                eval_pairs=None,
-            )
-            timings[f"{name.upper()} training"] = time.perf_counter() - started
-            models[name] = trained["final_model"]
-            if name == "mpo":
-                summary["training"] = trained
-
-    summary["models"] = models
-    if heldout is not None:
-        started = time.perf_counter()
-        summary["evaluation"] = {
-            name: run(
-                jobs.evaluate_job,
-                stages.evaluate.time_limit_seconds,
-                config.engine_python,
-                model=model,
-                prompts_dir=heldout["prompts_dir"],
-                out=str(layout.evaluation),
-                engine=config.engine,
-                engine_options=config.engine_options,
-                sampling=config.sampling,
-                pairing=config.pairing,
-                max_tokens=config.eval_max_tokens,
-            )
-            for name, model in models.items()
+    def sample(self, stage: str, prompts: IngestResult) -> Step:
+        config = self.config
+        kwargs = {
+            "stage": stage,
+            "prompts_dir": prompts.out_dir,
+            "model": config.model,
+            "engine": config.engine,
+            "engine_options": config.engine_options,
+            "sampling": config.sampling,
+            "out": str(self.layout.samples),
         }
-        summary["comparison"] = compare_models(
+        return Step(jobs.sample_job, kwargs, config.stages.sampling.time_limit_seconds, config.engine_python)
+
+    def pairs(self, samples: list[StageResult], prompts: IngestResult) -> Step:
+        samples_dirs = [s.out_dir for s in samples]
+        out = self.layout.pairs(self.config, prompts.version, samples_dirs)
+        kwargs = {
+            "samples_dirs": samples_dirs,
+            "prompts_dir": prompts.out_dir,
+            "out": str(out),
+            "pairing": self.config.pairing,
+        }
+        return Step(jobs.pairs_job, kwargs)
+
+    def reference(self, pairs: PairsResult) -> Step:
+        config = self.config
+        kwargs = {
+            "pairs_dir": pairs.out_dir,
+            "model": config.model,
+            "max_length": config.training.max_length,
+            "bf16": config.training.bf16,
+        }
+        return Step(jobs.reference_job, kwargs, config.stages.ref_logps.time_limit_seconds)
+
+    def trainings(self, pairs: PairsResult) -> list[TrainingPlan]:
+        """MPO, then the SFT baseline when asked for, each in its own folder."""
+        wanted = [("mpo", self.config.training)]
+        if self.config.sft_baseline:
+            wanted.append(("sft", sft_only(self.config.training)))
+        return [
+            TrainingPlan(name, training, self.layout.training(self.config, pairs.out_dir, training, name))
+            for name, training in wanted
+        ]
+
+    def train(self, pairs: PairsResult, plan: TrainingPlan, torch_threads: int | None = None) -> Step:
+        kwargs = {
+            "pairs_dir": pairs.out_dir,
+            "model": self.config.model,
+            "out": str(plan.out),
+            "training": plan.config,
+            "eval_pairs": None,
+            "torch_threads": torch_threads,
+            "name": plan.name,
+        }
+        return Step(jobs.train_job, kwargs, self.config.stages.train.time_limit_seconds)
+
+    def evaluate(self, name: str, model: str, heldout: IngestResult) -> Step:
+        config = self.config
+        kwargs = {
+            "model": model,
+            "prompts_dir": heldout.out_dir,
+            "out": str(self.layout.evaluation),
+            "engine": config.engine,
+            "engine_options": config.engine_options,
+            "sampling": config.sampling,
+            "pairing": config.pairing,
+            "max_tokens": config.eval_max_tokens,
+            "name": name,
+        }
+        return Step(
+            jobs.evaluate_job, kwargs, config.stages.evaluate.time_limit_seconds, config.engine_python
+        )
+
+
+class Runner(Protocol):
+    """How each step of the chain runs (in this process, as Prefect tasks, as deployments).
+
+    ``run_pipeline`` decides what runs on what; a runner only runs it, with the arguments
+    ``steps`` gives, and returns the jobs' results."""
+
+    @property
+    def steps(self) -> Steps: ...
+
+    def ingest(self, source: Path | str, out: Path) -> IngestResult: ...
+
+    def sample(self, prompts: IngestResult) -> list[StageResult]: ...
+
+    def pairs(self, samples: list[StageResult], prompts: IngestResult) -> PairsResult: ...
+
+    def train(self, pairs: PairsResult) -> tuple[StageResult | None, dict[str, TrainingResult]]:
+        """Reference log-probs, then every training of ``steps.trainings``."""
+        ...
+
+    def evaluate(self, models: dict[str, str], heldout: IngestResult) -> dict[str, EvalResult]: ...
+
+    def publish(self, summary: RunSummary) -> None:
+        """Show the finished run (print it, or publish artifacts)."""
+        ...
+
+
+def run_pipeline(runner: Runner) -> RunSummary:
+    """The whole chain under ``runner``; returns the summary, also written to ``summary.json``
+    with the run's charts beside it."""
+    from mpo.evaluate import compare_models
+
+    config, layout = runner.steps.config, runner.steps.layout
+    timings: dict[str, float] = {}
+
+    def timed(step: str, work: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = work()
+        timings[step] = time.perf_counter() - started
+        return result
+
+    def ingest() -> tuple[IngestResult, IngestResult | None]:
+        prompts = runner.ingest(config.train_data, layout.ingested)
+        if not config.evaluate or config.heldout_data is None:
+            return prompts, None
+        return prompts, runner.ingest(config.heldout_data, layout.heldout)
+
+    prompts, heldout = timed("ingest", ingest)
+    sampled = timed("sampling", lambda: runner.sample(prompts))
+    pairs = timed("pairs", lambda: runner.pairs(sampled, prompts))
+    reference, trainings = timed("training", lambda: runner.train(pairs)) if config.train else (None, {})
+    models = {"start": config.model, **{name: t.final_model for name, t in trainings.items()}}
+    evaluation: dict[str, EvalResult] = {}
+    comparison: dict[str, Comparison] = {}
+    if heldout is not None:
+        evaluation = timed("evaluation", lambda: runner.evaluate(models, heldout))
+        compared = compare_models(
             layout.evaluation,
-            heldout["prompts_dir"],
+            heldout.out_dir,
             models,
             config.sampling,
             config.pairing,
             config.eval_max_tokens,
         )
-        timings["evaluation"] = time.perf_counter() - started
-    summary["timings"] = timings
-    for plot in layout.write_summary(summary):
-        emit({"log": f"chart: {plot}"})
+        comparison = {pair: Comparison(**values) for pair, values in compared.items()}
+    summary = RunSummary(
+        workdir=str(layout.workdir),
+        ingest=prompts,
+        heldout=heldout,
+        sampling=sampled,
+        pairs=pairs,
+        reference=reference,
+        trainings=trainings,
+        models=models,
+        evaluation=evaluation,
+        comparison=comparison,
+        timings=timings,
+    )
+    layout.write_summary(summary)
+    runner.publish(summary)
     return summary
+
+
+@dataclass
+class LocalRunner:
+    """Every step in this process, one after the other; no retries (a re-run resumes) and no
+    caching beyond what each stage's folder holds. ``emit`` gets the jobs' log and progress events."""
+
+    steps: Steps
+    emit: Emit = field(default=lambda _event: None)
+
+    def ingest(self, source: Path | str, out: Path) -> IngestResult:
+        result: IngestResult = self.steps.ingest(source, out).run(self.emit)
+        return result
+
+    def sample(self, prompts: IngestResult) -> list[StageResult]:
+        from mpo.sampling import STAGES
+
+        return [self.steps.sample(stage, prompts).run(self.emit) for stage in STAGES]
+
+    def pairs(self, samples: list[StageResult], prompts: IngestResult) -> PairsResult:
+        result: PairsResult = self.steps.pairs(samples, prompts).run(self.emit)
+        return result
+
+    def train(self, pairs: PairsResult) -> tuple[StageResult | None, dict[str, TrainingResult]]:
+        reference = self.steps.reference(pairs).run(self.emit)
+        trained = {
+            plan.name: self.steps.train(pairs, plan).run(self.emit) for plan in self.steps.trainings(pairs)
+        }
+        return reference, trained
+
+    def evaluate(self, models: dict[str, str], heldout: IngestResult) -> dict[str, EvalResult]:
+        return {
+            name: self.steps.evaluate(name, model, heldout).run(self.emit) for name, model in models.items()
+        }
+
+    def publish(self, summary: RunSummary) -> None:
+        for chart in sorted((Path(summary.workdir) / "plots").glob("*.png")):
+            self.emit({"log": f"chart: {chart}"})
+
+
+def run_local(config: PipelineConfig, on_event: Emit | None = None) -> RunSummary:
+    """The whole pipeline in this process, without an orchestrator (``LocalRunner``)."""
+    return run_pipeline(LocalRunner(Steps(config), on_event or (lambda _event: None)))

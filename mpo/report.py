@@ -14,10 +14,11 @@ any finished run. matplotlib draws off-screen (Agg), so no display is needed.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from mpo.results import PairsResult, RunSummary
 
 PLOTS = ("training_curves.png", "heldout_accuracy.png", "pairs.png")
 MODEL_COLOURS = {"start": "#9e9e9e", "mpo": "#1f77b4", "sft": "#ff7f0e"}
@@ -41,16 +42,15 @@ def _save(figure: Any, out: Path) -> Path:
     return out
 
 
-def training_records(summary: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def training_records(summary: RunSummary) -> dict[str, list[dict[str, Any]]]:
     """Per trained model (mpo, sft), its training steps from ``metrics.jsonl`` (evaluation lines left out)."""
     from mpo.train import read_metrics
 
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for name, model in summary.get("models", {}).items():
-        metrics = Path(model).parent / "metrics.jsonl"
-        if name != "start" and metrics.is_file():
-            runs[name] = [r for r in read_metrics(metrics) if r.get("split") != "eval"]
-    return runs
+    return {
+        name: [r for r in read_metrics(training.metrics_file) if r.get("split") != "eval"]
+        for name, training in summary.trainings.items()
+        if Path(training.metrics_file).is_file()
+    }
 
 
 def smoothed(values: list[float]) -> list[float]:
@@ -121,21 +121,18 @@ def plot_accuracy(evaluation: dict[str, dict[str, dict[str, Any]]], out: Path) -
     return _save(figure, out)
 
 
-def plot_pairs(report: dict[str, Any], out: Path) -> Path:
+def plot_pairs(pairs: PairsResult, out: Path) -> Path:
     plt = _pyplot()
-    datasets = list(report["datasets"])
-    sources = sorted({s for stats in report["datasets"].values() for s in stats.get("pairs", {})})
-    drops: dict[str, int] = {}
-    for stats in report["datasets"].values():
-        for reason, count in stats.get("filtered", {}).items():
-            drops[reason] = drops.get(reason, 0) + count
+    datasets = list(pairs.datasets)
+    sources = sorted({s for stats in pairs.datasets.values() for s in stats.get("pairs", {})})
+    drops = pairs.drops
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     bottom = [0] * len(datasets)
     for source in sources:
-        counts = [report["datasets"][d].get("pairs", {}).get(source, 0) for d in datasets]
+        counts = [pairs.datasets[d].get("pairs", {}).get(source, 0) for d in datasets]
         left.bar(datasets, counts, bottom=bottom, label=source)
         bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
-    left.set_title(f"{report['pairs']} pairs, per dataset and source")
+    left.set_title(f"{pairs.counts.get('pairs', 0)} pairs, per dataset and source")
     left.tick_params(axis="x", labelrotation=20)
     left.legend()
     reasons = sorted(drops, key=drops.__getitem__)
@@ -153,20 +150,28 @@ def plot_pairs(report: dict[str, Any], out: Path) -> Path:
 def write_plots(workdir: Path | str) -> list[Path]:
     """Every chart the run's summary has data for, into ``WORKDIR/plots/``; returns their paths."""
     workdir = Path(workdir)
-    summary_file = workdir / "summary.json"
-    if not summary_file.is_file():
-        raise FileNotFoundError(
-            f"{summary_file}: no run summary (is {workdir} a finished run's work folder?)"
-        )
-    summary = json.loads(summary_file.read_text())
+    summary = RunSummary.read(workdir / "summary.json")
     plots = workdir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     written = []
     runs = training_records(summary)
     if runs:
         written.append(plot_training(runs, plots / PLOTS[0]))
-    if summary.get("evaluation"):
-        written.append(plot_accuracy(summary["evaluation"], plots / PLOTS[1]))
-    if summary.get("pairs", {}).get("datasets"):
-        written.append(plot_pairs(summary["pairs"], plots / PLOTS[2]))
+    if summary.evaluation:
+        by_model = {name: result.by_dataset for name, result in summary.evaluation.items()}
+        written.append(plot_accuracy(by_model, plots / PLOTS[1]))
+    if summary.pairs.datasets:
+        written.append(plot_pairs(summary.pairs, plots / PLOTS[2]))
     return written
+
+
+def embedded_charts(workdir: Path | str) -> str:
+    """The run's charts as markdown images with the PNG inline (data URLs), for a place that cannot
+    read the work folder: a run-summary artifact shown in a browser on another machine."""
+    import base64
+
+    lines = []
+    for chart in sorted((Path(workdir) / "plots").glob("*.png")):
+        data = base64.b64encode(chart.read_bytes()).decode("ascii")
+        lines += ["", f"![{chart.stem.replace('_', ' ')}](data:image/png;base64,{data})"]
+    return "\n".join(lines) + "\n" if lines else ""

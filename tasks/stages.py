@@ -22,6 +22,7 @@ from prefect.logging import get_run_logger
 
 from flows.config import StagePolicy
 from mpo.pairs import PairingConfig
+from mpo.results import EvalResult, IngestResult, PairsResult, StageResult, TrainingResult
 from mpo.sampling import SamplingConfig
 from mpo.train import TrainConfig
 
@@ -91,15 +92,24 @@ def _run_job(
     return call_with_time_limit(job, kwargs, time_limit, on_event, own_process=own_process, python=python)
 
 
-@task(name="ingest")
-def ingest_prompts(source: str, out: str, strict: bool = False) -> dict[str, Any]:
+def _ingest_run_name() -> str:
+    """``ingest-meta.json`` / ``ingest-meta_heldout.json``: which input a task run read, in the UI."""
+    from pathlib import Path
+
+    from prefect.runtime import task_run
+
+    return f"ingest-{Path(task_run.parameters['source']).name}"
+
+
+@task(name="ingest", task_run_name=_ingest_run_name)
+def ingest_prompts(source: str, out: str, strict: bool = False) -> IngestResult:
     """meta.json / JSONL / Parquet -> prompts table + quarantine; returns its path, version and counts."""
     from mpo.jobs import ingest_job
 
     return _run_job(ingest_job, dict(source=source, out=out, strict=strict), None)
 
 
-@task(name="sample", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="sample", task_run_name="sample-{stage}", cache_policy=STAGE_CACHE, persist_result=True)
 def sample_stage(
     stage: str,
     prompts_dir: str,
@@ -112,7 +122,7 @@ def sample_stage(
     out: str,
     time_limit: float | None = None,
     python: str | None = None,
-) -> dict[str, Any]:
+) -> StageResult:
     """One sampling stage with one engine load: samples only the prompts its store lacks; a
     progress artifact per stage.
 
@@ -138,8 +148,8 @@ def sample_stage(
     )
 
 
-@task(name="pairs", cache_policy=STAGE_CACHE, persist_result=True)
-def make_pairs(samples_dirs: list[str], prompts_dir: str, out: str, pairing: PairingConfig) -> dict[str, Any]:
+@task(name="pairs", task_run_name="pairs", cache_policy=STAGE_CACHE, persist_result=True)
+def make_pairs(samples_dirs: list[str], prompts_dir: str, out: str, pairing: PairingConfig) -> PairsResult:
     """The samples of the prompts in ``prompts_dir`` -> preference pairs (polars); returns the
     pairs folder and the pairing report. ``out`` names the data version, so it keys the cache."""
     from mpo.jobs import pairs_job
@@ -149,10 +159,10 @@ def make_pairs(samples_dirs: list[str], prompts_dir: str, out: str, pairing: Pai
     )
 
 
-@task(name="reference-logps")
+@task(name="reference-logps", task_run_name="reference-logps")
 def reference_logps(
-    pairs_dir: str, model: str, max_length: int, time_limit: float | None = None, bf16: bool | None = None
-) -> dict[str, Any]:
+    pairs_dir: str, model: str, max_length: int, bf16: bool | None = None, time_limit: float | None = None
+) -> StageResult:
     """Frozen reference pass into the pairs; shards already done are skipped (no task cache needed)."""
     from mpo.jobs import reference_job
 
@@ -161,17 +171,18 @@ def reference_logps(
     )
 
 
-@task(name="train")
+@task(name="train", task_run_name="train-{name}")
 def train_policy(
     pairs_dir: str,
     model: str,
     out: str,
     training: TrainConfig,
     eval_pairs: str | None = None,
+    torch_threads: int | None = None,
+    name: str = "mpo",
     time_limit: float | None = None,
     own_process: bool = False,
-    torch_threads: int | None = None,
-) -> dict[str, Any]:
+) -> TrainingResult:
     """MPO training; resumes from the newest checkpoint in ``out`` (also after a hard-limit kill).
     ``own_process`` and ``torch_threads`` let two trainings run side by side on one CPU machine."""
     from mpo.jobs import train_job
@@ -185,6 +196,7 @@ def train_policy(
             training=training,
             eval_pairs=eval_pairs,
             torch_threads=torch_threads,
+            name=name,
         ),
         time_limit,
         progress="training: steps done",
@@ -192,7 +204,7 @@ def train_policy(
     )
 
 
-@task(name="evaluate")
+@task(name="evaluate", task_run_name="evaluate-{name}")
 def evaluate_model(
     model: str,
     prompts_dir: str,
@@ -202,9 +214,10 @@ def evaluate_model(
     sampling: SamplingConfig,
     pairing: PairingConfig,
     max_tokens: int,
+    name: str = "model",
     time_limit: float | None = None,
     python: str | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> EvalResult:
     """Greedy held-out accuracy per dataset (reuses finished evaluation shards)."""
     from mpo.jobs import evaluate_job
 
@@ -219,6 +232,7 @@ def evaluate_model(
             sampling=sampling,
             pairing=pairing,
             max_tokens=max_tokens,
+            name=name,
         ),
         time_limit,
         python=python,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from mpo.results import RunSummary
+
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -128,15 +130,15 @@ def test_deploy_all_and_run_one_deployment_through_a_worker(
             )
             worker = run(["worker", "start", "--pool", "cpu", "--run-once"], env, timeout=600)
             assert "Finished in state Completed()" in worker
-            summaries.append(json.loads((tmp_path / "refresh" / "summary.json").read_text()))
+            summaries.append(RunSummary.read(tmp_path / "refresh" / "summary.json"))
         first, second = summaries
-        assert second["ingest"]["total_prompts"] == first["ingest"]["total_prompts"] + 1
-        written = {s["stage"]: s["samples_written"] for s in second["sampling"]}
+        assert second.ingest.counts["prompts"] == first.ingest.counts["prompts"] + 1
+        written = {s.stage: s.counts["samples_written"] for s in second.sampling}
         assert written == {"correctness": config["sampling"]["n"], "dropout_ntp": 0}  # only the new prompt
-        assert second["data_version"] != first["data_version"]
+        assert second.data_version != first.data_version
         assert {p.name for p in (tmp_path / "refresh" / "pairs").iterdir()} == {
-            first["data_version"],
-            second["data_version"],
+            first.data_version,
+            second.data_version,
         }
 
         # The full flow on the cpu pool hands sampling and training to the gpu pool's deployments.

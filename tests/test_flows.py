@@ -12,6 +12,7 @@ from prefect import flow, task
 from flows.config import FlowConfig, StagePolicies, StagePolicy
 from mpo.evaluate import overall
 from mpo.pairs import PairingConfig
+from mpo.results import RunSummary
 from mpo.sampling import SamplingConfig
 from mpo.synth import VERIFY_MODES, generate
 from mpo.train import TrainConfig
@@ -62,16 +63,30 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
 
     summary = data_engine(config)
 
-    assert summary["ingest"]["quarantined"] == {"corrupt_image": 1, "malformed_json": 1}
-    assert summary["ingest"]["total_prompts"] == 47
-    assert [s["stage"] for s in summary["sampling"]] == ["correctness", "dropout_ntp"]
-    pairs_dir = Path(summary["training"]["final_model"]).parents[1]
-    assert summary["pairs"]["pairs"] > 0 and summary["training"]["steps"] == 2
-    assert set(summary["evaluation"]) == {"start", "mpo", "sft"}
-    written = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert written["models"] == summary["models"] and set(written["models"]) == {"start", "mpo", "sft"}
-    assert written["models"]["sft"].endswith("final") and written["evaluation"] == summary["evaluation"]
-    assert set(summary["evaluation"]["start"]) == {
+    assert summary.ingest.drops == {"corrupt_image": 1, "malformed_json": 1}
+    assert summary.ingest.counts["prompts"] == 47
+    assert [s.stage for s in summary.sampling] == ["correctness", "dropout_ntp"]
+    pairs_dir = Path(summary.trainings["mpo"].final_model).parents[1]
+    assert summary.pairs.counts["pairs"] > 0 and summary.trainings["mpo"].counts["steps"] == 2
+    assert set(summary.evaluation) == {"start", "mpo", "sft"}
+    written = RunSummary.read(tmp_path / "run" / "summary.json")
+    assert written == summary and set(written.models) == {"start", "mpo", "sft"}
+    assert written.models["sft"].endswith("final")
+    assert [r.stage for r in summary.stages()] == [
+        "ingest",
+        "ingest",
+        "correctness",
+        "dropout_ntp",
+        "pairs",
+        "reference",
+        "train:mpo",
+        "train:sft",
+        "evaluate:start",
+        "evaluate:mpo",
+        "evaluate:sft",
+    ]
+    assert all(r.seconds > 0 for r in summary.stages())
+    assert set(summary.evaluation["start"].by_dataset) == {
         "synth_arith",
         "synth_choice",
         "synth_colour",
@@ -79,11 +94,13 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
         "synth_count",
     }
     # the paired differences read back the same answers the accuracy tables counted
-    assert set(summary["comparison"]) == {"mpo - start", "sft - start", "mpo - sft"}
-    for pair, compared in summary["comparison"].items():
+    assert set(summary.comparison) == {"mpo - start", "sft - start", "mpo - sft"}
+    for pair, compared in summary.comparison.items():
         first, second = pair.split(" - ")
-        expected = overall(summary["evaluation"][first]) - overall(summary["evaluation"][second])
-        assert compared["difference"] == pytest.approx(expected) and compared["standard_error"] >= 0
+        expected = overall(summary.evaluation[first].by_dataset) - overall(
+            summary.evaluation[second].by_dataset
+        )
+        assert compared.difference == pytest.approx(expected) and compared.standard_error >= 0
     assert pairs_dir.is_dir()
     keys = ["mpo-run-summary", "mpo-pairs-per-source", "mpo-training-curves"]
     artifacts = {key: Artifact.get(key) for key in keys}
@@ -103,6 +120,7 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
     assert sorted(p.name for p in charts.glob("*.png")) == sorted(PLOTS)
     assert all(Image.open(charts / name).size[0] >= 600 for name in PLOTS)
     assert "## Charts" in markdown and str(charts / "pairs.png") in markdown
+    assert markdown.count("](data:image/png;base64,") == len(PLOTS)  # shown in the UI, not only named
     for name in PLOTS:
         (charts / name).unlink()
     redrawn = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
@@ -149,9 +167,9 @@ def test_a_failed_shard_resumes_without_recomputing_or_duplicating(
     after = shard_stats(tmp_path / "run" / "samples")
     for name, stat in before.items():
         assert after[name] == stat, f"{name} was recomputed"
-    correctness = next(s for s in summary["sampling"] if s["stage"] == "correctness")
-    assert correctness["skipped_shards"] == 2 and correctness["shards"] == 5
-    samples = pl.read_parquet(Path(correctness["samples_dir"]) / "*.parquet")
+    correctness = next(s for s in summary.sampling if s.stage == "correctness")
+    assert correctness.counts["skipped_shards"] == 2 and correctness.counts["shards"] == 5
+    samples = pl.read_parquet(Path(correctness.out_dir) / "*.parquet")
     assert samples.height == 40 * 2
     assert samples.select("prompt_id", "sample_index").n_unique() == samples.height
     assert len(list((tmp_path / "results").iterdir())) >= 3  # cached results of 2 sampling stages + pairs
@@ -176,26 +194,26 @@ def test_a_refresh_samples_only_new_prompts_into_a_new_data_version(
 
     after = shard_stats(tmp_path / "run" / "samples")
     assert all(after[name] == stat for name, stat in before.items()), "a finished shard was rewritten"
-    written = {s["stage"]: s["samples_written"] for s in second["sampling"]}
+    written = {s.stage: s.counts["samples_written"] for s in second.sampling}
     assert written == {
         "correctness": 5 * 3 * 2,
         "dropout_ntp": 3,
     }  # 3 new prompts per dataset, n=2 / one continuation
-    assert second["data_version"] != first["data_version"]
-    assert (tmp_path / "run" / "pairs" / first["data_version"]).is_dir()  # the old version is kept as it was
-    correctness = next(s for s in second["sampling"] if s["stage"] == "correctness")
-    samples = pl.read_parquet(Path(correctness["samples_dir"]) / "*.parquet")
+    assert second.data_version != first.data_version
+    assert (tmp_path / "run" / "pairs" / first.data_version).is_dir()  # the old version is kept as it was
+    correctness = next(s for s in second.sampling if s.stage == "correctness")
+    samples = pl.read_parquet(Path(correctness.out_dir) / "*.parquet")
     assert (
         samples.height == 5 * 13 * 2
         and samples.select("prompt_id", "sample_index").n_unique() == samples.height
     )
-    pairs = pl.read_parquet(tmp_path / "run" / "pairs" / second["data_version"] / "data" / "*.parquet")
+    pairs = pl.read_parquet(tmp_path / "run" / "pairs" / second.data_version / "data" / "*.parquet")
     prompts = read_prompts(tmp_path / "run" / "ingested" / "prompts")
     assert set(pairs["prompt_id"]) <= set(prompts["prompt_id"])
-    assert second["pairs"]["pairs"] > first["pairs"]["pairs"]
+    assert second.pairs.counts["pairs"] > first.pairs.counts["pairs"]
 
     third = data_engine(config)  # nothing new: same version, nothing sampled
-    assert third["data_version"] == second["data_version"]
+    assert third.data_version == second.data_version
     assert shard_stats(tmp_path / "run" / "samples") == after
 
 
@@ -218,14 +236,14 @@ def test_a_deleted_work_folder_or_new_weights_are_resampled_not_served_from_the_
         data, model, tmp_path / "run", train=False, evaluate=False, result_storage=str(tmp_path / "results")
     )
     first = data_engine(config)
-    assert first["pairs"]["pairs_by_source"].get("dropout_ntp", 0) > 0
+    assert first.pairs.pairs_by_source.get("dropout_ntp", 0) > 0
 
     shutil.rmtree(tmp_path / "run")
     second = data_engine(config)
-    assert {s["stage"]: s["samples_written"] for s in second["sampling"]} == {
-        s["stage"]: s["samples_written"] for s in first["sampling"]
+    assert {s.stage: s.counts["samples_written"] for s in second.sampling} == {
+        s.stage: s.counts["samples_written"] for s in first.sampling
     }
-    assert second["pairs"]["pairs_by_source"] == first["pairs"]["pairs_by_source"]
+    assert second.pairs.pairs_by_source == first.pairs.pairs_by_source
 
     weights = AutoModelForImageTextToText.from_pretrained(model)
     with torch.no_grad():
@@ -233,11 +251,11 @@ def test_a_deleted_work_folder_or_new_weights_are_resampled_not_served_from_the_
             parameter.add_(0.01)
     weights.save_pretrained(model)  # retrained in place: same path, new weights
     third = data_engine(config)
-    assert all(s["samples_written"] > 0 for s in third["sampling"])
-    assert {Path(s["samples_dir"]).name for s in third["sampling"]}.isdisjoint(
-        Path(s["samples_dir"]).name for s in second["sampling"]
+    assert all(s.counts["samples_written"] > 0 for s in third.sampling)
+    assert {Path(s.out_dir).name for s in third.sampling}.isdisjoint(
+        Path(s.out_dir).name for s in second.sampling
     )
-    assert third["data_version"] != second["data_version"]
+    assert third.data_version != second.data_version
 
 
 def test_bad_input_is_not_retried_but_transient_failures_are() -> None:
@@ -297,7 +315,7 @@ def test_stage_policy_sets_backoff_and_tags() -> None:
 
 def test_ingest_task_body(synth_dir: Path, tmp_path: Path) -> None:
     result = ingest_prompts.fn(str(synth_dir / "meta.json"), str(tmp_path / "ingested"))
-    assert result["total_prompts"] == 48 and len(result["version"]) >= 8
+    assert result.counts["prompts"] == 48 and len(result.version) >= 8
     assert json.loads((tmp_path / "ingested" / "report.json").read_text())["total_prompts"] == 48
 
 
@@ -316,7 +334,7 @@ def test_dask_task_runner_on_a_two_worker_local_cluster(tiny_model_dir: Path, tm
     pytest.importorskip("prefect_dask")
     from prefect_dask import DaskTaskRunner
 
-    from flows.data_engine import run_pipeline, task_runner
+    from flows.data_engine import run_flow
 
     data = tmp_path / "data"
     generate(data, count=10, seed=0)
@@ -330,12 +348,11 @@ def test_dask_task_runner_on_a_two_worker_local_cluster(tiny_model_dir: Path, tm
         dask_workers=2,
         dask_processes=False,
     )
-    runner = task_runner(config)
-    assert isinstance(runner, DaskTaskRunner)
-    summary = run_pipeline(config)
-    assert {s["stage"] for s in summary["sampling"]} == {"correctness", "dropout_ntp"}
-    assert sum(s["samples_written"] for s in summary["sampling"]) == 40 * 2 + 8
-    assert summary["pairs"]["pairs"] > 0
+    assert isinstance(config.task_runner_instance(), DaskTaskRunner)
+    summary = run_flow(config)
+    assert {s.stage for s in summary.sampling} == {"correctness", "dropout_ntp"}
+    assert sum(s.counts["samples_written"] for s in summary.sampling) == 40 * 2 + 8
+    assert summary.pairs.counts["pairs"] > 0
 
 
 def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: Path) -> None:
@@ -371,7 +388,7 @@ def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: P
         "sft",
         "± standard error",
         "mpo - sft: ",
-        "Time per stage",
+        "Time per step",
         "pairs",
     ):
         assert heading in first.output
@@ -417,12 +434,12 @@ def test_data_engine_samples_with_vllm_in_the_engines_own_environment(
 
     summary = data_engine(config)
 
-    assert [s["stage"] for s in summary["sampling"]] == ["correctness", "dropout_ntp"]
-    for stage in summary["sampling"]:
-        samples = pl.from_arrow(read_dir(stage["samples_dir"], SAMPLES))
-        assert samples.height == stage["samples_written"] > 0
+    assert [s.stage for s in summary.sampling] == ["correctness", "dropout_ntp"]
+    for stage in summary.sampling:
+        samples = pl.from_arrow(read_dir(stage.out_dir, SAMPLES))
+        assert samples.height == stage.counts["samples_written"] > 0
         assert samples["sampling_config"].str.contains('"engine": "vllm"').all()
-    assert summary["pairs"]["pairs"] >= 0 and "training" not in summary
+    assert summary.pairs.counts["pairs"] >= 0 and not summary.trainings
 
 
 def test_the_local_runner_and_the_prefect_flow_make_the_same_pairs(
@@ -440,9 +457,12 @@ def test_the_local_runner_and_the_prefect_flow_make_the_same_pairs(
         config = tiny_config(data, tiny_model_dir, tmp_path / name, evaluate=False, sft_baseline=True)
         summaries[name] = runner(config)
     local, prefect = summaries["local"], summaries["prefect"]
-    assert local["data_version"] == prefect["data_version"] and local["pairs"] == prefect["pairs"]
+    assert local.data_version == prefect.data_version
+    assert local.pairs.model_dump(exclude={"seconds", "out_dir"}) == prefect.pairs.model_dump(
+        exclude={"seconds", "out_dir"}
+    )
     pairs = {
-        name: pl.read_parquet(tmp_path / name / "pairs" / s["data_version"] / "data" / "*.parquet")
+        name: pl.read_parquet(tmp_path / name / "pairs" / s.data_version / "data" / "*.parquet")
         for name, s in summaries.items()
     }
     assert pairs["local"].height > 0
@@ -452,8 +472,6 @@ def test_the_local_runner_and_the_prefect_flow_make_the_same_pairs(
         .sort("pair_id")
         .equals(pairs["prefect"].select("pair_id", "chosen", "rejected").sort("pair_id"))
     )
-    assert set(local["models"]) == set(prefect["models"]) == {"start", "mpo", "sft"}
-    assert local["training"]["steps"] == prefect["training"]["steps"] == 2
-    assert (
-        json.loads((tmp_path / "local" / "summary.json").read_text())["data_version"] == local["data_version"]
-    )
+    assert set(local.models) == set(prefect.models) == {"start", "mpo", "sft"}
+    assert local.trainings["mpo"].counts == prefect.trainings["mpo"].counts == {"steps": 2}
+    assert RunSummary.read(tmp_path / "local" / "summary.json") == local
