@@ -23,13 +23,24 @@ ENGINE_TESTS := tests/test_engine_adapters.py tests/test_vllm_engine.py
 # vLLM's CPU backend reserves this many GiB for its KV cache (its default is sized for servers).
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: demo test test-engines lint typecheck clean-venv
+.PHONY: demo test test-engines browser lint typecheck clean-venv
 
 demo: $(VENV)/.installed-base
 	$(BIN)/mpo demo $(DEMO_ARGS)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser
 	MPO_REQUIRE_ENGINES=lmdeploy $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The UI test drives headless Chromium through chromedriver (Debian's packages: no browser
+# download at test time). Installed when missing and apt-get may run; otherwise the test skips
+# and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver) || echo "browser: could not install chromium; the UI test will skip"; \
+	else echo "browser: no chromium and no apt-get as root; the UI test will skip"; fi
 
 # Real-engine tests: vLLM generating on this CPU (vllm-cpu) in its own environment, then the
 # Prefect flow (dev environment) handing its sampling to that environment's interpreter.

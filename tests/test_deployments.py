@@ -6,25 +6,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prefect_server import PREFECT, ROOT, Server, fault_injection, prefect_server
 
 from mpo.results import RunSummary
-
-ROOT = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from mpo.train import read_metrics
 
 
 def run(args: list[str], env: dict[str, str], timeout: int = 300) -> str:
@@ -33,6 +24,17 @@ def run(args: list[str], env: dict[str, str], timeout: int = 300) -> str:
     )
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
+
+
+def api(server: Server, path: str, body: dict[str, Any] | None = None) -> Any:
+    request = urllib.request.Request(
+        f"{server.api}{path}",
+        data=json.dumps(body or {}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def copy_dataset(source: Path, target: Path) -> Path:
@@ -57,35 +59,14 @@ def add_closed_prompt(data: Path) -> None:
 def test_deploy_all_and_run_one_deployment_through_a_worker(
     synth_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    settings = {
         "MPO_REPO_DIR": str(ROOT),
         "MPO_WORKDIR": str(tmp_path / "run"),
         "MPO_TRAIN_DATA": str(synth_dir / "meta.json"),
         "MPO_MODEL": str(tiny_model_dir),
-        "HF_HUB_OFFLINE": "1",
     }
-    server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{api}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "local Prefect server did not start in 120 s"
-                time.sleep(1)
+    with prefect_server(tmp_path / "prefect-home", **settings) as server:
+        env = server.env
         for pool in ("cpu", "gpu"):
             run(["work-pool", "create", pool, "--type", "process"], env)
         deployed = run(["--no-prompt", "deploy", "--all"], env)
@@ -109,28 +90,34 @@ def test_deploy_all_and_run_one_deployment_through_a_worker(
         assert "Finished in state Completed()" in worker
         assert list((tmp_path / "run" / "pairs").glob("*/data/*.parquet"))
 
-        # The nightly refresh, as its schedule runs it (the data-engine deployment, train off) twice:
-        # new prompts arrive in between, and the second run samples only those, into a new pairs
-        # version beside the old one.
+        # The nightly refresh, as its schedule runs it (the data-engine deployment's parameters, with
+        # training on) twice: new prompts arrive in between. The second run samples only those into a
+        # new pairs version beside the old one and trains on it from the starting model; its training
+        # fails once after its first checkpoint (a fault injected into the worker's flow-run process)
+        # and the stage's retry resumes from that checkpoint.
         data = copy_dataset(synth_dir, tmp_path / "data")
-        refresh = {**config, "workdir": str(tmp_path / "refresh"), "train_data": str(data / "meta.json")}
-        summaries = []
+        refresh = {
+            **config,
+            "workdir": str(tmp_path / "refresh"),
+            "train_data": str(data / "meta.json"),
+            "train": True,
+            "training": {"max_steps": 4, "save_every": 2, "batch_size": 4, "max_length": 512},
+            "stages": {"train": {"retries": 1, "retry_delay_seconds": 1}},
+        }
+        summaries, workers = [], []
         for arrived in (False, True):
+            worker_env = env
             if arrived:
                 add_closed_prompt(data)
-            run(
-                [
-                    "deployment",
-                    "run",
-                    "mpo-data-engine/data-engine",
-                    "--params",
-                    json.dumps({"config": refresh}),
-                ],
-                env,
-            )
-            worker = run(["worker", "start", "--pool", "cpu", "--run-once"], env, timeout=600)
-            assert "Finished in state Completed()" in worker
+                worker_env = {**env, **fault_injection(tmp_path / "inject", "mpo.train:save_checkpoint")}
+            params = json.dumps({"config": refresh})
+            run(["deployment", "run", "mpo-data-engine/data-engine", "--params", params], env)
+            workers.append(run(["worker", "start", "--pool", "cpu", "--run-once"], worker_env, timeout=600))
+            assert "Finished in state Completed()" in workers[-1]
             summaries.append(RunSummary.read(tmp_path / "refresh" / "summary.json"))
+            if not arrived:
+                first_final = Path(summaries[0].trainings["mpo"].final_model) / "model.safetensors"
+                first_stamp = first_final.stat().st_mtime_ns
         first, second = summaries
         assert second.ingest.counts["prompts"] == first.ingest.counts["prompts"] + 1
         written = {s.stage: s.counts["samples_written"] for s in second.sampling}
@@ -140,6 +127,32 @@ def test_deploy_all_and_run_one_deployment_through_a_worker(
             first.data_version,
             second.data_version,
         }
+        # trained on the new version, in its own folder, from the starting model; the injected
+        # failure was retried and resumed at the checkpoint: every step once, none lost or redone
+        assert "injected fault in mpo.train:save_checkpoint" in workers[1] and "Retry 1/1" in workers[1]
+        trained = second.trainings["mpo"]
+        assert Path(trained.out_dir).parent.name == second.data_version
+        assert trained.resumed_from == 2 and trained.counts["steps"] == 4
+        assert [r["step"] for r in read_metrics(trained.metrics_file) if r.get("split") != "eval"] == [
+            1,
+            2,
+            3,
+            4,
+        ]
+        assert first.trainings["mpo"].resumed_from == 0
+        assert first_final.stat().st_mtime_ns == first_stamp  # the first version's model is left as it was
+        assert second.models["start"] == first.models["start"] == str(tiny_model_dir)
+        # both runs, each with its own run summary, as the UI lists them
+        refresh_runs = {
+            r["id"]
+            for r in api(server, "/flow_runs/filter")
+            if r["parameters"].get("config", {}).get("workdir") == refresh["workdir"]
+        }
+        assert len(refresh_runs) == 2
+        summaries_by_run = {
+            a["flow_run_id"] for a in api(server, "/artifacts/filter") if a["key"] == "mpo-run-summary"
+        }
+        assert refresh_runs <= summaries_by_run
 
         # The full flow on the cpu pool hands sampling and training to the gpu pool's deployments.
         gpu_worker = subprocess.Popen(
@@ -179,6 +192,3 @@ def test_deploy_all_and_run_one_deployment_through_a_worker(
             assert [line for line in runs if name in line and "COMPLETED" in line], f"no completed {name} run"
         assert list((tmp_path / "run2" / "samples").glob("correctness-*/shard-*.parquet"))
         assert list((tmp_path / "run2" / "train").glob("*/mpo-*/final/config.json"))
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)

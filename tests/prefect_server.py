@@ -1,0 +1,99 @@
+"""A real Prefect server on 127.0.0.1 for the tests that need one (deployments, workers, the UI)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str  # the UI
+    api: str
+    env: dict[str, str]  # what a client process of this server needs
+
+
+@contextmanager
+def prefect_server(home: Path, **env: str) -> Iterator[Server]:
+    """``prefect server start`` with its own home (database), stopped on exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    environment = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"{url}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "local Prefect server did not start in 120 s"
+                time.sleep(1)
+        yield Server(url, f"{url}/api", environment)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def fault_injection(folder: Path, target: str, after_calls: int = 0) -> dict[str, str]:
+    """Environment that makes ``target`` (``module:function``) raise once, on call ``after_calls + 1``,
+    in every Python process started with it: a ``sitecustomize`` on ``PYTHONPATH``. A worker's
+    flow-run process inherits it, so a failure lands inside a real deployment run, where nothing
+    can be monkeypatched from the test. The call goes through first, so what it wrote stays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    module, function = target.split(":")
+    (folder / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            f"""
+            import importlib
+
+            _module = importlib.import_module({module!r})
+            _original = getattr(_module, {function!r})
+            _calls = [0]
+
+
+            def _fails_once(*args, **kwargs):
+                result = _original(*args, **kwargs)
+                _calls[0] += 1
+                if _calls[0] == {after_calls + 1}:
+                    raise RuntimeError("injected fault in {target}: a lost worker")
+                return result
+
+
+            setattr(_module, {function!r}, _fails_once)
+            """
+        )
+    )
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)}
