@@ -21,6 +21,7 @@ from prefect.events import emit_event
 from flows.config import FlowConfig
 from mpo.config import PipelineConfig
 from mpo.pipeline import Step, Steps, run_pipeline, side_by_side_threads
+from mpo.progress import current as current_step_lines
 from mpo.results import EvalResult, IngestResult, PairsResult, RunSummary, StageResult, TrainingResult
 from tasks import stages as tasks
 
@@ -180,4 +181,25 @@ def run_flow(config: PipelineConfig, **options: Any) -> Any:
     """``data_engine`` with the configured task runner (what ``mpo run`` and ``mpo demo`` call);
     a plain ``PipelineConfig`` runs with the Prefect settings' defaults."""
     flow_config = config if isinstance(config, FlowConfig) else FlowConfig.model_validate(config.model_dump())
+    if current_step_lines() is not None:
+        _task_info_off_the_console()
     return data_engine.with_options(task_runner=flow_config.task_runner_instance())(flow_config, **options)
+
+
+def _task_info_off_the_console() -> None:
+    """While the terminal shows a line per step (``mpo.progress``), task runs' info lines would
+    bury it: they still reach the API (the UI's logs), not the console."""
+    import logging
+
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if not PROCESS_LOGGING_CONFIG:  # set up now, as the flow would: later set-ups only adjust it
+        setup_logging()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect.task_runs") and record.levelno <= logging.INFO)
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and keep not in handler.filters:
+            handler.addFilter(keep)

@@ -564,7 +564,11 @@ def run(
 
     schema = PipelineConfig if runner == "local" else _prefect_runner(runner).FlowConfig
     settings = schema.from_yaml(config, _assignments(set_))
-    console.print(Markdown(_run_pipeline(settings, runner).render()))
+    from mpo.progress import StepLines
+
+    with StepLines(console):
+        summary = _run_pipeline(settings, runner)
+    console.print(Markdown(summary.render()))
 
 
 def _prefect_runner(runner: str) -> Any:
@@ -589,9 +593,7 @@ def _run_pipeline(settings: Any, runner: str) -> RunSummary:
     if runner == "local":
         from mpo.pipeline import run_local
 
-        return run_local(
-            settings, on_event=lambda event: console.print(event["log"]) if "log" in event else None
-        )
+        return run_local(settings)  # each step's latest log line shows on its terminal line
     summary: RunSummary = _prefect_runner(runner).run_flow(settings)
     return summary
 
@@ -754,27 +756,29 @@ def demo(
         assignments["pipeline.pairing.claim_patterns"] = {}
     settings = DemoConfig.load(config or DEFAULT_CONFIG, {**assignments, **_assignments(set_)})
 
+    from mpo.progress import StepLines, step
+
     started = time.perf_counter()
     warmup = settings.tiny_model.warmup
-    with Progress(
-        TextColumn("warm-up"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not warmup.steps,
-    ) as progress:
-        task = progress.add_task("warm-up", total=warmup.steps, loss=float("nan"))
-        pipeline, model = prepare(
-            settings, on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=loss)
+    with StepLines(console):
+        with step("data + tiny model") as line:
+
+            def warming(done: int, loss: float) -> None:
+                line(
+                    {
+                        "progress": 100.0 * (done + 1) / max(1, warmup.steps),
+                        "status": f"warm-up loss {loss:.3f}",
+                    }
+                )
+
+            pipeline, model = prepare(settings, on_step=warming)
+        console.print(
+            f"[bold]tiny model[/bold] in {pipeline.model}: {model['parameters']:,} parameters, warm-up "
+            f"{warmup.steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
+            f"{model['last_loss'] or float('nan'):.3f} ({time.perf_counter() - started:.0f} s with the data)"
         )
-    console.print(
-        f"[bold]tiny model[/bold] in {pipeline.model}: {model['parameters']:,} parameters, warm-up "
-        f"{warmup.steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
-        f"{model['last_loss'] or float('nan'):.3f} ({time.perf_counter() - started:.0f} s with the data)"
-    )
-    console.print(Markdown(_run_pipeline(pipeline, runner).render()))
+        summary = _run_pipeline(pipeline, runner)
+    console.print(Markdown(summary.render()))
     console.print(f"total {time.perf_counter() - started:.0f} s")
 
 

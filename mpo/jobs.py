@@ -21,6 +21,18 @@ from mpo.time_limit import Emit
 from mpo.train import TrainConfig
 
 
+def _load_engine(engine: str, model: str, options: dict[str, Any], emit: Emit) -> Any:
+    """The engine, saying on the step's line that it loads and how long it took (a vLLM start is
+    tens of seconds, and the line would otherwise sit still)."""
+    from mpo.engines import load_engine
+
+    emit({"status": f"loading {engine} engine: {Path(model).name}"})
+    started = time.perf_counter()
+    loaded = load_engine(engine, model, **options)
+    emit({"status": f"{engine} engine loaded in {time.perf_counter() - started:.1f} s"})
+    return loaded
+
+
 def ingest_job(source: str, out: str, strict: bool, emit: Emit) -> IngestResult:
     """meta.json / JSONL / Parquet -> prompts table + quarantine; returns its folder, version and counts."""
     from mpo.ingest import ingest
@@ -84,7 +96,6 @@ def sample_job(
     emit: Emit,
 ) -> StageResult:
     """One sampling stage with one engine load: samples only the prompts its store lacks."""
-    from mpo.engines import load_engine
     from mpo.sampling import run_stage
 
     def advance(done: int, total: int, skipped: bool) -> None:
@@ -92,7 +103,7 @@ def sample_job(
         emit({"log": f"{stage} shard {done}/{total} {'already done' if skipped else 'written'}"})
 
     started = time.perf_counter()
-    sampler = load_engine(engine, model, **engine_options)
+    sampler = _load_engine(engine, model, engine_options, emit)
     try:
         report = run_stage(stage, prompts_dir, sampler, out, sampling, on_shard=advance)
     finally:
@@ -118,6 +129,7 @@ def reference_job(
     from mpo.ref_logps import compute_reference_logps
 
     started = time.perf_counter()
+    emit({"status": f"loading the reference model {Path(model).name}"})
     report = compute_reference_logps(pairs_dir, model, max_length=max_length, bf16=bf16)
     emit(
         {
@@ -166,6 +178,7 @@ def train_job(
             )
 
     started = time.perf_counter()
+    emit({"status": f"loading {Path(model).name} and the pairs"})
     result = train(pairs_dir, model, out, training, eval_pairs=eval_pairs, on_step=log_step)
     return TrainingResult(
         stage=f"train:{name}",
@@ -195,11 +208,10 @@ def evaluate_job(
 ) -> EvalResult:
     """Greedy held-out accuracy per dataset of ``model`` (called ``name`` in the summary); reuses
     finished evaluation shards."""
-    from mpo.engines import load_engine
     from mpo.evaluate import evaluate_accuracy, evaluation_store
 
     started = time.perf_counter()
-    sampler = load_engine(engine, model, **engine_options)
+    sampler = _load_engine(engine, model, engine_options, emit)
     try:
         table = evaluate_accuracy(sampler, prompts_dir, out, sampling, pairing, max_tokens)
     finally:

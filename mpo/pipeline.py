@@ -108,16 +108,26 @@ class RunLayout:
 class Step:
     """One job call: the ``mpo.jobs`` function, its arguments, and how it must run."""
 
+    label: str  # how the terminal names it: "sample correctness", "train mpo"
     job: Callable[..., Any]
     kwargs: dict[str, Any]
     time_limit: float | None = None
     python: str | None = None  # the interpreter of an engine's own environment
 
     def run(self, emit: Emit, own_process: bool = False) -> Any:
-        """In this process, or in a child (time limit, other interpreter, ``own_process``)."""
-        return call_with_time_limit(
-            self.job, self.kwargs, self.time_limit, emit, own_process=own_process, python=self.python
-        )
+        """In this process, or in a child (time limit, other interpreter, ``own_process``); its
+        events also feed its line on the terminal when one is shown (``mpo.progress``)."""
+        from mpo.progress import step
+
+        with step(self.label) as line:
+
+            def both(event: dict[str, Any]) -> None:
+                line(event)
+                emit(event)
+
+            return call_with_time_limit(
+                self.job, self.kwargs, self.time_limit, both, own_process=own_process, python=self.python
+            )
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,9 @@ class Steps:
 
     def ingest(self, source: Path | str, out: Path) -> Step:
         return Step(
-            jobs.ingest_job, {"source": str(source), "out": str(out), "strict": self.config.strict_ingest}
+            f"ingest {Path(source).name}",
+            jobs.ingest_job,
+            {"source": str(source), "out": str(out), "strict": self.config.strict_ingest},
         )
 
     def sample(self, stage: str, prompts: IngestResult) -> Step:
@@ -155,7 +167,13 @@ class Steps:
             "sampling": config.sampling,
             "out": str(self.layout.samples),
         }
-        return Step(jobs.sample_job, kwargs, config.stages.sampling.time_limit_seconds, config.engine_python)
+        return Step(
+            f"sample {stage}",
+            jobs.sample_job,
+            kwargs,
+            config.stages.sampling.time_limit_seconds,
+            config.engine_python,
+        )
 
     def pairs(self, samples: list[StageResult], prompts: IngestResult) -> Step:
         samples_dirs = [s.out_dir for s in samples]
@@ -166,7 +184,7 @@ class Steps:
             "out": str(out),
             "pairing": self.config.pairing,
         }
-        return Step(jobs.pairs_job, kwargs)
+        return Step("pairs", jobs.pairs_job, kwargs)
 
     def reference(self, pairs: PairsResult) -> Step:
         config = self.config
@@ -176,7 +194,9 @@ class Steps:
             "max_length": config.training.max_length,
             "bf16": config.training.bf16,
         }
-        return Step(jobs.reference_job, kwargs, config.stages.ref_logps.time_limit_seconds)
+        return Step(
+            "reference log-probs", jobs.reference_job, kwargs, config.stages.ref_logps.time_limit_seconds
+        )
 
     def trainings(self, pairs: PairsResult) -> list[TrainingPlan]:
         """MPO, then the SFT baseline when asked for, each in its own folder."""
@@ -198,7 +218,7 @@ class Steps:
             "torch_threads": torch_threads,
             "name": plan.name,
         }
-        return Step(jobs.train_job, kwargs, self.config.stages.train.time_limit_seconds)
+        return Step(f"train {plan.name}", jobs.train_job, kwargs, self.config.stages.train.time_limit_seconds)
 
     def evaluate(self, name: str, model: str, heldout: IngestResult) -> Step:
         config = self.config
@@ -214,7 +234,11 @@ class Steps:
             "name": name,
         }
         return Step(
-            jobs.evaluate_job, kwargs, config.stages.evaluate.time_limit_seconds, config.engine_python
+            f"evaluate {name}",
+            jobs.evaluate_job,
+            kwargs,
+            config.stages.evaluate.time_limit_seconds,
+            config.engine_python,
         )
 
 

@@ -77,19 +77,26 @@ def _run_job(
 ) -> T:
     """Run an ``mpo.jobs`` job (in a killable child process when ``time_limit`` is set or
     ``own_process`` asked for; under the interpreter ``python`` when given), its log lines into
-    the run logger and its progress into a progress artifact."""
+    the run logger, its progress into a progress artifact and both onto its terminal line
+    (``mpo.progress``, when the CLI shows one)."""
+    from prefect.runtime import task_run
+
+    from mpo.progress import step
     from mpo.time_limit import call_with_time_limit
 
     logger = _logger()
     artifact: Any = create_progress_artifact(progress=0.0, description=progress) if progress else None
 
-    def on_event(event: dict[str, Any]) -> None:
-        if "log" in event:
-            logger.info(event["log"])
-        if "progress" in event and artifact is not None:
-            update_progress_artifact(artifact, progress=event["progress"])
+    with step(task_run.name or job.__name__) as line:
 
-    return call_with_time_limit(job, kwargs, time_limit, on_event, own_process=own_process, python=python)
+        def on_event(event: dict[str, Any]) -> None:
+            line(event)
+            if "log" in event:
+                logger.info(event["log"])
+            if "progress" in event and artifact is not None:
+                update_progress_artifact(artifact, progress=event["progress"])
+
+        return call_with_time_limit(job, kwargs, time_limit, on_event, own_process=own_process, python=python)
 
 
 def _ingest_run_name() -> str:

@@ -392,6 +392,11 @@ def test_demo_command_runs_the_whole_job_and_a_rerun_keeps_its_model(tmp_path: P
         "pairs",
     ):
         assert heading in first.output
+    # one line per long step, each ended at 100%, not the task runs' log lines
+    steps = [line for line in first.output.splitlines() if "100%" in line]
+    for label in ("data + tiny model", "sample-correctness", "train-mpo", "train-sft", "evaluate-sft"):
+        assert sum(label in line for line in steps) == 1, (label, steps)
+    assert "Finished in state Completed()" not in first.output.replace("Flow run", "")
     built = tmp_path / "run" / "model-start" / "tiny_model.json"
     recipe = json.loads(built.read_text())
     assert recipe["warmup_steps"] == 2 and recipe["image_size"] == 112 and recipe["warmup_prior_bias"] == 0.5
@@ -475,3 +480,29 @@ def test_the_local_runner_and_the_prefect_flow_make_the_same_pairs(
     assert set(local.models) == set(prefect.models) == {"start", "mpo", "sft"}
     assert local.trainings["mpo"].counts == prefect.trainings["mpo"].counts == {"steps": 2}
     assert RunSummary.read(tmp_path / "local" / "summary.json") == local
+
+
+def test_mpo_run_with_the_local_runner_shows_a_line_per_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``mpo run --runner local``: no orchestrator; each step one line on the terminal, then the summary."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from mpo.cli import app
+    from mpo.config import PipelineConfig
+
+    data = tmp_path / "data"
+    generate(data, count=4, seed=0)
+    config = tiny_config(data, tiny_model_dir, tmp_path / "run", evaluate=False)
+    fields = {k: v for k, v in config.model_dump(mode="json").items() if k in PipelineConfig.model_fields}
+    del fields["stages"]  # the Prefect runner's retry policies; the local runner has none
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(fields))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "config.yaml"), "--runner", "local"])
+    assert result.exit_code == 0, result.output
+    steps = [line for line in result.output.splitlines() if "100%" in line]
+    labels = ["ingest meta.json", "sample correctness", "sample dropout_ntp", "pairs", "reference log-probs"]
+    assert [next((label for label in labels + ["train mpo"] if label in line), line) for line in steps] == [
+        *labels,
+        "train mpo",
+    ]
+    assert "MPO data engine run" in result.output and "train:mpo" in result.output
+    assert RunSummary.read(tmp_path / "run" / "summary.json").trainings["mpo"].counts["steps"] == 2
