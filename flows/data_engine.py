@@ -116,7 +116,7 @@ class PrefectRunner:
 
     def publish(self, summary: RunSummary) -> None:
         """The summary as a markdown artifact with the charts embedded, and tables of pairs and training."""
-        from mpo.report import embedded_charts
+        from mpo.report import curve_rows, embedded_charts
 
         create_table_artifact(
             key="mpo-pairs-per-source",
@@ -132,7 +132,7 @@ class PrefectRunner:
         if "mpo" in summary.trainings:
             create_table_artifact(
                 key="mpo-training-curves",
-                table=_curve_rows(summary.trainings["mpo"].metrics_file),
+                table=curve_rows(summary.trainings["mpo"].metrics_file),
                 description="MPO training: loss terms and rewards",
             )
         create_markdown_artifact(
@@ -140,18 +140,6 @@ class PrefectRunner:
             markdown=summary.render() + embedded_charts(Path(summary.workdir)),
             description="MPO data engine run summary",
         )
-
-
-def _curve_rows(metrics_file: str) -> list[dict[str, Any]]:
-    """About 50 rows of the training metrics: a table artifact, not the whole log."""
-    from mpo.train import read_metrics
-
-    records = [r for r in read_metrics(metrics_file) if r.get("split") != "eval"]
-    keys = ("step", "loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "delta", "lr")
-    return [
-        {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k in keys}
-        for r in records[:: max(1, len(records) // 50)]
-    ]
 
 
 @flow(name="mpo-data-engine", log_prints=True)

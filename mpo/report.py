@@ -175,3 +175,16 @@ def embedded_charts(workdir: Path | str) -> str:
         data = base64.b64encode(chart.read_bytes()).decode("ascii")
         lines += ["", f"![{chart.stem.replace('_', ' ')}](data:image/png;base64,{data})"]
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def curve_rows(metrics_file: Path | str, rows: int = 50) -> list[dict[str, Any]]:
+    """About ``rows`` evenly spaced training steps with their loss terms and rewards, rounded: a
+    table to read (a run-summary artifact), not the whole log."""
+    from mpo.train import read_metrics
+
+    records = [r for r in read_metrics(metrics_file) if r.get("split") != "eval"]
+    keys = ("step", "loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "delta", "lr")
+    return [
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k in keys}
+        for r in records[:: max(1, len(records) // rows)]
+    ]

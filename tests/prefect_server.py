@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -30,6 +32,17 @@ class Server:
     url: str  # the UI
     api: str
     env: dict[str, str]  # what a client process of this server needs
+
+    def query(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        """POST to the REST API (``/flow_runs/filter``, ``/artifacts/filter``): what the UI reads."""
+        request = urllib.request.Request(
+            f"{self.api}{path}",
+            data=json.dumps(body or {}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
 
 
 @contextmanager

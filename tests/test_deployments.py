@@ -7,12 +7,10 @@ import os
 import shutil
 import signal
 import subprocess
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
-from prefect_server import PREFECT, ROOT, Server, fault_injection, prefect_server
+from prefect_server import PREFECT, ROOT, fault_injection, prefect_server
 
 from mpo.results import RunSummary
 from mpo.train import read_metrics
@@ -24,17 +22,6 @@ def run(args: list[str], env: dict[str, str], timeout: int = 300) -> str:
     )
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
-
-
-def api(server: Server, path: str, body: dict[str, Any] | None = None) -> Any:
-    request = urllib.request.Request(
-        f"{server.api}{path}",
-        data=json.dumps(body or {}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 def copy_dataset(source: Path, target: Path) -> Path:
@@ -145,12 +132,12 @@ def test_deploy_all_and_run_one_deployment_through_a_worker(
         # both runs, each with its own run summary, as the UI lists them
         refresh_runs = {
             r["id"]
-            for r in api(server, "/flow_runs/filter")
+            for r in server.query("/flow_runs/filter")
             if r["parameters"].get("config", {}).get("workdir") == refresh["workdir"]
         }
         assert len(refresh_runs) == 2
         summaries_by_run = {
-            a["flow_run_id"] for a in api(server, "/artifacts/filter") if a["key"] == "mpo-run-summary"
+            a["flow_run_id"] for a in server.query("/artifacts/filter") if a["key"] == "mpo-run-summary"
         }
         assert refresh_runs <= summaries_by_run
 

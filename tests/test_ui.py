@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,17 +56,6 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
-
-
-def api(server_api: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    request = urllib.request.Request(
-        f"{server_api}{path}",
-        data=json.dumps(body or {}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 def page_text(driver: Any, url: str, *expected: str, timeout: float = 60) -> str:
@@ -128,9 +116,9 @@ def test_the_ui_shows_the_run_graph_a_retried_stage_and_the_artifacts(
             timeout=400,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        [flow_run] = api(server.api, "/flow_runs/filter")
+        [flow_run] = server.query("/flow_runs/filter")
         assert flow_run["state_name"] == "Completed"
-        task_runs = {t["name"]: t for t in api(server.api, "/task_runs/filter")}
+        task_runs = {t["name"]: t for t in server.query("/task_runs/filter")}
         assert sorted(task_runs) == sorted(STAGES)
         [retried] = [name for name, t in task_runs.items() if t["run_count"] == 2]
         assert retried.startswith("sample-")
@@ -158,7 +146,7 @@ def test_the_ui_shows_the_run_graph_a_retried_stage_and_the_artifacts(
         browser.save_screenshot(str(OUTPUT / "retried-stage.png"))
 
         # The artifacts: the summary with its three charts drawn, the pairs and training tables.
-        artifacts = {a["key"]: a for a in api(server.api, "/artifacts/filter") if a["key"]}
+        artifacts = {a["key"]: a for a in server.query("/artifacts/filter") if a["key"]}
         assert set(artifacts) == {"mpo-run-summary", "mpo-pairs-per-source", "mpo-training-curves"}
         browser.set_window_size(1600, 2600)
         page_text(
