@@ -48,7 +48,7 @@ def ingest_job(source: str, out: str, strict: bool, emit: Emit) -> IngestResult:
         }
     )
     return IngestResult(
-        stage="ingest",
+        stage=f"ingest:{Path(source).name}",
         out_dir=str(prompts_dir),
         counts={"prompts": table.height},
         drops=dict(report.quarantined),

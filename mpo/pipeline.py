@@ -108,7 +108,7 @@ class RunLayout:
 class Step:
     """One job call: the ``mpo.jobs`` function, its arguments, and how it must run."""
 
-    label: str  # how the terminal names it: "sample correctness", "train mpo"
+    label: str  # how the terminal names it, as the Prefect runner's task runs: "sample-correctness"
     job: Callable[..., Any]
     kwargs: dict[str, Any]
     time_limit: float | None = None
@@ -151,7 +151,7 @@ class Steps:
 
     def ingest(self, source: Path | str, out: Path) -> Step:
         return Step(
-            f"ingest {Path(source).name}",
+            f"ingest-{Path(source).name}",
             jobs.ingest_job,
             {"source": str(source), "out": str(out), "strict": self.config.strict_ingest},
         )
@@ -168,7 +168,7 @@ class Steps:
             "out": str(self.layout.samples),
         }
         return Step(
-            f"sample {stage}",
+            f"sample-{stage}",
             jobs.sample_job,
             kwargs,
             config.stages.sampling.time_limit_seconds,
@@ -194,9 +194,7 @@ class Steps:
             "max_length": config.training.max_length,
             "bf16": config.training.bf16,
         }
-        return Step(
-            "reference log-probs", jobs.reference_job, kwargs, config.stages.ref_logps.time_limit_seconds
-        )
+        return Step("reference-logps", jobs.reference_job, kwargs, config.stages.ref_logps.time_limit_seconds)
 
     def trainings(self, pairs: PairsResult) -> list[TrainingPlan]:
         """MPO, then the SFT baseline when asked for, each in its own folder."""
@@ -218,7 +216,7 @@ class Steps:
             "torch_threads": torch_threads,
             "name": plan.name,
         }
-        return Step(f"train {plan.name}", jobs.train_job, kwargs, self.config.stages.train.time_limit_seconds)
+        return Step(f"train-{plan.name}", jobs.train_job, kwargs, self.config.stages.train.time_limit_seconds)
 
     def evaluate(self, name: str, model: str, heldout: IngestResult) -> Step:
         config = self.config
@@ -234,7 +232,7 @@ class Steps:
             "name": name,
         }
         return Step(
-            f"evaluate {name}",
+            f"evaluate-{name}",
             jobs.evaluate_job,
             kwargs,
             config.stages.evaluate.time_limit_seconds,

@@ -73,8 +73,8 @@ def test_data_engine_end_to_end_with_bad_input_quarantined(tiny_model_dir: Path,
     assert written == summary and set(written.models) == {"start", "mpo", "sft"}
     assert written.models["sft"].endswith("final")
     assert [r.stage for r in summary.stages()] == [
-        "ingest",
-        "ingest",
+        "ingest:meta.json",
+        "ingest:meta_heldout.json",
         "correctness",
         "dropout_ntp",
         "pairs",
@@ -499,10 +499,14 @@ def test_mpo_run_with_the_local_runner_shows_a_line_per_step(tiny_model_dir: Pat
     result = CliRunner().invoke(app, ["run", str(tmp_path / "config.yaml"), "--runner", "local"])
     assert result.exit_code == 0, result.output
     steps = [line for line in result.output.splitlines() if "100%" in line]
-    labels = ["ingest meta.json", "sample correctness", "sample dropout_ntp", "pairs", "reference log-probs"]
-    assert [next((label for label in labels + ["train mpo"] if label in line), line) for line in steps] == [
-        *labels,
-        "train mpo",
+    labels = [
+        "ingest-meta.json",
+        "sample-correctness",
+        "sample-dropout_ntp",
+        "pairs",
+        "reference-logps",
+        "train-mpo",
     ]
+    assert [next((label for label in labels if label in line), line) for line in steps] == labels
     assert "MPO data engine run" in result.output and "train:mpo" in result.output
     assert RunSummary.read(tmp_path / "run" / "summary.json").trainings["mpo"].counts["steps"] == 2
