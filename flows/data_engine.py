@@ -184,10 +184,12 @@ def _task_info_off_the_console() -> None:
 
     if not PROCESS_LOGGING_CONFIG:  # set up now, as the flow would: later set-ups only adjust it
         setup_logging()
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("prefect.task_runs") and record.levelno <= logging.INFO)
-
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and keep not in handler.filters:
-            handler.addFilter(keep)
+        if isinstance(handler, PrefectConsoleHandler) and _not_task_info not in handler.filters:
+            handler.addFilter(_not_task_info)
+
+
+def _not_task_info(record: Any) -> bool:
+    import logging
+
+    return not (record.name.startswith("prefect.task_runs") and record.levelno <= logging.INFO)
