@@ -6,6 +6,8 @@ import importlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -315,9 +317,10 @@ def sample(
         "prompts_per_shard": prompts_per_shard,
         "seed": seed,
     }
-    config = SamplingConfig.model_validate(
-        set_fields({k: v for k, v in given.items() if v is not None}, _assignments(set_))
-    )
+    with _config_errors("the sampling options"):
+        config = SamplingConfig.model_validate(
+            set_fields({k: v for k, v in given.items() if v is not None}, _assignments(set_))
+        )
     prompts_dir = prompts / "prompts" if (prompts / "prompts").is_dir() else prompts
     options = {
         key: _yaml_value(value)
@@ -485,7 +488,8 @@ def train(
         base.setdefault("loss", {})["beta"] = beta
     if lora_r is not None:
         base["lora"] = LoraSettings(r=lora_r, alpha=2 * lora_r).model_dump()
-    settings = TrainConfig.model_validate(set_fields(base, _assignments(set_)))
+    with _config_errors(str(config) if config else "the training options"):
+        settings = TrainConfig.model_validate(set_fields(base, _assignments(set_)))
     main = os.environ.get("RANK", "0") == "0"
     with Progress(
         TextColumn("MPO"),
@@ -520,6 +524,22 @@ def train(
             console.print(
                 "held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in result.evaluation.items())
             )
+
+
+@contextmanager
+def _config_errors(source: str) -> Iterator[None]:
+    """A config that does not validate: every wrong field by its dotted path, as a usage error
+    (exit 2), not a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except ValidationError as error:
+        fields = [
+            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+            for problem in error.errors()
+        ]
+        raise typer.BadParameter(f"{source}: " + "; ".join(fields)) from None
 
 
 def _load_yaml(path: Path) -> dict:
@@ -563,7 +583,8 @@ def run(
     from mpo.config import PipelineConfig
 
     schema = PipelineConfig if runner == "local" else _prefect_runner(runner).FlowConfig
-    settings = schema.from_yaml(config, _assignments(set_))
+    with _config_errors(str(config)):
+        settings = schema.from_yaml(config, _assignments(set_))
     from mpo.progress import StepLines
 
     with StepLines(console):
@@ -754,7 +775,8 @@ def demo(
     }
     if not claim_check:
         assignments["pipeline.pairing.claim_patterns"] = {}
-    settings = DemoConfig.load(config or DEFAULT_CONFIG, {**assignments, **_assignments(set_)})
+    with _config_errors(str(config or DEFAULT_CONFIG)):
+        settings = DemoConfig.load(config or DEFAULT_CONFIG, {**assignments, **_assignments(set_)})
 
     from mpo.progress import StepLines, step
 

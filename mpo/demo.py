@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mpo.config import PipelineConfig, set_fields
 
@@ -18,12 +18,16 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 class DemoData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     datasets: list[str] = Field(..., min_length=1, description="synthetic datasets (mpo.synth.TASKS)")
     count: int = Field(400, ge=2, description="prompts per dataset, train + held-out")
     heldout_fraction: float = Field(0.3, gt=0, lt=1)
 
 
 class DemoWarmup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     steps: int = Field(1000, ge=0)
     lr: float = Field(1e-3, gt=0)
     vision_lr_scale: float = Field(1.0, gt=0)
@@ -32,6 +36,8 @@ class DemoWarmup(BaseModel):
 
 
 class DemoModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     image_size: int = Field(224, ge=28)
     warmup_count: int = Field(500, ge=1, description="warm-up examples per dataset")
     warmup: DemoWarmup = Field(default_factory=DemoWarmup)
@@ -39,6 +45,8 @@ class DemoModel(BaseModel):
 
 class DemoConfig(BaseModel):
     """``configs/demo.yaml``: where, which data, which tiny model, and the pipeline to run on them."""
+
+    model_config = ConfigDict(extra="forbid")
 
     workdir: Path = Path("demo-run")
     seed: int = Field(0, ge=0, description="seed of the data, the model, sampling and training")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class SFTReduction(StrEnum):
@@ -39,6 +39,8 @@ class DeltaMode(StrEnum):
 
 class MPOLossConfig(BaseModel):
     """Weights and knobs of the loss; defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.1, gt=0, description="KL strength β of DPO and BCO")
     dpo_weight: float = Field(0.8, ge=0, description="weight of the sigmoid DPO term")

@@ -46,7 +46,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
 from mpo.engines.base import FINISHED
@@ -69,6 +69,8 @@ class PairSelection(StrEnum):
 
 class PairingConfig(BaseModel):
     """How samples become pairs. Every field is a documented knob; defaults follow InternVL."""
+
+    model_config = ConfigDict(extra="forbid")
 
     pairs_per_prompt: int = Field(15, ge=1, description="cap on pairs per prompt and source")
     selection: PairSelection = Field(

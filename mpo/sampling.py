@@ -26,7 +26,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mpo.engines.base import Engine, GenerationRequest, SamplingParams
 from mpo.io import atomic_write_text
@@ -41,6 +41,8 @@ _VARIANT = re.compile(r"^sr(?P<ratio>[01](?:\.\d+)?)_(?P<image>wo|with)_image$")
 
 class SamplingConfig(BaseModel):
     """Both sampling stages' settings (defaults: InternVL3's MPO data recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     n: int = Field(32, ge=1, description="samples per closed prompt")
     temperature: float = Field(0.7, ge=0, description="sampling temperature")

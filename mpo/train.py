@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mpo import distributed, parallel
 from mpo.io import atomic_write_text, publish_dir
@@ -44,6 +44,8 @@ STATE_FILE = "trainer_state.pt"
 
 
 class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -52,6 +54,8 @@ class LoraSettings(BaseModel):
 
 class TrainConfig(BaseModel):
     """Every knob of ``mpo train``; defaults follow the MPO paper where it says."""
+
+    model_config = ConfigDict(extra="forbid")
 
     loss: MPOLossConfig = Field(default_factory=MPOLossConfig)
     learning_rate: float = Field(5e-6, gt=0, description="peak lr (paper 5e-6; InternVL2.5 used 1e-6)")

@@ -182,3 +182,19 @@ def test_sample_command_takes_config_fields_and_engine_options(
     )
     bad = CliRunner().invoke(app, [*args[:-2], "--engine-option", "no_such_option=1"])
     assert bad.exit_code != 0 and "no_such_option" in str(bad.exception)
+
+
+def test_a_config_that_does_not_validate_names_every_wrong_field(tmp_path: Path) -> None:
+    """A typo in a nested section is an error, not a silently ignored key; every wrong field is
+    named by its dotted path, with the file, as a usage error (exit 2) rather than a traceback."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "workdir: run\ntrain_data: data/meta.json\nmodel: /models/x\n"
+        "sampling:\n  n: 0\n  temprature: 0.7\ntraining:\n  max_step: 3\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(config), "--runner", "local"])
+    assert result.exit_code == 2
+    message = " ".join(result.output.replace("│", " ").split())
+    for field in ("sampling.n", "sampling.temprature", "training.max_step", "bad.yaml"):
+        assert field in message, message
+    assert "Traceback" not in result.output
