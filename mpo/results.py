@@ -10,6 +10,8 @@ objects come back from a child process, an engine interpreter or a cached Prefec
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,15 @@ class EvalResult(StageResult):
         from mpo.evaluate import overall_standard_error
 
         return overall_standard_error(self.by_dataset)
+
+
+def shape_version() -> str:
+    """A hash of the stage results' schemas. Orchestrators that cache results as pickled objects key
+    on it, so that results of another shape (an older version of this package) miss the cache
+    instead of coming back with fields missing."""
+    models = (StageResult, IngestResult, PairsResult, TrainingResult, EvalResult)
+    schemas = [model.model_json_schema() for model in models]
+    return hashlib.sha256(json.dumps(schemas, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class Comparison(BaseModel):

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
@@ -28,9 +28,18 @@ from mpo.train import TrainConfig
 
 T = TypeVar("T")
 BAD_INPUT = (ValueError, FileNotFoundError, KeyError, TypeError)
+
+
+def _results_shape(_context: Any, _parameters: dict[str, Any]) -> str:
+    from mpo.results import shape_version
+
+    return shape_version()
+
+
 # No run id: a new run with the same inputs reuses the result; neither a time limit nor the
-# interpreter that runs the engine changes a result.
-STAGE_CACHE = (INPUTS - "time_limit" - "python") + TASK_SOURCE
+# interpreter that runs the engine changes a result. Results are pickled ``mpo.results`` objects:
+# their shape is part of the key.
+STAGE_CACHE = (INPUTS - "time_limit" - "python") + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_results_shape)
 
 
 def _logger() -> Any:

@@ -510,3 +510,34 @@ def test_mpo_run_with_the_local_runner_shows_a_line_per_step(tiny_model_dir: Pat
     assert [next((label for label in labels if label in line), line) for line in steps] == labels
     assert "MPO data engine run" in result.output and "train:mpo" in result.output
     assert RunSummary.read(tmp_path / "run" / "summary.json").trainings["mpo"].counts["steps"] == 2
+
+
+def test_cached_stage_results_of_another_shape_are_recomputed(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached sampling and pairing results are pickled ``mpo.results`` objects: a run with the same
+    inputs gets them back as they were, but once their shape changes (another version of the
+    package) they miss the cache and the stages run again, resuming from their stores."""
+    import mpo.results
+    from flows.data_engine import data_engine
+
+    data = tmp_path / "data"
+    generate(data, count=4, seed=0, heldout_fraction=0.0)
+    config = tiny_config(
+        data,
+        tiny_model_dir,
+        tmp_path / "run",
+        train=False,
+        evaluate=False,
+        result_storage=str(tmp_path / "results"),
+    )
+    first = data_engine(config)
+    assert all(s.counts["samples_written"] > 0 for s in first.sampling)
+    assert data_engine(config).sampling == first.sampling  # served from the cache, seconds and all
+
+    monkeypatch.setattr(mpo.results, "shape_version", lambda: "another-shape")
+    again = data_engine(config)
+    for result in again.sampling:
+        assert result.counts["samples_written"] == 0
+        assert result.counts["skipped_shards"] == result.counts["shards"] > 0
+    assert again.pairs.counts == first.pairs.counts
