@@ -48,8 +48,9 @@ class PrefectRunner:
         return result
 
     def sample(self, prompts: IngestResult) -> list[StageResult]:
-        """Both stages at once. A cached result whose store is gone (a deleted work folder) is
-        recomputed, not returned: it would name samples that no longer exist."""
+        """Both stages, at once where their engines can share a device (``sampling_stages_at_once``).
+        A cached result whose store is gone (a deleted work folder) is recomputed, not returned: it
+        would name samples that no longer exist."""
         from mpo.model_identity import model_fingerprint
         from mpo.sampling import STAGES, stage_store
 
@@ -72,6 +73,8 @@ class PrefectRunner:
                     )
                 )
             )
+            if not config.sample_stages_together():
+                futures[-1].wait()  # this stage's engine is closed before the next one loads
         return [future.result() for future in futures]
 
     def pairs(self, samples: list[StageResult], prompts: IngestResult) -> PairsResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -541,3 +542,38 @@ def test_cached_stage_results_of_another_shape_are_recomputed(
         assert result.counts["samples_written"] == 0
         assert result.counts["skipped_shards"] == result.counts["shards"] > 0
     assert again.pairs.counts == first.pairs.counts
+
+
+def test_sampling_stages_wait_for_each_other_where_engines_cannot_share_a_device(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM and lmdeploy each reserve most of a GPU's memory: their two sampling stages run one
+    after the other by default (the transformers engine's run at once), and the field decides."""
+    from prefect.client.orchestration import get_client
+
+    from flows.data_engine import data_engine
+
+    def config_for(engine: str, **fields: Any) -> FlowConfig:
+        return FlowConfig(workdir=tmp_path, train_data=tmp_path, model="m", engine=engine, **fields)
+
+    assert config_for("transformers").sample_stages_together()
+    assert not config_for("vllm").sample_stages_together()
+    assert not config_for("lmdeploy").sample_stages_together()
+    assert config_for("vllm", sampling_stages_at_once=True).sample_stages_together()
+
+    data = tmp_path / "data"
+    generate(data, count=4, seed=0, heldout_fraction=0.0)
+    config = tiny_config(
+        data, tiny_model_dir, tmp_path / "run", train=False, evaluate=False, sampling_stages_at_once=False
+    )
+    state = data_engine(config, return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        runs = [
+            run
+            for run in client.read_task_runs()
+            if run.flow_run_id == state.state_details.flow_run_id and run.name.startswith("sample-")
+        ]
+    first, second = sorted(runs, key=lambda run: run.start_time)
+    assert [first.name, second.name] == ["sample-correctness", "sample-dropout_ntp"]
+    assert second.start_time >= first.end_time
