@@ -11,6 +11,7 @@ deployment (``prefect.yaml``), or against a server to watch it in the UI.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,11 @@ class PrefectRunner:
     def steps(self) -> Steps:
         return Steps(self.config)
 
+    @cached_property
+    def result_storage(self) -> dict[str, Any]:
+        """Task options for where cached results persist; resolved (a block saved) once per run."""
+        return self.config.result_storage_options()
+
     def ingest(self, source: Path | str, out: Path) -> IngestResult:
         task = tasks.with_stage_policy(tasks.ingest_prompts, self.config.stages.ingest)
         result: IngestResult = task(**_call(self.steps.ingest(source, out)))
@@ -57,9 +63,7 @@ class PrefectRunner:
         config = self.config
         if config.sampling_deployment:
             return run_stage_deployment(config.sampling_deployment, config)  # type: ignore[no-any-return]
-        task = tasks.with_stage_policy(
-            tasks.sample_stage, config.stages.sampling, **config.result_storage_options()
-        )
+        task = tasks.with_stage_policy(tasks.sample_stage, config.stages.sampling, **self.result_storage)
         futures = []
         for stage in STAGES:
             step = self.steps.sample(stage, prompts)
@@ -80,9 +84,8 @@ class PrefectRunner:
     def pairs(self, samples: list[StageResult], prompts: IngestResult) -> PairsResult:
         step = self.steps.pairs(samples, prompts)
         done = (Path(step.kwargs["out"]) / "report.json").exists()
-        options = self.config.result_storage_options()
         task = tasks.with_stage_policy(
-            tasks.make_pairs, self.config.stages.pairs, refresh_cache=not done, **options
+            tasks.make_pairs, self.config.stages.pairs, refresh_cache=not done, **self.result_storage
         )
         pairs: PairsResult = task(**_call(step))
         emit_event(

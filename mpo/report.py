@@ -42,12 +42,17 @@ def _save(figure: Any, out: Path) -> Path:
     return out
 
 
-def training_records(summary: RunSummary) -> dict[str, list[dict[str, Any]]]:
-    """Per trained model (mpo, sft), its training steps from ``metrics.jsonl`` (evaluation lines left out)."""
+def training_steps(metrics_file: Path | str) -> list[dict[str, Any]]:
+    """The training steps of one ``metrics.jsonl`` (its evaluation lines left out)."""
     from mpo.train import read_metrics
 
+    return [r for r in read_metrics(metrics_file) if r.get("split") != "eval"]
+
+
+def training_records(summary: RunSummary) -> dict[str, list[dict[str, Any]]]:
+    """Per trained model (mpo, sft), its training steps."""
     return {
-        name: [r for r in read_metrics(training.metrics_file) if r.get("split") != "eval"]
+        name: training_steps(training.metrics_file)
         for name, training in summary.trainings.items()
         if Path(training.metrics_file).is_file()
     }
@@ -180,9 +185,7 @@ def embedded_charts(workdir: Path | str) -> str:
 def curve_rows(metrics_file: Path | str, rows: int = 50) -> list[dict[str, Any]]:
     """About ``rows`` evenly spaced training steps with their loss terms and rewards, rounded: a
     table to read (a run-summary artifact), not the whole log."""
-    from mpo.train import read_metrics
-
-    records = [r for r in read_metrics(metrics_file) if r.get("split") != "eval"]
+    records = training_steps(metrics_file)
     keys = ("step", "loss", "dpo", "bco", "sft", "reward_margin", "reward_accuracy", "delta", "lr")
     return [
         {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k in keys}
