@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
+from flows.artifacts import publish_run
 from flows.config import FlowConfig
 from mpo.config import PipelineConfig
 from mpo.pipeline import Step, Steps, run_pipeline, side_by_side_threads
@@ -121,31 +121,7 @@ class PrefectRunner:
         }
 
     def publish(self, summary: RunSummary) -> None:
-        """The summary as a markdown artifact with the charts embedded, and tables of pairs and training."""
-        from mpo.report import curve_rows, embedded_charts
-
-        create_table_artifact(
-            key="mpo-pairs-per-source",
-            description="preference pairs per dataset and source",
-            table=[
-                {
-                    "dataset": d,
-                    **{s: stats.get("pairs", {}).get(s, 0) for s in ("correctness", "format", "dropout_ntp")},
-                }
-                for d, stats in summary.pairs.datasets.items()
-            ],
-        )
-        if "mpo" in summary.trainings:
-            create_table_artifact(
-                key="mpo-training-curves",
-                table=curve_rows(summary.trainings["mpo"].metrics_file),
-                description="MPO training: loss terms and rewards",
-            )
-        create_markdown_artifact(
-            key="mpo-run-summary",
-            markdown=summary.render() + embedded_charts(Path(summary.workdir)),
-            description="MPO data engine run summary",
-        )
+        publish_run(summary)
 
 
 @flow(name="mpo-data-engine", log_prints=True)

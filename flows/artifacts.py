@@ -1,0 +1,40 @@
+"""A finished run as Prefect artifacts: what the UI's Artifacts tab shows for each run.
+
+The summary as markdown with its charts embedded (inline PNGs, so the artifact needs no file
+server), the pairs per dataset and source, and the MPO training curve as tables. The keys are
+stable so the UI groups every run's version of an artifact together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from mpo.report import curve_rows, embedded_charts
+from mpo.results import RunSummary
+
+PAIR_SOURCES = ("correctness", "format", "dropout_ntp")
+
+
+def publish_run(summary: RunSummary) -> None:
+    """Create the run's artifacts in the current flow run."""
+    create_table_artifact(
+        key="mpo-pairs-per-source",
+        description="preference pairs per dataset and source",
+        table=[
+            {"dataset": dataset, **{s: stats.get("pairs", {}).get(s, 0) for s in PAIR_SOURCES}}
+            for dataset, stats in summary.pairs.datasets.items()
+        ],
+    )
+    if "mpo" in summary.trainings:
+        create_table_artifact(
+            key="mpo-training-curves",
+            table=curve_rows(summary.trainings["mpo"].metrics_file),
+            description="MPO training: loss terms and rewards",
+        )
+    create_markdown_artifact(
+        key="mpo-run-summary",
+        markdown=summary.render() + embedded_charts(Path(summary.workdir)),
+        description="MPO data engine run summary",
+    )
