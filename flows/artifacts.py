@@ -11,10 +11,8 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from mpo.report import curve_rows, embedded_charts
+from mpo.report import curve_rows, embedded_charts, pairs_per_source
 from mpo.results import RunSummary
-
-PAIR_SOURCES = ("correctness", "format", "dropout_ntp")
 
 
 def publish_run(summary: RunSummary) -> None:
@@ -22,10 +20,7 @@ def publish_run(summary: RunSummary) -> None:
     create_table_artifact(
         key="mpo-pairs-per-source",
         description="preference pairs per dataset and source",
-        table=[
-            {"dataset": dataset, **{s: stats.get("pairs", {}).get(s, 0) for s in PAIR_SOURCES}}
-            for dataset, stats in summary.pairs.datasets.items()
-        ],
+        table=[{"dataset": dataset, **counts} for dataset, counts in pairs_per_source(summary.pairs).items()],
     )
     if "mpo" in summary.trainings:
         create_table_artifact(

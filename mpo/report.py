@@ -126,15 +126,26 @@ def plot_accuracy(evaluation: dict[str, dict[str, dict[str, Any]]], out: Path) -
     return _save(figure, out)
 
 
+def pairs_per_source(pairs: PairsResult) -> dict[str, dict[str, int]]:
+    """Pairs per dataset and source, every source that made a pair in any dataset present (0 where
+    none), so a chart's stacks and a table's columns line up and a new source is never left out."""
+    sources = sorted({s for stats in pairs.datasets.values() for s in stats.get("pairs", {})})
+    return {
+        dataset: {source: stats.get("pairs", {}).get(source, 0) for source in sources}
+        for dataset, stats in pairs.datasets.items()
+    }
+
+
 def plot_pairs(pairs: PairsResult, out: Path) -> Path:
     plt = _pyplot()
-    datasets = list(pairs.datasets)
-    sources = sorted({s for stats in pairs.datasets.values() for s in stats.get("pairs", {})})
+    per_dataset = pairs_per_source(pairs)
+    datasets = list(per_dataset)
+    sources = list(next(iter(per_dataset.values()), {}))
     drops = pairs.drops
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     bottom = [0] * len(datasets)
     for source in sources:
-        counts = [pairs.datasets[d].get("pairs", {}).get(source, 0) for d in datasets]
+        counts = [per_dataset[d][source] for d in datasets]
         left.bar(datasets, counts, bottom=bottom, label=source)
         bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
     left.set_title(f"{pairs.counts.get('pairs', 0)} pairs, per dataset and source")
