@@ -39,6 +39,13 @@ def tiny_config(data: Path, model: Path, workdir: Path, **overrides) -> FlowConf
     return FlowConfig(**{**fields, **overrides})
 
 
+def data_only_config(data: Path, model: Path, tmp_path: Path) -> FlowConfig:
+    """Sampling and pairing only, with cached stage results persisted under ``tmp_path/results``."""
+    return tiny_config(
+        data, model, tmp_path / "run", train=False, evaluate=False, result_storage=str(tmp_path / "results")
+    )
+
+
 def shard_stats(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("*/shard-*.parquet"))}
 
@@ -139,14 +146,7 @@ def test_a_failed_shard_resumes_without_recomputing_or_duplicating(
 
     data = tmp_path / "data"
     generate(data, count=10, seed=0)
-    config = tiny_config(
-        data,
-        tiny_model_dir,
-        tmp_path / "run",
-        train=False,
-        evaluate=False,
-        result_storage=str(tmp_path / "results"),
-    )
+    config = data_only_config(data, tiny_model_dir, tmp_path)
     real = mpo.sampling._sample_rows
     calls = {"correctness": 0}
 
@@ -233,9 +233,7 @@ def test_a_deleted_work_folder_or_new_weights_are_resampled_not_served_from_the_
     data, model = tmp_path / "data", tmp_path / "model"
     generate(data, count=6, seed=0, heldout_fraction=0.0)
     shutil.copytree(tiny_model_dir, model)
-    config = tiny_config(
-        data, model, tmp_path / "run", train=False, evaluate=False, result_storage=str(tmp_path / "results")
-    )
+    config = data_only_config(data, model, tmp_path)
     first = data_engine(config)
     assert first.pairs.pairs_by_source.get("dropout_ntp", 0) > 0
 
@@ -524,14 +522,7 @@ def test_cached_stage_results_of_another_shape_are_recomputed(
 
     data = tmp_path / "data"
     generate(data, count=4, seed=0, heldout_fraction=0.0)
-    config = tiny_config(
-        data,
-        tiny_model_dir,
-        tmp_path / "run",
-        train=False,
-        evaluate=False,
-        result_storage=str(tmp_path / "results"),
-    )
+    config = data_only_config(data, tiny_model_dir, tmp_path)
     first = data_engine(config)
     assert all(s.counts["samples_written"] > 0 for s in first.sampling)
     assert data_engine(config).sampling == first.sampling  # served from the cache, seconds and all
