@@ -149,6 +149,12 @@ class Steps:
     def layout(self) -> RunLayout:
         return RunLayout(Path(self.config.workdir))
 
+    def _engine(self) -> dict[str, Any]:
+        """What the two jobs that generate (sampling and evaluation) need of the sampling engine;
+        both run under ``engine_python`` where one is configured."""
+        config = self.config
+        return {"engine": config.engine, "engine_options": config.engine_options, "sampling": config.sampling}
+
     def ingest(self, source: Path | str, out: Path) -> Step:
         return Step(
             f"ingest-{Path(source).name}",
@@ -162,9 +168,7 @@ class Steps:
             "stage": stage,
             "prompts_dir": prompts.out_dir,
             "model": config.model,
-            "engine": config.engine,
-            "engine_options": config.engine_options,
-            "sampling": config.sampling,
+            **self._engine(),
             "out": str(self.layout.samples),
         }
         return Step(
@@ -224,9 +228,7 @@ class Steps:
             "model": model,
             "prompts_dir": heldout.out_dir,
             "out": str(self.layout.evaluation),
-            "engine": config.engine,
-            "engine_options": config.engine_options,
-            "sampling": config.sampling,
+            **self._engine(),
             "pairing": config.pairing,
             "max_tokens": config.eval_max_tokens,
             "name": name,
