@@ -61,11 +61,6 @@ class FlowConfig(PipelineConfig):
         None,
         description="run reference log-probs + training as this deployment (e.g. 'mpo-training/training')",
     )
-    sampling_stages_at_once: bool | None = Field(
-        None,
-        description="run the correctness and DropoutNTP stages at the same time; default: only with the "
-        "transformers engine (vLLM and lmdeploy each reserve most of a GPU's memory, so two on one GPU fail)",
-    )
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="where submitted stages run: a thread pool, or a Dask cluster (`dask` extra)"
     )
@@ -104,9 +99,3 @@ class FlowConfig(PipelineConfig):
             return DaskTaskRunner(address=self.dask_address)
         workers = {"n_workers": self.dask_workers, "processes": self.dask_processes, "threads_per_worker": 1}
         return DaskTaskRunner(cluster_kwargs=workers)
-
-    def sample_stages_together(self) -> bool:
-        """Whether both sampling stages may hold an engine at the same time (see the field)."""
-        if self.sampling_stages_at_once is not None:
-            return self.sampling_stages_at_once
-        return self.engine == "transformers"

@@ -1,33 +1,30 @@
-"""Each heavy stage as its own flow, so deployments can run it on its own work pool.
+"""The flows that deployments on other work pools run: one step each, handed over by the data engine.
 
-``mpo-sampling`` (ingest + both sampling stages) and ``mpo-training`` (reference log-probs +
-the trainings) go to a ``gpu`` pool; the full ``mpo-data-engine`` flow stays on ``cpu`` or
-runs everything where one machine has a GPU. They are the Prefect runner's own steps, so a
-stage run alone writes exactly where the full flow would and each resumes the other's work.
+The data-engine flow (on a ``cpu`` pool) hands sampling steps to ``mpo-sampling`` and reference
+and training steps to ``mpo-training`` (both on a ``gpu`` pool) when ``sampling_deployment`` /
+``training_deployment`` are set (``flows.handoff``). The step is the parameter: the same job with
+the same arguments as in the data engine's own process, so it writes exactly where the full flow
+would and each resumes the other's work. It runs once here, without retries: the handing task
+retries it as a new flow run (a crashed worker takes its flow run with it).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
-from flows.config import FlowConfig
-from flows.data_engine import PrefectRunner
-from mpo.results import PairsResult, StageResult, TrainingResult
-
-
-def _here(config: FlowConfig) -> PrefectRunner:
-    """The runner for this flow's own work: the stages it was handed run here, not as deployments again."""
-    return PrefectRunner(config.model_copy(update={"sampling_deployment": None, "training_deployment": None}))
+from mpo.step import Step
+from tasks.stages import run_step
 
 
 @flow(name="mpo-sampling", log_prints=True, persist_result=True)
-def sampling(config: FlowConfig) -> list[StageResult]:
-    """Ingest the prompts and run both sampling stages; returns the stages' results."""
-    runner = _here(config)
-    return runner.sample(runner.ingest(config.train_data, runner.steps.layout.ingested))
+def sampling(step: Step) -> Any:
+    """One sampling step (a stage, or a part of one) with one engine load; returns its result."""
+    return run_step.with_options(task_run_name=step.label)(step)
 
 
 @flow(name="mpo-training", log_prints=True, persist_result=True)
-def training(config: FlowConfig, pairs: PairsResult) -> tuple[StageResult | None, dict[str, TrainingResult]]:
-    """Reference log-probs into the pairs, then MPO (and the SFT baseline when the config asks)."""
-    return _here(config).train(pairs)
+def training(step: Step) -> Any:
+    """Reference log-probs into a pairs version, or one training (MPO, the SFT baseline)."""
+    return run_step.with_options(task_run_name=step.label)(step)

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-if TYPE_CHECKING:
-    from mpo.results import RunSummary
 
 # Nothing in this project may reach a model hub; fail fast instead of hanging on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -551,9 +547,6 @@ def _load_yaml(path: Path) -> dict:
     return loaded
 
 
-RUNNERS = ("prefect", "local")
-
-
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config YAML (mpo.config.PipelineConfig fields)")],
@@ -580,43 +573,32 @@ def run(
     """
     from rich.markdown import Markdown
 
-    from mpo.config import PipelineConfig
-
-    schema = PipelineConfig if runner == "local" else _prefect_runner(runner).FlowConfig
+    entry = _runner(runner)
     with _config_errors(str(config)):
-        settings = schema.from_yaml(config, _assignments(set_))
+        settings = entry.config_type.from_yaml(config, _assignments(set_))
     from mpo.progress import StepLines
 
     with StepLines(console):
-        summary = _run_pipeline(settings, runner)
+        summary = entry.run(settings)
     console.print(Markdown(summary.render()))
 
 
-def _prefect_runner(runner: str) -> Any:
-    """The Prefect runner's module. It lives in ``flows/`` and is looked up by name only when asked
-    for, so the library and the local runner work where Prefect is not installed."""
-    if runner not in RUNNERS:
-        raise typer.BadParameter(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+def _runner(name: str) -> Any:
+    """The runner named by ``--runner`` (``mpo.pipeline.find_runner``: local, or an entry point)."""
+    from mpo.pipeline import find_runner
+
     # The ephemeral API takes 20-32 s to start on 2 cores; Prefect's default timeout is 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        return importlib.import_module("flows.data_engine")
+        return find_runner(name)
+    except LookupError as error:
+        raise typer.BadParameter(f"--runner: {error}") from None
     except ModuleNotFoundError as error:
         raise typer.BadParameter(
-            f"the prefect runner needs Prefect ({error}): pip install "
+            f"the {name} runner needs its orchestrator ({error}): pip install "
             "'mpo-data-engine[prefect]', or use --runner local"
         ) from None
-
-
-def _run_pipeline(settings: Any, runner: str) -> RunSummary:
-    """The pipeline under the chosen runner (``local``: ``mpo.pipeline.run_local``)."""
-    if runner == "local":
-        from mpo.pipeline import run_local
-
-        return run_local(settings)  # each step's latest log line shows on its terminal line
-    summary: RunSummary = _prefect_runner(runner).run_flow(settings)
-    return summary
 
 
 @app.command()
@@ -799,7 +781,7 @@ def demo(
             f"{warmup.steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
             f"{model['last_loss'] or float('nan'):.3f} ({time.perf_counter() - started:.0f} s with the data)"
         )
-        summary = _run_pipeline(pipeline, runner)
+        summary = _runner(runner).run(pipeline)
     console.print(Markdown(summary.render()))
     console.print(f"total {time.perf_counter() - started:.0f} s")
 

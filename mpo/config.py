@@ -46,8 +46,8 @@ class StageLimit(BaseModel):
     time_limit_seconds: float | None = Field(
         None,
         gt=0,
-        description="hard limit for the sampling, reference, training and evaluation stages: each runs "
-        "in its own process, killed at the limit (a thread timeout cannot stop a CUDA call); empty: no limit",
+        description="hard limit on the stage: it runs in its own process, killed at the limit (a thread "
+        "timeout cannot stop a CUDA call); empty: no limit",
     )
 
 
@@ -95,9 +95,20 @@ class PipelineConfig(BaseModel):
         description="train the SFT baseline at the same time as MPO, each in its own process with half the "
         "CPU threads (a small model on a CPU is bound by Python, not by cores); leave off on one GPU",
     )
+    sampling_stages_at_once: bool | None = Field(
+        None,
+        description="run the correctness and DropoutNTP stages at the same time; default: only with the "
+        "transformers engine (vLLM and lmdeploy each reserve most of a GPU's memory, so two on one GPU fail)",
+    )
     evaluate: bool = Field(True, description="greedy held-out accuracy before and after training")
     eval_max_tokens: int = Field(256, ge=1, description="new tokens per greedy evaluation answer")
     stages: StageLimits = Field(default_factory=StageLimits)
+
+    def sample_stages_together(self) -> bool:
+        """Whether both sampling stages may hold an engine at the same time (see the field)."""
+        if self.sampling_stages_at_once is not None:
+            return self.sampling_stages_at_once
+        return self.engine == "transformers"
 
     @classmethod
     def from_yaml(cls, path: Path | str, assignments: dict[str, Any] | None = None) -> PipelineConfig:

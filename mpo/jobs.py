@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo.pairs import PairingConfig
-from mpo.results import EvalResult, IngestResult, PairsResult, StageResult, TrainingResult
+from mpo.results import Comparison, EvalResult, IngestResult, PairsResult, StageResult, TrainingResult
 from mpo.sampling import SamplingConfig
 from mpo.time_limit import Emit
 from mpo.train import TrainConfig
@@ -233,3 +233,23 @@ def evaluate_job(
         model=model,
         by_dataset=table,
     )
+
+
+def compare_job(
+    out: str,
+    prompts_dir: str,
+    models: dict[str, str],
+    sampling: SamplingConfig,
+    pairing: PairingConfig,
+    max_tokens: int,
+    emit: Emit,
+) -> dict[str, Comparison]:
+    """Paired differences of the evaluated models on the same held-out prompts ("mpo - start",
+    "mpo - sft"), from the evaluation stores the evaluation jobs wrote."""
+    from mpo.evaluate import compare_models
+
+    compared = compare_models(out, prompts_dir, models, sampling, pairing, max_tokens)
+    comparison = {pair: Comparison(**values) for pair, values in compared.items()}
+    for pair, result in comparison.items():
+        emit({"log": f"{pair}: {100 * result.difference:+.1f} ± {100 * result.standard_error:.1f} points"})
+    return comparison

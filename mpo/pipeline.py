@@ -3,12 +3,12 @@ how versions are keyed, and a plain in-process runner.
 
 ingest -> {correctness, DropoutNTP} -> pairs -> reference log-probs -> MPO (+ SFT baseline)
 -> held-out evaluation -> summary. ``run_pipeline`` owns the chain: what runs, on what, in
-which order, and how the results add up to a ``RunSummary``. A ``Runner`` decides only how
-each step runs: ``LocalRunner`` here, one job after the other in this process (a job with a
-time limit or an engine interpreter in a child process), or the Prefect runner in ``flows/``
-(tasks with retries, caching, artifacts). Both run the same ``mpo.jobs`` with the same
-arguments (``Steps``), and every stage resumes from what its folder holds, so any runner can
-pick up another's work.
+which order, what may run at the same time, and how the results add up to a ``RunSummary``.
+``Steps`` turns the config into ``Step``s (``mpo.step``: a job and its arguments, as data). A
+``Runner`` only runs steps: ``LocalRunner`` here (this process, threads for steps that run
+together), or the Prefect runner in ``flows/`` (one task for every step, with the stage's
+retries, caching and tags; a deployment on a GPU pool where configured). Every stage resumes
+from what its folder holds, so any runner can pick up another's work.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from mpo.results import (
     StageResult,
     TrainingResult,
 )
-from mpo.time_limit import Emit, call_with_time_limit
+from mpo.step import Step
+from mpo.time_limit import Emit
 from mpo.train import TrainConfig
 
 
@@ -105,32 +106,6 @@ class RunLayout:
 
 
 @dataclass(frozen=True)
-class Step:
-    """One job call: the ``mpo.jobs`` function, its arguments, and how it must run."""
-
-    label: str  # how the terminal names it, as the Prefect runner's task runs: "sample-correctness"
-    job: Callable[..., Any]
-    kwargs: dict[str, Any]
-    time_limit: float | None = None
-    python: str | None = None  # the interpreter of an engine's own environment
-
-    def run(self, emit: Emit, own_process: bool = False) -> Any:
-        """In this process, or in a child (time limit, other interpreter, ``own_process``); its
-        events also feed its line on the terminal when one is shown (``mpo.progress``)."""
-        from mpo.progress import step
-
-        with step(self.label) as line:
-
-            def both(event: dict[str, Any]) -> None:
-                line(event)
-                emit(event)
-
-            return call_with_time_limit(
-                self.job, self.kwargs, self.time_limit, both, own_process=own_process, python=self.python
-            )
-
-
-@dataclass(frozen=True)
 class TrainingPlan:
     """One training of the run: ``mpo``, or ``sft`` for the baseline, and its own folder."""
 
@@ -141,7 +116,7 @@ class TrainingPlan:
 
 @dataclass(frozen=True)
 class Steps:
-    """Every job's arguments from the config and the layout, so that all runners call the jobs alike."""
+    """Every job's step from the config and the layout, so that all runners call the jobs alike."""
 
     config: PipelineConfig
 
@@ -156,49 +131,71 @@ class Steps:
         return {"engine": config.engine, "engine_options": config.engine_options, "sampling": config.sampling}
 
     def ingest(self, source: Path | str, out: Path) -> Step:
-        return Step(
-            f"ingest-{Path(source).name}",
+        return Step.of(
             jobs.ingest_job,
-            {"source": str(source), "out": str(out), "strict": self.config.strict_ingest},
+            f"ingest-{Path(source).name}",
+            "ingest",
+            kwargs={"source": str(source), "out": str(out), "strict": self.config.strict_ingest},
+            time_limit=self.config.stages.ingest.time_limit_seconds,
         )
 
     def sample(self, stage: str, prompts: IngestResult) -> Step:
+        """One sampling stage. Its result is cached by orchestrators that cache: new prompts or new
+        weights at the same path are a new key, and a deleted store is sampled again."""
+        from mpo.model_identity import model_fingerprint
+        from mpo.sampling import stage_store
+
         config = self.config
-        kwargs = {
-            "stage": stage,
-            "prompts_dir": prompts.out_dir,
-            "model": config.model,
-            **self._engine(),
-            "out": str(self.layout.samples),
-        }
-        return Step(
-            f"sample-{stage}",
+        out = self.layout.samples
+        return Step.of(
             jobs.sample_job,
-            kwargs,
-            config.stages.sampling.time_limit_seconds,
-            config.engine_python,
+            f"sample-{stage}",
+            "sampling",
+            kwargs={
+                "stage": stage,
+                "prompts_dir": prompts.out_dir,
+                "model": config.model,
+                **self._engine(),
+                "out": str(out),
+            },
+            time_limit=config.stages.sampling.time_limit_seconds,
+            python=config.engine_python,
+            identity={"prompts": prompts.version, "weights": model_fingerprint(config.model)},
+            output=str(stage_store(out, stage, config.sampling, config.model)),
         )
 
     def pairs(self, samples: list[StageResult], prompts: IngestResult) -> Step:
         samples_dirs = [s.out_dir for s in samples]
         out = self.layout.pairs(self.config, prompts.version, samples_dirs)
-        kwargs = {
-            "samples_dirs": samples_dirs,
-            "prompts_dir": prompts.out_dir,
-            "out": str(out),
-            "pairing": self.config.pairing,
-        }
-        return Step("pairs", jobs.pairs_job, kwargs)
+        return Step.of(
+            jobs.pairs_job,
+            "pairs",
+            "pairs",
+            kwargs={
+                "samples_dirs": samples_dirs,
+                "prompts_dir": prompts.out_dir,
+                "out": str(out),
+                "pairing": self.config.pairing,
+            },
+            time_limit=self.config.stages.pairs.time_limit_seconds,
+            identity={},  # ``out`` names the data version: it keys the result
+            output=str(out / "report.json"),
+        )
 
     def reference(self, pairs: PairsResult) -> Step:
         config = self.config
-        kwargs = {
-            "pairs_dir": pairs.out_dir,
-            "model": config.model,
-            "max_length": config.training.max_length,
-            "bf16": config.training.bf16,
-        }
-        return Step("reference-logps", jobs.reference_job, kwargs, config.stages.ref_logps.time_limit_seconds)
+        return Step.of(
+            jobs.reference_job,
+            "reference-logps",
+            "ref_logps",
+            kwargs={
+                "pairs_dir": pairs.out_dir,
+                "model": config.model,
+                "max_length": config.training.max_length,
+                "bf16": config.training.bf16,
+            },
+            time_limit=config.stages.ref_logps.time_limit_seconds,
+        )
 
     def trainings(self, pairs: PairsResult) -> list[TrainingPlan]:
         """MPO, then the SFT baseline when asked for, each in its own folder."""
@@ -210,102 +207,135 @@ class Steps:
             for name, training in wanted
         ]
 
-    def train(self, pairs: PairsResult, plan: TrainingPlan, torch_threads: int | None = None) -> Step:
-        kwargs = {
-            "pairs_dir": pairs.out_dir,
-            "model": self.config.model,
-            "out": str(plan.out),
-            "training": plan.config,
-            "eval_pairs": None,
-            "torch_threads": torch_threads,
-            "name": plan.name,
-        }
-        return Step(f"train-{plan.name}", jobs.train_job, kwargs, self.config.stages.train.time_limit_seconds)
+    def train(self, pairs: PairsResult, plan: TrainingPlan, side_by_side: bool = False) -> Step:
+        """One training; ``side_by_side``: in its own process with its share of the CPU threads, so
+        that it runs beside another training (``baseline_side_by_side``)."""
+        return Step.of(
+            jobs.train_job,
+            f"train-{plan.name}",
+            "train",
+            kwargs={
+                "pairs_dir": pairs.out_dir,
+                "model": self.config.model,
+                "out": str(plan.out),
+                "training": plan.config,
+                "eval_pairs": None,
+                "torch_threads": side_by_side_threads() if side_by_side else None,
+                "name": plan.name,
+            },
+            time_limit=self.config.stages.train.time_limit_seconds,
+            own_process=side_by_side,
+        )
 
     def evaluate(self, name: str, model: str, heldout: IngestResult) -> Step:
         config = self.config
-        kwargs = {
-            "model": model,
-            "prompts_dir": heldout.out_dir,
-            "out": str(self.layout.evaluation),
-            **self._engine(),
-            "pairing": config.pairing,
-            "max_tokens": config.eval_max_tokens,
-            "name": name,
-        }
-        return Step(
-            f"evaluate-{name}",
+        return Step.of(
             jobs.evaluate_job,
-            kwargs,
-            config.stages.evaluate.time_limit_seconds,
-            config.engine_python,
+            f"evaluate-{name}",
+            "evaluate",
+            kwargs={
+                "model": model,
+                "prompts_dir": heldout.out_dir,
+                "out": str(self.layout.evaluation),
+                **self._engine(),
+                "pairing": config.pairing,
+                "max_tokens": config.eval_max_tokens,
+                "name": name,
+            },
+            time_limit=config.stages.evaluate.time_limit_seconds,
+            python=config.engine_python,
+        )
+
+    def compare(self, models: dict[str, str], heldout: IngestResult) -> Step:
+        config = self.config
+        return Step.of(
+            jobs.compare_job,
+            "compare",
+            "evaluate",
+            kwargs={
+                "out": str(self.layout.evaluation),
+                "prompts_dir": heldout.out_dir,
+                "models": models,
+                "sampling": config.sampling,
+                "pairing": config.pairing,
+                "max_tokens": config.eval_max_tokens,
+            },
+            time_limit=config.stages.evaluate.time_limit_seconds,
         )
 
 
 class Runner(Protocol):
-    """How each step of the chain runs (in this process, as Prefect tasks, as deployments).
+    """How steps run: in this process, as Prefect tasks, as deployments on a GPU pool.
 
-    ``run_pipeline`` decides what runs on what; a runner only runs it, with the arguments
-    ``steps`` gives, and returns the jobs' results."""
+    A runner runs the steps it is given and returns the jobs' results; ``run_pipeline`` decides
+    what runs, on what, in which order and what runs at the same time, so every runner honours
+    every field of the config."""
 
-    @property
-    def steps(self) -> Steps: ...
-
-    def ingest(self, source: Path | str, out: Path) -> IngestResult: ...
-
-    def sample(self, prompts: IngestResult) -> list[StageResult]: ...
-
-    def pairs(self, samples: list[StageResult], prompts: IngestResult) -> PairsResult: ...
-
-    def train(self, pairs: PairsResult) -> tuple[StageResult | None, dict[str, TrainingResult]]:
-        """Reference log-probs, then every training of ``steps.trainings``."""
+    def run(self, step: Step) -> Any:
+        """One step; returns its job's result."""
         ...
 
-    def evaluate(self, models: dict[str, str], heldout: IngestResult) -> dict[str, EvalResult]: ...
+    def run_together(self, steps: list[Step]) -> list[Any]:
+        """Steps that may run at the same time; returns their results in order."""
+        ...
 
     def publish(self, summary: RunSummary) -> None:
         """Show the finished run (print it, or publish artifacts)."""
         ...
 
 
-def run_pipeline(runner: Runner) -> RunSummary:
+def _run_all(runner: Runner, steps: list[Step], together: bool) -> list[Any]:
+    if together and len(steps) > 1:
+        return runner.run_together(steps)
+    return [runner.run(step) for step in steps]
+
+
+def run_pipeline(config: PipelineConfig, runner: Runner) -> RunSummary:
     """The whole chain under ``runner``; returns the summary, also written to ``summary.json``
     with the run's charts beside it."""
-    from mpo.evaluate import compare_models
+    from mpo.sampling import STAGES
 
-    config, layout = runner.steps.config, runner.steps.layout
+    steps = Steps(config)
+    layout = steps.layout
     timings: dict[str, float] = {}
 
-    def timed(step: str, work: Callable[[], Any]) -> Any:
+    def timed(name: str, work: Callable[[], Any]) -> Any:
         started = time.perf_counter()
         result = work()
-        timings[step] = time.perf_counter() - started
+        timings[name] = time.perf_counter() - started
         return result
 
     def ingest() -> tuple[IngestResult, IngestResult | None]:
-        prompts = runner.ingest(config.train_data, layout.ingested)
+        prompts = runner.run(steps.ingest(config.train_data, layout.ingested))
         if not config.evaluate or config.heldout_data is None:
             return prompts, None
-        return prompts, runner.ingest(config.heldout_data, layout.heldout)
+        return prompts, runner.run(steps.ingest(config.heldout_data, layout.heldout))
+
+    def train(pairs: PairsResult) -> tuple[StageResult, dict[str, TrainingResult]]:
+        reference = runner.run(steps.reference(pairs))
+        plans = steps.trainings(pairs)
+        side_by_side = config.baseline_side_by_side and len(plans) > 1
+        trainings = [steps.train(pairs, plan, side_by_side) for plan in plans]
+        results = _run_all(runner, trainings, together=side_by_side)
+        return reference, {plan.name: result for plan, result in zip(plans, results, strict=True)}
 
     prompts, heldout = timed("ingest", ingest)
-    sampled = timed("sampling", lambda: runner.sample(prompts))
-    pairs = timed("pairs", lambda: runner.pairs(sampled, prompts))
-    reference, trainings = timed("training", lambda: runner.train(pairs)) if config.train else (None, {})
+    sample_steps = [steps.sample(stage, prompts) for stage in STAGES]
+    sampled = timed("sampling", lambda: _run_all(runner, sample_steps, config.sample_stages_together()))
+    pairs = timed("pairs", lambda: runner.run(steps.pairs(sampled, prompts)))
+    reference, trainings = timed("training", lambda: train(pairs)) if config.train else (None, {})
     models = {"start": config.model, **{name: t.final_model for name, t in trainings.items()}}
     evaluation: dict[str, EvalResult] = {}
     comparison: dict[str, Comparison] = {}
     if heldout is not None:
-        evaluation = timed("evaluation", lambda: runner.evaluate(models, heldout))
-        compared = compare_models(
-            layout.evaluation,
-            heldout.out_dir,
-            models,
-            config.sampling,
-            config.pairing,
-            config.eval_max_tokens,
-        )
-        comparison = {pair: Comparison(**values) for pair, values in compared.items()}
+
+        def evaluate() -> tuple[dict[str, EvalResult], dict[str, Comparison]]:
+            scored = {
+                name: runner.run(steps.evaluate(name, model, heldout)) for name, model in models.items()
+            }
+            return scored, runner.run(steps.compare(models, heldout))
+
+        evaluation, comparison = timed("evaluation", evaluate)
     summary = RunSummary(
         workdir=str(layout.workdir),
         ingest=prompts,
@@ -326,36 +356,20 @@ def run_pipeline(runner: Runner) -> RunSummary:
 
 @dataclass
 class LocalRunner:
-    """Every step in this process, one after the other; no retries (a re-run resumes) and no
-    caching beyond what each stage's folder holds. ``emit`` gets the jobs' log and progress events."""
+    """Every step in this process (a step with a time limit, an engine interpreter or its own
+    process in a child); steps that may run together run in threads. No retries (a re-run resumes)
+    and no caching beyond what each stage's folder holds. ``emit`` gets the jobs' events."""
 
-    steps: Steps
     emit: Emit = field(default=lambda _event: None)
 
-    def ingest(self, source: Path | str, out: Path) -> IngestResult:
-        result: IngestResult = self.steps.ingest(source, out).run(self.emit)
-        return result
+    def run(self, step: Step) -> Any:
+        return step.run(self.emit)
 
-    def sample(self, prompts: IngestResult) -> list[StageResult]:
-        from mpo.sampling import STAGES
+    def run_together(self, steps: list[Step]) -> list[Any]:
+        from concurrent.futures import ThreadPoolExecutor
 
-        return [self.steps.sample(stage, prompts).run(self.emit) for stage in STAGES]
-
-    def pairs(self, samples: list[StageResult], prompts: IngestResult) -> PairsResult:
-        result: PairsResult = self.steps.pairs(samples, prompts).run(self.emit)
-        return result
-
-    def train(self, pairs: PairsResult) -> tuple[StageResult | None, dict[str, TrainingResult]]:
-        reference = self.steps.reference(pairs).run(self.emit)
-        trained = {
-            plan.name: self.steps.train(pairs, plan).run(self.emit) for plan in self.steps.trainings(pairs)
-        }
-        return reference, trained
-
-    def evaluate(self, models: dict[str, str], heldout: IngestResult) -> dict[str, EvalResult]:
-        return {
-            name: self.steps.evaluate(name, model, heldout).run(self.emit) for name, model in models.items()
-        }
+        with ThreadPoolExecutor(len(steps)) as pool:
+            return list(pool.map(self.run, steps))
 
     def publish(self, summary: RunSummary) -> None:
         for chart in sorted((Path(summary.workdir) / "plots").glob("*.png")):
@@ -364,4 +378,41 @@ class LocalRunner:
 
 def run_local(config: PipelineConfig, on_event: Emit | None = None) -> RunSummary:
     """The whole pipeline in this process, without an orchestrator (``LocalRunner``)."""
-    return run_pipeline(LocalRunner(Steps(config), on_event or (lambda _event: None)))
+    return run_pipeline(config, LocalRunner(on_event or (lambda _event: None)))
+
+
+@dataclass(frozen=True)
+class RunnerEntry:
+    """A runner as ``mpo run --runner NAME`` finds it: its config model (the library's fields plus
+    the runner's own settings) and how it runs the pipeline on such a config.
+
+    Orchestrators live outside the library and offer themselves through the ``mpo.runners`` entry
+    point group (the Prefect runner: ``flows.data_engine:RUNNER``, declared in pyproject.toml), so
+    ``mpo/`` never imports them and works where they are not installed."""
+
+    config_type: type[PipelineConfig]
+    run: Callable[[PipelineConfig], RunSummary]
+
+
+RUNNER_GROUP = "mpo.runners"
+LOCAL = RunnerEntry(config_type=PipelineConfig, run=run_local)
+
+
+def runner_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return ["local", *sorted(entry.name for entry in entry_points(group=RUNNER_GROUP))]
+
+
+def find_runner(name: str) -> RunnerEntry:
+    """``local``, or the runner an installed package declares under ``mpo.runners``. A declared
+    runner whose package's requirements are missing (Prefect) raises ``ModuleNotFoundError``."""
+    from importlib.metadata import entry_points
+
+    if name == "local":
+        return LOCAL
+    found = entry_points(group=RUNNER_GROUP, name=name)
+    if not found:
+        raise LookupError(f"no runner {name!r}; installed: {', '.join(runner_names())}")
+    entry: RunnerEntry = next(iter(found)).load()
+    return entry

@@ -17,7 +17,7 @@ from mpo.results import RunSummary
 from mpo.sampling import SamplingConfig
 from mpo.synth import VERIFY_MODES, generate
 from mpo.train import TrainConfig
-from tasks.stages import ingest_prompts, retry_unless_bad_input, with_stage_policy
+from tasks.stages import retry_unless_bad_input, run_step, with_stage_policy
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -277,23 +277,29 @@ def test_bad_input_is_not_retried_but_transient_failures_are() -> None:
 def test_a_stage_past_its_hard_limit_fails_as_transient(
     prompts_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    from mpo import jobs
+    from mpo.step import Step
     from mpo.time_limit import StageTimeout
-    from tasks.stages import sample_stage
+
+    step = Step.of(
+        jobs.sample_job,
+        "sample-correctness",
+        "sampling",
+        kwargs={
+            "stage": "correctness",
+            "prompts_dir": str(prompts_dir),
+            "model": str(tiny_model_dir),
+            "engine": "transformers",
+            "engine_options": {},
+            "sampling": SamplingConfig(n=1, max_tokens=4),
+            "out": str(tmp_path),
+        },
+        time_limit=0.5,
+    )
 
     @flow
     def run() -> None:
-        sample_stage(
-            "correctness",
-            str(prompts_dir),
-            "v",
-            str(tiny_model_dir),
-            "fp",
-            "transformers",
-            {},
-            SamplingConfig(n=1, max_tokens=4),
-            str(tmp_path),
-            time_limit=0.5,
-        )
+        run_step(step)
 
     state = run(return_state=True)
     assert state.is_failed()
@@ -304,7 +310,7 @@ def test_a_stage_past_its_hard_limit_fails_as_transient(
 
 def test_stage_policy_sets_backoff_and_tags() -> None:
     policy = StagePolicy(retries=3, retry_delay_seconds=5, retry_jitter_factor=0.5, tags=["gpu"])
-    configured = with_stage_policy(ingest_prompts, policy)
+    configured = with_stage_policy(run_step, policy)
     assert configured.retries == 3
     assert configured.retry_delay_seconds == [5, 10, 20]
     assert configured.retry_jitter_factor == 0.5
@@ -312,8 +318,11 @@ def test_stage_policy_sets_backoff_and_tags() -> None:
     assert configured.retry_condition_fn is retry_unless_bad_input
 
 
-def test_ingest_task_body(synth_dir: Path, tmp_path: Path) -> None:
-    result = ingest_prompts.fn(str(synth_dir / "meta.json"), str(tmp_path / "ingested"))
+def test_the_one_task_runs_an_ingest_step(synth_dir: Path, tmp_path: Path) -> None:
+    from mpo.pipeline import Steps
+
+    config = FlowConfig(workdir=tmp_path, train_data=synth_dir / "meta.json", model="m")
+    result = run_step.fn(Steps(config).ingest(synth_dir / "meta.json", tmp_path / "ingested"))
     assert result.counts["prompts"] == 48 and len(result.version) >= 8
     assert json.loads((tmp_path / "ingested" / "report.json").read_text())["total_prompts"] == 48
 
