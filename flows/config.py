@@ -90,12 +90,19 @@ class FlowConfig(PipelineConfig):
     def task_runner_instance(self) -> Any:
         """The task runner asked for (Dask needs the `dask` extra: prefect-dask + distributed)."""
         if self.task_runner == "threads":
-            from prefect.task_runners import ThreadPoolTaskRunner
-
-            return ThreadPoolTaskRunner()
+            return handoff_threads()
         from prefect_dask import DaskTaskRunner
 
         if self.dask_address:
             return DaskTaskRunner(address=self.dask_address)
         workers = {"n_workers": self.dask_workers, "processes": self.dask_processes, "threads_per_worker": 1}
         return DaskTaskRunner(cluster_kwargs=workers)
+
+
+def handoff_threads() -> Any:
+    """A thread pool wide enough for every sampling partition of a run at once: a partition handed
+    to a GPU worker only waits here, and a pool the size of this machine's cores (Prefect's
+    default) would keep all but a few of the GPU workers idle."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=256)

@@ -19,7 +19,7 @@ from prefect import flow
 from prefect.events import emit_event
 
 from flows.artifacts import publish_run
-from flows.config import FlowConfig
+from flows.config import FlowConfig, handoff_threads
 from mpo.config import PipelineConfig
 from mpo.pipeline import RunnerEntry, run_pipeline
 from mpo.progress import current as current_step_lines
@@ -56,8 +56,27 @@ class PrefectRunner:
         return result
 
     def run_together(self, steps: list[Step]) -> list[Any]:
-        futures = [self._task(step).submit(step, self.deployment(step)) for step in steps]
-        return [future.result() for future in futures]
+        """Every step submitted at once (steps handed to a deployment each get a worker of its pool),
+        except that steps holding a device wait for each other in this flow run; a progress artifact
+        counts the group's finished steps."""
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.futures import as_completed
+
+        futures = []
+        for step in steps:
+            deployment = self.deployment(step)
+            futures.append(self._task(step).submit(step, deployment))
+            if step.holds_device and deployment is None:
+                futures[-1].wait()  # its engine is closed before the next one loads
+        if len(steps) > 2 or any(self.deployment(step) for step in steps):
+            label = f"{steps[0].stage}: steps done ({len(steps)})"
+            artifact: Any = create_progress_artifact(progress=0.0, description=label)
+            for done, _future in enumerate(as_completed(futures), start=1):
+                update_progress_artifact(artifact, progress=100.0 * done / len(futures))
+        results = [future.result() for future in futures]
+        for result in results:
+            _announce(result)
+        return results
 
     def publish(self, summary: RunSummary) -> None:
         publish_run(summary)
@@ -73,7 +92,7 @@ def _announce(result: Any) -> None:
         )
 
 
-@flow(name="mpo-data-engine", log_prints=True)
+@flow(name="mpo-data-engine", log_prints=True, task_runner=handoff_threads())
 def data_engine(config: FlowConfig) -> RunSummary:
     """The whole DAG on one config; returns the run summary (also published as artifacts)."""
     return run_pipeline(config, PrefectRunner(config))

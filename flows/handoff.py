@@ -15,11 +15,10 @@ from typing import Any
 from mpo.step import Step
 
 
-def idempotency_key(step: Step, attempt: int, scope: str = "") -> str:
-    """Same step, same attempt: same key. A step without an ``output`` cannot tell a stale result
-    from a good one, so its key is scoped to the handing flow run (``scope``)."""
-    if step.output is None:
-        scope = scope or "no-scope"
+def idempotency_key(step: Step, attempt: int, flow_run_id: str) -> str:
+    """Same step, same attempt: same key, whichever run hands it over. A step without an ``output``
+    cannot tell a stale result from a good one, so its key is scoped to the handing flow run."""
+    scope = flow_run_id if step.output is None else ""
     return f"{step.label}-{step.digest(scope)[:16]}-attempt-{attempt}"
 
 

@@ -297,6 +297,10 @@ def sample(
             "max_model_len=4096, or any vllm.LLM / lmdeploy backend-config argument); repeatable"
         ),
     ] = None,
+    partition: Annotated[
+        str,
+        typer.Option(help="I/N: sample only part I of N of the prompts (one per GPU: 1/8 ... 8/8)"),
+    ] = "1/1",
 ) -> None:
     """Sample CoT responses (correctness) and DropoutNTP continuations; resumes finished shards."""
     from mpo.config import set_fields
@@ -306,6 +310,9 @@ def sample(
     stages = STAGES if stage == "both" else (stage,)
     if any(s not in STAGES for s in stages):
         raise typer.BadParameter(f"--stage must be one of {', '.join(STAGES)} or both")
+    part, _, count = partition.partition("/")
+    if not (part.isdigit() and count.isdigit() and 1 <= int(part) <= int(count)):
+        raise typer.BadParameter(f"--partition must be I/N with 1 <= I <= N, got {partition!r}")
     given = {
         "n": n,
         "temperature": temperature,
@@ -337,7 +344,15 @@ def sample(
                 def advance(done: int, total: int, _skipped: bool, task: TaskID = task) -> None:
                     progress.update(task, completed=done, total=total)
 
-                report = run_stage(name, prompts_dir, sampler, out, config, on_shard=advance)
+                report = run_stage(
+                    name,
+                    prompts_dir,
+                    sampler,
+                    out,
+                    config,
+                    on_shard=advance,
+                    partition=(int(part) - 1, int(count)),
+                )
             console.print(
                 f"{name}: {report.shards} shards ({report.skipped} already done), "
                 f"{report.samples_written} samples written to {report.out_dir}"

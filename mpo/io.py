@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -50,21 +51,54 @@ def publish_dir(final: Path | str, fill: Callable[[Path], None]) -> Path:
 
     Readers see either the whole old folder or the whole new one (between the two
     renames, briefly, none); a killed run leaves only a hidden temporary folder, which
-    the next call removes.
+    a later call on this host removes once its process is gone. Two writers at once (two
+    runs of the same step) each publish whole; the later one's folder stays.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    for stale in final.parent.glob(f".{final.name}.new-*"):
+        if _owner_gone(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-{_OWNER}-", dir=final.parent))
     try:
         fill(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    for _attempt in range(5):
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
+        if final.exists():
+            try:
+                os.rename(final, old)
+            except FileNotFoundError:  # another writer moved it away first
+                pass
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another writer's folder landed in between: move it aside and retry
+            continue
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise OSError(f"{final}: could not publish: other writers kept replacing it")
+
+
+_OWNER = f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether the process that made a temporary folder (``.NAME.new-HOST-PID-xxxx``) is gone: only
+    known for this host's processes; a folder of another naming is an old leftover."""
+    host_pid = name.split(".new-", 1)[1].rsplit("-", 1)[0]
+    host, _, pid = host_pid.rpartition("-")
+    if not pid.isdigit() or not host:
+        return True
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -94,22 +94,27 @@ def sample_job(
     sampling: SamplingConfig,
     out: str,
     emit: Emit,
+    partition: tuple[int, int] = (0, 1),
 ) -> StageResult:
-    """One sampling stage with one engine load: samples only the prompts its store lacks."""
+    """One sampling stage, or one ``partition`` of it (index, count), with one engine load: samples
+    only the prompts its store lacks."""
     from mpo.sampling import run_stage
+
+    index, count = partition
+    name = stage if count == 1 else f"{stage}:{index + 1}/{count}"
 
     def advance(done: int, total: int, skipped: bool) -> None:
         emit({"progress": 100.0 * done / max(1, total)})
-        emit({"log": f"{stage} shard {done}/{total} {'already done' if skipped else 'written'}"})
+        emit({"log": f"{name} shard {done}/{total} {'already done' if skipped else 'written'}"})
 
     started = time.perf_counter()
     sampler = _load_engine(engine, model, engine_options, emit)
     try:
-        report = run_stage(stage, prompts_dir, sampler, out, sampling, on_shard=advance)
+        report = run_stage(stage, prompts_dir, sampler, out, sampling, on_shard=advance, partition=partition)
     finally:
         sampler.close()
     return StageResult(
-        stage=stage,
+        stage=name,
         out_dir=str(report.out_dir),
         counts={
             "shards": report.shards,

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
 from mpo.engines.base import FINISHED
 from mpo.io import atomic_write_text, publish_dir
+from mpo.sampling import distinct_samples
 from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, shard_files, write_table
 from mpo.templates import TEMPLATES, apply_template
 from mpo.text_stats import common_prefix, content_hash, hex64, repetition
@@ -213,6 +214,8 @@ def claims_consistent(judged: pl.DataFrame, config: PairingConfig) -> pl.Series:
 def prompt_seeds(prompt_ids: pl.Series, seed: int) -> pl.Expr:
     """A stable per-prompt integer (crc32), shifted by the run seed."""
     mapping = {p: (zlib.crc32(p.encode()) + seed * 7919) % _PRIME for p in prompt_ids.unique().to_list()}
+    if not mapping:  # a chunk with no rows (its prompts all span shards): polars would keep the strings
+        return pl.lit(0, dtype=pl.Int64)
     return pl.col("prompt_id").replace_strict(mapping, return_dtype=pl.Int64)
 
 
@@ -590,12 +593,14 @@ PAIRING_COLUMNS = (
 
 def _read(files: list[Path], prompt_filter: pl.Expr | None = None) -> pl.DataFrame:
     """Read the pairing columns of sample shards in one polars scan (far leaner than going
-    through Arrow); a nullable contract column a shard lacks reads as nulls."""
+    through Arrow), each sample once (``distinct_samples``: a prompt sampled twice into a store
+    spans several shards, so ``sample_chunks`` reads all its rows in one group); a nullable
+    contract column a shard lacks reads as nulls."""
     schema = pl.from_arrow(SAMPLES.empty_table()).schema  # type: ignore[union-attr]
     if not files:
         return pl.DataFrame(schema=schema).select(PAIRING_COLUMNS)
     scan = pl.scan_parquet(files, schema=schema, missing_columns="insert").select(PAIRING_COLUMNS)
-    return (scan.filter(prompt_filter) if prompt_filter is not None else scan).collect()
+    return distinct_samples((scan.filter(prompt_filter) if prompt_filter is not None else scan).collect())
 
 
 SamplesDirs = Path | str | list[Path] | list[str]

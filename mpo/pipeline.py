@@ -30,6 +30,7 @@ from mpo.results import (
     IngestResult,
     PairsResult,
     RunSummary,
+    SamplingResult,
     StageResult,
     TrainingResult,
 )
@@ -139,30 +140,39 @@ class Steps:
             time_limit=self.config.stages.ingest.time_limit_seconds,
         )
 
-    def sample(self, stage: str, prompts: IngestResult) -> Step:
-        """One sampling stage. Its result is cached by orchestrators that cache: new prompts or new
-        weights at the same path are a new key, and a deleted store is sampled again."""
+    def sample(self, stage: str, prompts: IngestResult) -> list[Step]:
+        """One sampling stage, as ``sampling.partitions`` steps that may run at once: each samples
+        its own part of the prompts into the stage's one store. Their results are cached by
+        orchestrators that cache: new prompts or new weights at the same path are a new key, and
+        a deleted store is sampled again."""
         from mpo.model_identity import model_fingerprint
         from mpo.sampling import stage_store
 
         config = self.config
         out = self.layout.samples
-        return Step.of(
-            jobs.sample_job,
-            f"sample-{stage}",
-            "sampling",
-            kwargs={
-                "stage": stage,
-                "prompts_dir": prompts.out_dir,
-                "model": config.model,
-                **self._engine(),
-                "out": str(out),
-            },
-            time_limit=config.stages.sampling.time_limit_seconds,
-            python=config.engine_python,
-            identity={"prompts": prompts.version, "weights": model_fingerprint(config.model)},
-            output=str(stage_store(out, stage, config.sampling, config.model)),
-        )
+        count = config.sampling.partitions
+        identity = {"prompts": prompts.version, "weights": model_fingerprint(config.model)}
+        return [
+            Step.of(
+                jobs.sample_job,
+                f"sample-{stage}" if count == 1 else f"sample-{stage}-{index + 1}of{count}",
+                "sampling",
+                kwargs={
+                    "stage": stage,
+                    "prompts_dir": prompts.out_dir,
+                    "model": config.model,
+                    **self._engine(),
+                    "out": str(out),
+                    "partition": (index, count),
+                },
+                time_limit=config.stages.sampling.time_limit_seconds,
+                python=config.engine_python,
+                holds_device=not config.sample_stages_together(),
+                identity=identity,
+                output=str(stage_store(out, stage, config.sampling, config.model)),
+            )
+            for index in range(count)
+        ]
 
     def pairs(self, samples: list[StageResult], prompts: IngestResult) -> Step:
         samples_dirs = [s.out_dir for s in samples]
@@ -276,7 +286,8 @@ class Runner(Protocol):
         ...
 
     def run_together(self, steps: list[Step]) -> list[Any]:
-        """Steps that may run at the same time; returns their results in order."""
+        """Steps that do not depend on each other, at the same time where the runner can (never two
+        ``holds_device`` steps on one device); returns their results in order."""
         ...
 
     def publish(self, summary: RunSummary) -> None:
@@ -319,9 +330,15 @@ def run_pipeline(config: PipelineConfig, runner: Runner) -> RunSummary:
         results = _run_all(runner, trainings, together=side_by_side)
         return reference, {plan.name: result for plan, result in zip(plans, results, strict=True)}
 
+    def sample(prompts: IngestResult) -> list[SamplingResult]:
+        """Every partition of both stages in one group: the runner runs them at once where it can
+        (``Step.holds_device`` says which may not share a device)."""
+        parts = {stage: steps.sample(stage, prompts) for stage in STAGES}
+        results = iter(runner.run_together([step for stage in STAGES for step in parts[stage]]))
+        return [SamplingResult.merge(stage, [next(results) for _ in parts[stage]]) for stage in STAGES]
+
     prompts, heldout = timed("ingest", ingest)
-    sample_steps = [steps.sample(stage, prompts) for stage in STAGES]
-    sampled = timed("sampling", lambda: _run_all(runner, sample_steps, config.sample_stages_together()))
+    sampled = timed("sampling", lambda: sample(prompts))
     pairs = timed("pairs", lambda: runner.run(steps.pairs(sampled, prompts)))
     reference, trainings = timed("training", lambda: train(pairs)) if config.train else (None, {})
     models = {"start": config.model, **{name: t.final_model for name, t in trainings.items()}}
@@ -357,8 +374,9 @@ def run_pipeline(config: PipelineConfig, runner: Runner) -> RunSummary:
 @dataclass
 class LocalRunner:
     """Every step in this process (a step with a time limit, an engine interpreter or its own
-    process in a child); steps that may run together run in threads. No retries (a re-run resumes)
-    and no caching beyond what each stage's folder holds. ``emit`` gets the jobs' events."""
+    process in a child); steps that run together run in threads, but those that hold a device one
+    after the other. No retries (a re-run resumes) and no caching beyond what each stage's folder
+    holds. ``emit`` gets the jobs' events."""
 
     emit: Emit = field(default=lambda _event: None)
 
@@ -366,10 +384,14 @@ class LocalRunner:
         return step.run(self.emit)
 
     def run_together(self, steps: list[Step]) -> list[Any]:
+        """Steps that hold a device one after the other (one machine, one device), the others at once."""
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(len(steps)) as pool:
-            return list(pool.map(self.run, steps))
+        shared = [step for step in steps if not step.holds_device]
+        with ThreadPoolExecutor(max(1, len(shared))) as pool:
+            futures = {id(step): pool.submit(self.run, step) for step in shared}
+            alone = {id(step): self.run(step) for step in steps if step.holds_device}
+            return [alone[id(step)] if step.holds_device else futures[id(step)].result() for step in steps]
 
     def publish(self, summary: RunSummary) -> None:
         for chart in sorted((Path(summary.workdir) / "plots").glob("*.png")):

@@ -30,6 +30,46 @@ class StageResult(BaseModel):
     counts: dict[str, int] = Field(default_factory=dict)
     drops: dict[str, int] = Field(default_factory=dict, description="rows left out, by reason")
     seconds: float = 0.0
+    worker: str = Field("", description="where it ran: host and CUDA_VISIBLE_DEVICES (``worker_name``)")
+    attempts: int = Field(1, ge=1, description="runs it took: more than one after a retried failure")
+
+
+def worker_name() -> str:
+    """This process's worker as a GPU pool sees it: the host and the devices it was given."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()} CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
+
+
+class SamplingResult(StageResult):
+    """One sampling stage: its counts summed over its partitions, each partition's own result kept
+    (where it ran, how many attempts it took)."""
+
+    partitions: list[StageResult] = Field(default_factory=list)
+
+    @classmethod
+    def merge(cls, stage: str, parts: list[StageResult]) -> SamplingResult:
+        """The stage's result from its partitions' (``correctness:2/4``: all of one stage, one store)."""
+        counts: dict[str, int] = {}
+        for part in parts:
+            for name, value in part.counts.items():
+                counts[name] = counts.get(name, 0) + value
+        return cls(
+            stage=stage,
+            out_dir=parts[0].out_dir,
+            counts=counts,
+            seconds=max(part.seconds for part in parts),
+            worker=", ".join(sorted({part.worker for part in parts})),
+            attempts=max(part.attempts for part in parts),
+            partitions=parts if len(parts) > 1 else [],
+        )
+
+    def workers(self) -> set[str]:
+        return {part.worker for part in self.partitions} or {self.worker}
+
+    def retried(self) -> list[StageResult]:
+        return [part for part in self.partitions if part.attempts > 1]
 
 
 class IngestResult(StageResult):
@@ -89,7 +129,7 @@ def shape_version() -> str:
     """A hash of the stage results' schemas. Orchestrators that cache results as pickled objects key
     on it, so that results of another shape (an older version of this package) miss the cache
     instead of coming back with fields missing."""
-    models = (StageResult, IngestResult, PairsResult, TrainingResult, EvalResult)
+    models = (StageResult, SamplingResult, IngestResult, PairsResult, TrainingResult, EvalResult)
     schemas = [model.model_json_schema() for model in models]
     return hashlib.sha256(json.dumps(schemas, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -123,7 +163,7 @@ class RunSummary(BaseModel):
     workdir: str
     ingest: IngestResult
     heldout: IngestResult | None = None
-    sampling: list[StageResult]
+    sampling: list[SamplingResult]
     pairs: PairsResult
     reference: StageResult | None = None
     trainings: dict[str, TrainingResult] = Field(default_factory=dict, description="by name: mpo, sft")
@@ -184,6 +224,7 @@ class RunSummary(BaseModel):
                 f"| {dataset} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
                 f"{sum(stats.get('pairs', {}).values())} |"
             )
+        lines += self._render_partitions()
         if self.evaluation:
             lines += self._render_evaluation()
         lines += ["", "## Stages", "| stage | counts | dropped | seconds |", "| --- | --- | --- | ---: |"]
@@ -197,6 +238,22 @@ class RunSummary(BaseModel):
         if charts:
             lines += ["", "## Charts", *[f"- `{chart}`" for chart in charts]]
         return "\n".join(lines) + "\n"
+
+    def _render_partitions(self) -> list[str]:
+        """Where sampling ran, for stages cut into partitions: how many, on how many workers, retries."""
+        parted = [stage for stage in self.sampling if stage.partitions]
+        if not parted:
+            return []
+        lines = [
+            "",
+            "## Sampling partitions",
+            "| stage | partitions | workers | retried |",
+            "| --- | ---: | ---: | --- |",
+        ]
+        for stage in parted:
+            retried = ", ".join(f"{part.stage} ({part.attempts} attempts)" for part in stage.retried()) or "-"
+            lines.append(f"| {stage.stage} | {len(stage.partitions)} | {len(stage.workers())} | {retried} |")
+        return lines
 
     def _render_evaluation(self) -> list[str]:
         names = list(self.evaluation)

@@ -55,6 +55,12 @@ class SamplingConfig(BaseModel):
     templates: dict[str, str] = Field(default_factory=dict, description="CoT template per dataset")
     default_template: str = Field("en", description="template for datasets not listed")
     prompts_per_shard: int = Field(64, ge=1, description="prompts per shard (the unit of resume)")
+    partitions: int = Field(
+        1,
+        ge=1,
+        description="parts each stage's prompts are cut into, one engine load each, run at once where "
+        "the runner can (GPU workers of a deployment, a task runner): 3-4 per worker (docs/cli.md)",
+    )
     dropout_variants: list[str] = Field(
         default_factory=lambda: ["sr0.5_wo_image"], description="DropoutNTP variants, as MMPR names them"
     )
@@ -102,11 +108,14 @@ def request_seed(config: SamplingConfig, key: str, n: int) -> int:
 
 
 def stage_fingerprint(stage: str, config: SamplingConfig, model_id: str) -> str:
-    """The store of one stage, model (path and weights) and sampling config; shard size is not part of it."""
+    """The store of one stage, model (path and weights) and sampling config; how the work is cut
+    (shard size, partitions) is not part of it."""
     fields = config.model_dump()
     if stage == "correctness":
         fields = {
-            k: v for k, v in fields.items() if not k.startswith("dropout_") and k != "prompts_per_shard"
+            k: v
+            for k, v in fields.items()
+            if not k.startswith("dropout_") and k not in ("prompts_per_shard", "partitions")
         }
     else:
         fields = {
@@ -136,6 +145,29 @@ def read_prompts(prompts_dir: Path | str) -> pl.DataFrame:
 def prompt_keys(prompts: pl.DataFrame) -> pl.Series:
     """``prompt_id/repeat_index``: what one sampling request covers."""
     return (prompts["prompt_id"] + "/" + prompts["repeat_index"].cast(pl.String)).alias("key")
+
+
+def in_partition(prompts: pl.DataFrame, partition: tuple[int, int]) -> pl.DataFrame:
+    """The prompts of part ``index`` of ``count``: those whose key hashes to it. A prompt's part
+    depends on nothing but its key and the count, not on what is pending or finished, so every
+    run, re-run or concurrent run of the same stage cuts the same parts."""
+    index, count = partition
+    if not 0 <= index < count:
+        raise ValueError(f"partition {index} of {count}: expected 0 <= index < count")
+    if count == 1:
+        return prompts
+    part = prompt_keys(prompts).map_elements(lambda key: zlib.crc32(key.encode()) % count, pl.Int64)
+    return prompts.filter(part == index)
+
+
+SAMPLE_KEY = ("source", "model", "prompt_id", "prompt_version", "sample_index")
+
+
+def distinct_samples(samples: pl.DataFrame) -> pl.DataFrame:
+    """One row per sample key: a store that two overlapping runs both wrote to (two runs started
+    at once, a refresh on top of a run that outlasted a day) holds some samples twice; every
+    reader counts each once, keeping the first written."""
+    return samples.unique(subset=list(SAMPLE_KEY), keep="first", maintain_order=True)
 
 
 def prompts_version(prompts: pl.DataFrame) -> str:
@@ -287,14 +319,17 @@ def run_stage(
     out: Path | str,
     config: SamplingConfig,
     on_shard: Callable[[int, int, bool], None] | None = None,
+    partition: tuple[int, int] = (0, 1),
 ) -> StageReport:
-    """Sample every prompt of ``stage`` not yet in its store; ``on_shard(done, total, skipped)``
-    is called after each shard (progress bars, Prefect progress artifacts)."""
+    """Sample every prompt of ``stage`` (of its ``partition``: index, count) not yet in its store;
+    ``on_shard(done, total, skipped)`` is called after each shard (progress bars, Prefect progress
+    artifacts)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
     prompts = read_prompts(prompts_dir).filter(
         pl.col("kind") == ("closed" if stage == "correctness" else "open")
     )
+    prompts = in_partition(prompts, partition)
     out_dir = stage_store(out, stage, config, engine.model_id)
     atomic_write_text(
         out_dir / "_stage.json",
@@ -307,6 +342,8 @@ def run_stage(
     done = {key for keys in stored.values() for key in keys}
     pending = prompts.filter(~prompt_keys(prompts).is_in(list(done)))
     batch = prompts_version(pending)[:8]
+    if partition[1] > 1:
+        batch = f"p{partition[0]:03d}of{partition[1]:03d}-{batch}"
     shards = strided_shards(pending, config.prompts_per_shard) if pending.height else []
     total = len(finished) + len(shards)
     for index in range(len(finished)):
@@ -332,7 +369,10 @@ def run_stage(
 
 
 def read_stage_samples(samples_dir: Path | str, prompts: pl.DataFrame) -> pl.DataFrame:
-    """The samples in a stage's store that belong to ``prompts`` (a store outlives prompt sets)."""
+    """The samples in a stage's store that belong to ``prompts`` (a store outlives prompt sets),
+    each sample once."""
     samples = pl.from_arrow(read_dir(samples_dir, SAMPLES))
     assert isinstance(samples, pl.DataFrame)
-    return samples.filter(pl.col("prompt_id").is_in(prompts["prompt_id"].unique().implode()))
+    return distinct_samples(
+        samples.filter(pl.col("prompt_id").is_in(prompts["prompt_id"].unique().implode()))
+    )

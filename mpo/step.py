@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pydantic_core import to_jsonable_python
 
+from mpo.results import StageResult, worker_name
 from mpo.time_limit import Emit, call_with_time_limit
 
 STAGES = ("ingest", "sampling", "pairs", "ref_logps", "train", "evaluate")
@@ -55,6 +56,11 @@ class Step(BaseModel):
     time_limit: float | None = Field(None, description="hard limit: the job runs in a child, killed then")
     python: str | None = Field(None, description="the interpreter of an engine's own environment")
     own_process: bool = Field(False, description="in a child process even without a limit")
+    holds_device: bool = Field(
+        False,
+        description="holds most of a device's memory (a vLLM or lmdeploy engine): two such steps never "
+        "run at once in one place; a runner that puts each on its own worker runs them together",
+    )
     identity: dict[str, str] | None = Field(
         None,
         description="what identifies the result beyond the arguments (a prompt set's version, the "
@@ -115,7 +121,7 @@ class Step(BaseModel):
                 line(event)
                 emit(event)
 
-            return call_with_time_limit(
+            result = call_with_time_limit(
                 self.job_function(),
                 self.job_kwargs(),
                 self.time_limit,
@@ -123,3 +129,6 @@ class Step(BaseModel):
                 own_process=self.own_process,
                 python=self.python,
             )
+        if isinstance(result, StageResult):  # the child ran here too: same host, same devices
+            result = result.model_copy(update={"worker": worker_name()})
+        return result

@@ -62,10 +62,22 @@ def retry_unless_bad_input(_task: Task[Any, Any], _task_run: Any, state: Any) ->
 def run_step(step: Step, deployment: str | None = None) -> Any:
     """Run one step here (its events to the run logger, a progress artifact and its terminal line),
     or hand it to ``deployment`` (a flow of ``flows.stages`` on another work pool) and wait for it."""
-    if deployment is not None:
+    from prefect.runtime import task_run
+
+    from mpo.results import StageResult
+
+    if deployment is None:
+        result = _run_here(step)
+    else:
         from flows.handoff import run_on_deployment
 
-        return run_on_deployment(deployment, step)
+        result = run_on_deployment(deployment, step)
+    if isinstance(result, StageResult) and (task_run.run_count or 1) > 1:  # retried: say so in the summary
+        result = result.model_copy(update={"attempts": task_run.run_count})
+    return result
+
+
+def _run_here(step: Step) -> Any:
     logger = _logger()
     artifact: list[Any] = []
 

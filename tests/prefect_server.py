@@ -80,17 +80,22 @@ def prefect_server(home: Path, **env: str) -> Iterator[Server]:
         server.wait(timeout=30)
 
 
-def fault_injection(folder: Path, target: str, after_calls: int = 0) -> dict[str, str]:
-    """Environment that makes ``target`` (``module:function``) raise once, on call ``after_calls + 1``,
+def fault_injection(folder: Path, target: str, after_calls: int = 0, kill: bool = False) -> dict[str, str]:
+    """Environment that makes ``target`` (``module:function``) fail once, on call ``after_calls + 1``,
     in every Python process started with it: a ``sitecustomize`` on ``PYTHONPATH``. A worker's
     flow-run process inherits it, so a failure lands inside a real deployment run, where nothing
-    can be monkeypatched from the test. The call goes through first, so what it wrote stays."""
+    can be monkeypatched from the test. By default the call goes through first, so what it wrote
+    stays, then raises (once per process). ``kill``: the process SIGKILLs itself before the call
+    instead (a lost worker, an OOM kill), once across all processes (a marker file in ``folder``)."""
     folder.mkdir(parents=True, exist_ok=True)
     module, function = target.split(":")
+    marker = folder / "killed"
     (folder / "sitecustomize.py").write_text(
         textwrap.dedent(
             f"""
             import importlib
+            import os
+            import signal
 
             _module = importlib.import_module({module!r})
             _original = getattr(_module, {function!r})
@@ -98,8 +103,16 @@ def fault_injection(folder: Path, target: str, after_calls: int = 0) -> dict[str
 
 
             def _fails_once(*args, **kwargs):
-                result = _original(*args, **kwargs)
                 _calls[0] += 1
+                if {kill!r}:
+                    if _calls[0] == {after_calls + 1}:
+                        try:
+                            os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                        except FileExistsError:
+                            return _original(*args, **kwargs)
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return _original(*args, **kwargs)
+                result = _original(*args, **kwargs)
                 if _calls[0] == {after_calls + 1}:
                     raise RuntimeError("injected fault in {target}: a lost worker")
                 return result

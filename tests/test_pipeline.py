@@ -101,24 +101,36 @@ def test_the_whole_chain_in_order_with_both_sampling_stages_together(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("fields", "together"),
+    ("fields", "shared"),
     [
-        ({"engine": "vllm"}, False),  # each engine reserves most of a GPU: one after the other
+        ({"engine": "vllm"}, False),  # each engine reserves most of a GPU: never two on one device
         ({"engine": "lmdeploy"}, False),
         ({"engine": "vllm", "sampling_stages_at_once": True}, True),
         ({"engine": "transformers", "sampling_stages_at_once": False}, False),
     ],
 )
-def test_sampling_stages_run_together_only_where_the_config_says(
-    tmp_path: Path, fields: dict[str, Any], together: bool
+def test_sampling_steps_share_a_device_only_where_the_config_says(
+    tmp_path: Path, fields: dict[str, Any], shared: bool
 ) -> None:
-    calls = record(config_for(tmp_path, train=False, evaluate=False, **fields)).calls
-    sampling = (
-        [["sample-correctness", "sample-dropout_ntp"]]
-        if together
-        else [["sample-correctness"], ["sample-dropout_ntp"]]
-    )
-    assert calls == [["ingest-meta.json"], *sampling, ["pairs"]]
+    runner = record(config_for(tmp_path, train=False, evaluate=False, **fields))
+    assert runner.calls == [["ingest-meta.json"], ["sample-correctness", "sample-dropout_ntp"], ["pairs"]]
+    assert {s.holds_device for s in runner.steps if s.stage == "sampling"} == {not shared}
+
+
+def test_sampling_partitions_are_steps_of_one_group_merged_per_stage(tmp_path: Path) -> None:
+    config = config_for(tmp_path, train=False, evaluate=False, sampling=SamplingConfig(partitions=3))
+    runner = RecordingRunner()
+    summary = run_pipeline(config, runner)
+    labels = [f"sample-{stage}-{i}of3" for stage in ("correctness", "dropout_ntp") for i in (1, 2, 3)]
+    assert runner.calls[1] == labels
+    parts = [s for s in runner.steps if s.stage == "sampling"]
+    assert [s.kwargs["partition"] for s in parts] == [(i, 3) for i in range(3)] * 2
+    assert len({s.digest() for s in parts}) == 6  # each partition its own identity
+    assert [(s.stage, len(s.partitions)) for s in summary.sampling] == [
+        ("correctness", 3),
+        ("dropout_ntp", 3),
+    ]
+    assert "## Sampling partitions" in summary.render()
 
 
 def test_the_sft_baseline_trains_beside_mpo_only_when_asked(tmp_path: Path) -> None:
@@ -208,3 +220,24 @@ def test_the_local_runner_runs_steps_together_at_the_same_time() -> None:
     assert second_start < first_end and first_start < second_end  # they overlapped
     assert events == [{"log": "waited"}] * 2
     assert [end > start for start, end in LocalRunner().run_together(steps[:1])] == [True]
+
+
+def test_the_local_runner_runs_steps_holding_a_device_one_after_the_other() -> None:
+    steps = [
+        Step.of(wait_job, f"wait-{i}", "sampling", kwargs={"seconds": 0.3}, holds_device=True)
+        for i in range(2)
+    ]
+    (first_start, first_end), (second_start, second_end) = LocalRunner().run_together(steps)
+    assert first_end <= second_start or second_end <= first_start
+
+
+def test_a_handed_over_step_has_one_key_per_attempt_whichever_run_hands_it(tmp_path: Path) -> None:
+    pytest.importorskip("prefect")
+    from flows.handoff import idempotency_key
+
+    runner = record(config_for(tmp_path))
+    sample = next(s for s in runner.steps if s.stage == "sampling")
+    assert idempotency_key(sample, 1, "run-a") == idempotency_key(sample, 1, "run-b")
+    assert idempotency_key(sample, 1, "run-a") != idempotency_key(sample, 2, "run-a")
+    train = next(s for s in runner.steps if s.stage == "train")  # no output to check: this run's own
+    assert idempotency_key(train, 1, "run-a") != idempotency_key(train, 1, "run-b")

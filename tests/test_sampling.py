@@ -15,6 +15,7 @@ from mpo.engines.base import GenerationRequest, SamplingParams
 from mpo.engines.hf import batches, sampling_processors
 from mpo.sampling import (
     SamplingConfig,
+    in_partition,
     parse_variant,
     prefix_by_tokens,
     request_seed,
@@ -215,3 +216,101 @@ def test_a_foreign_shard_in_a_store_is_named(hf_engine, prompts_dir: Path, tmp_p
     write_table(SAMPLES.empty_table(), store / "shard-foreign.parquet")
     with pytest.raises(ValueError, match="shard-foreign.parquet: sample shard without 'mpo.prompt_keys'"):
         run_stage("correctness", prompts_dir, hf_engine, tmp_path, config)
+
+
+def test_partitions_cut_the_prompts_by_key_alone(prompts_dir: Path) -> None:
+    """Every prompt in exactly one part; a prompt's part depends on its key and the count, not on
+    the rest of the set, so a refresh or a concurrent run cuts the same parts."""
+    prompts = pl.from_arrow(read_dir(prompts_dir))
+    parts = [in_partition(prompts, (i, 4)) for i in range(4)]
+    assert sum(p.height for p in parts) == prompts.height and all(p.height for p in parts)
+    assert pl.concat(parts)["prompt_id"].n_unique() == prompts.height
+    fewer = prompts.slice(5)  # prompts gone or not yet arrived move no other prompt
+    for i, part in enumerate(parts):
+        assert set(in_partition(fewer, (i, 4))["prompt_id"]) == set(part["prompt_id"]) - set(
+            prompts.head(5)["prompt_id"]
+        )
+    with pytest.raises(ValueError, match="partition 4 of 4"):
+        in_partition(prompts, (4, 4))
+    assert stage_fingerprint("correctness", SamplingConfig(partitions=8), "m") == stage_fingerprint(
+        "correctness", SamplingConfig(), "m"
+    )
+
+
+def test_partitions_sample_what_one_run_samples(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
+    config = SamplingConfig(n=2, max_tokens=6, prompts_per_shard=8)
+    whole = run_stage("correctness", prompts_dir, hf_engine, tmp_path / "whole", config)
+    parts = [
+        run_stage("correctness", prompts_dir, hf_engine, tmp_path / "parts", config, partition=(i, 3))
+        for i in range(3)
+    ]
+    assert (
+        len({p.out_dir for p in parts}) == 1
+        and sum(p.samples_written for p in parts) == whole.samples_written
+    )
+    columns = ["prompt_id", "sample_index", "response", "seed"]
+    expected = pl.from_arrow(read_dir(whole.out_dir, SAMPLES)).select(columns).sort(columns)
+    got = pl.from_arrow(read_dir(parts[0].out_dir, SAMPLES)).select(columns).sort(columns)
+    assert got.equals(expected)
+    assert all(
+        "-p00" in p.name or "-p01" in p.name or "-p02" in p.name for p in parts[0].out_dir.glob("shard-*")
+    )
+    again = run_stage("correctness", prompts_dir, hf_engine, tmp_path / "parts", config, partition=(1, 3))
+    assert again.samples_written == 0 and again.skipped == parts[1].shards
+
+
+def test_two_runs_at_once_on_one_store_are_read_once(
+    tiny_model_dir: Path, prompts_dir: Path, tmp_path: Path
+) -> None:
+    """Two `mpo sample` runs started together on one store, cutting their shards differently (the
+    shard size is not part of a store's identity): both sample every prompt, so the store holds
+    them twice, yet the stage's reader and `mpo pairs` count every sample once."""
+    from mpo.pairs import PairingConfig, run_pairing
+    from mpo.sampling import read_prompts, read_stage_samples
+
+    command = [
+        sys.executable, "-m", "mpo.cli", "sample", "--prompts", str(prompts_dir), "--model", str(tiny_model_dir),
+        "--out", str(tmp_path / "samples"), "--stage", "correctness", "--n", "2", "--max-tokens", "12",
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    runs = [
+        subprocess.Popen(
+            [*command, "--prompts-per-shard", size],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for size in ("4", "5")
+    ]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read() if run.stderr else ""
+    store = next((tmp_path / "samples").glob("correctness-*"))
+    stored = pl.from_arrow(read_dir(store, SAMPLES))
+    prompts = read_prompts(prompts_dir).filter(pl.col("kind") == "closed")
+    assert stored.height > 2 * prompts.height  # some prompts sampled by both runs
+    read = read_stage_samples(store, prompts)
+    assert (
+        read.height == 2 * prompts.height
+        and read.group_by("prompt_id").len()["len"].to_list() == [2] * prompts.height
+    )
+    report = run_pairing([store], tmp_path / "pairs", PairingConfig(), prompts["prompt_id"])
+    assert sum(stats["samples"] for stats in report["datasets"].values()) == 2 * prompts.height
+
+
+def test_a_store_holding_a_shard_twice_is_read_once(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
+    """The same samples under two shard names (what two overlapping writers leave): every prompt of
+    those shards spans two files, and readers still count each sample once."""
+    import shutil
+
+    from mpo.pairs import PairingConfig, run_pairing
+    from mpo.sampling import read_prompts, read_stage_samples
+
+    config = SamplingConfig(n=2, max_tokens=6, prompts_per_shard=16)
+    report = run_stage("correctness", prompts_dir, hf_engine, tmp_path / "samples", config)
+    first = sorted(report.out_dir.glob("shard-*.parquet"))[0]
+    shutil.copy(first, first.with_name("shard-another-writer-00000-of-00001.parquet"))
+    prompts = read_prompts(prompts_dir).filter(pl.col("kind") == "closed")
+    assert pl.from_arrow(read_dir(report.out_dir, SAMPLES)).height > report.samples_written
+    assert read_stage_samples(report.out_dir, prompts).height == report.samples_written == 80
+    paired = run_pairing([report.out_dir], tmp_path / "pairs", PairingConfig(), prompts["prompt_id"])
+    assert sum(stats["samples"] for stats in paired["datasets"].values()) == 80
