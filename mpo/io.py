@@ -6,6 +6,7 @@ Every stage writes through these helpers (temp file in the same directory, fsync
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -68,10 +69,8 @@ def publish_dir(final: Path | str, fill: Callable[[Path], None]) -> Path:
     for _attempt in range(5):
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
         if final.exists():
-            try:
+            with contextlib.suppress(FileNotFoundError):  # another writer moved it away first
                 os.rename(final, old)
-            except FileNotFoundError:  # another writer moved it away first
-                pass
         try:
             os.rename(tmp, final)
         except OSError:  # another writer's folder landed in between: move it aside and retry
