@@ -98,7 +98,7 @@ def sample_job(
 ) -> StageResult:
     """One sampling stage, or one ``partition`` of it (index, count), with one engine load: samples
     only the prompts its store lacks."""
-    from mpo.sampling import run_stage
+    from mpo.sampling import plan_stage, run_stage
 
     index, count = partition
     name = stage if count == 1 else f"{stage}:{index + 1}/{count}"
@@ -108,6 +108,13 @@ def sample_job(
         emit({"log": f"{name} shard {done}/{total} {'already done' if skipped else 'written'}"})
 
     started = time.perf_counter()
+    plan = plan_stage(stage, prompts_dir, model, out, sampling, partition)
+    if not plan.shards:  # nothing left here: no engine to load
+        emit({"log": f"{name}: {len(plan.finished)} shards already done"})
+        counts = {"shards": len(plan.finished), "skipped_shards": len(plan.finished), "samples_written": 0}
+        return StageResult(
+            stage=name, out_dir=str(plan.out_dir), counts=counts, seconds=time.perf_counter() - started
+        )
     sampler = _load_engine(engine, model, engine_options, emit)
     try:
         report = run_stage(stage, prompts_dir, sampler, out, sampling, on_shard=advance, partition=partition)

@@ -312,6 +312,50 @@ def _sample_rows(
     return rows
 
 
+@dataclass
+class StagePlan:
+    """What a stage (or one partition of it) has left to do in its store, found without an engine."""
+
+    stage: str
+    out_dir: Path
+    finished: list[Path]  # shards already holding some of these prompts
+    shards: list[pl.DataFrame]  # the pending prompts, cut into shards
+    batch: str  # the shard files' name tag: the pending set (and partition) they sample
+
+    @property
+    def pending(self) -> int:
+        return sum(shard.height for shard in self.shards)
+
+
+def plan_stage(
+    stage: str,
+    prompts_dir: Path | str,
+    model_id: str,
+    out: Path | str,
+    config: SamplingConfig,
+    partition: tuple[int, int] = (0, 1),
+) -> StagePlan:
+    """The store of ``stage`` and which of its prompts (of ``partition``: index, count) it lacks. A
+    partition with nothing pending needs no engine at all (a re-run, a refresh's untouched parts)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
+    prompts = read_prompts(prompts_dir).filter(
+        pl.col("kind") == ("closed" if stage == "correctness" else "open")
+    )
+    prompts = in_partition(prompts, partition)
+    out_dir = stage_store(out, stage, config, model_id)
+    wanted = set(prompt_keys(prompts))
+    stored = {path: shard_keys(path) for path in shard_files(out_dir)}
+    finished = [path for path, keys in stored.items() if wanted.intersection(keys)]
+    done = {key for keys in stored.values() for key in keys}
+    pending = prompts.filter(~prompt_keys(prompts).is_in(list(done)))
+    batch = prompts_version(pending)[:8]
+    if partition[1] > 1:
+        batch = f"p{partition[0]:03d}of{partition[1]:03d}-{batch}"
+    shards = strided_shards(pending, config.prompts_per_shard) if pending.height else []
+    return StagePlan(stage, out_dir, finished, shards, batch)
+
+
 def run_stage(
     stage: str,
     prompts_dir: Path | str,
@@ -324,33 +368,19 @@ def run_stage(
     """Sample every prompt of ``stage`` (of its ``partition``: index, count) not yet in its store;
     ``on_shard(done, total, skipped)`` is called after each shard (progress bars, Prefect progress
     artifacts)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
-    prompts = read_prompts(prompts_dir).filter(
-        pl.col("kind") == ("closed" if stage == "correctness" else "open")
-    )
-    prompts = in_partition(prompts, partition)
-    out_dir = stage_store(out, stage, config, engine.model_id)
+    plan = plan_stage(stage, prompts_dir, engine.model_id, out, config, partition)
+    out_dir = plan.out_dir
     atomic_write_text(
         out_dir / "_stage.json",
         json.dumps({"stage": stage, "model": engine.model_id, "config": config.model_dump()}, indent=2)
         + "\n",
     )
-    wanted = set(prompt_keys(prompts))
-    stored = {path: shard_keys(path) for path in shard_files(out_dir)}
-    finished = [path for path, keys in stored.items() if wanted.intersection(keys)]
-    done = {key for keys in stored.values() for key in keys}
-    pending = prompts.filter(~prompt_keys(prompts).is_in(list(done)))
-    batch = prompts_version(pending)[:8]
-    if partition[1] > 1:
-        batch = f"p{partition[0]:03d}of{partition[1]:03d}-{batch}"
-    shards = strided_shards(pending, config.prompts_per_shard) if pending.height else []
-    total = len(finished) + len(shards)
-    for index in range(len(finished)):
+    total = len(plan.finished) + len(plan.shards)
+    for index in range(len(plan.finished)):
         if on_shard:
             on_shard(index + 1, total, True)
     written = 0
-    for index, shard in enumerate(shards):
+    for index, shard in enumerate(plan.shards):
         planned = (
             _correctness_requests(shard, config)
             if stage == "correctness"
@@ -360,12 +390,12 @@ def run_stage(
         keys = json.dumps(sorted(prompt_keys(shard))).encode()
         write_table(
             rows.replace_schema_metadata({KEYS_METADATA: keys}),
-            out_dir / f"shard-{batch}-{index:05d}-of-{len(shards):05d}.parquet",
+            out_dir / f"shard-{plan.batch}-{index:05d}-of-{len(plan.shards):05d}.parquet",
         )
         written += rows.num_rows
         if on_shard:
-            on_shard(len(finished) + index + 1, total, False)
-    return StageReport(stage, out_dir, total, len(finished), written)
+            on_shard(len(plan.finished) + index + 1, total, False)
+    return StageReport(stage, out_dir, total, len(plan.finished), written)
 
 
 def read_stage_samples(samples_dir: Path | str, prompts: pl.DataFrame) -> pl.DataFrame:

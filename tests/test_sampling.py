@@ -314,3 +314,26 @@ def test_a_store_holding_a_shard_twice_is_read_once(hf_engine, prompts_dir: Path
     assert read_stage_samples(report.out_dir, prompts).height == report.samples_written == 80
     paired = run_pairing([report.out_dir], tmp_path / "pairs", PairingConfig(), prompts["prompt_id"])
     assert sum(stats["samples"] for stats in paired["datasets"].values()) == 80
+
+
+def test_a_partition_with_nothing_left_loads_no_engine(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
+    from mpo.jobs import sample_job
+
+    config = SamplingConfig(n=1, max_tokens=4, prompts_per_shard=8)
+    kwargs = dict(
+        stage="correctness", prompts_dir=str(prompts_dir), model=hf_engine.model_id, sampling=config
+    )
+    run_stage("correctness", prompts_dir, hf_engine, tmp_path, config, partition=(1, 2))
+    done = sample_job(
+        **kwargs, engine="no-such-engine", engine_options={}, out=str(tmp_path), emit=print, partition=(1, 2)
+    )
+    assert done.counts["samples_written"] == 0 and done.counts["skipped_shards"] == done.counts["shards"] > 0
+    with pytest.raises(ValueError, match="unknown engine 'no-such-engine'"):  # part 1 of 2 is still to do
+        sample_job(
+            **kwargs,
+            engine="no-such-engine",
+            engine_options={},
+            out=str(tmp_path),
+            emit=print,
+            partition=(0, 2),
+        )
