@@ -168,9 +168,10 @@ def train_job(
     torch_threads: int | None = None,
     name: str = "mpo",
 ) -> TrainingResult:
-    """Training (``name``: mpo, or sft for the baseline); resumes from the newest checkpoint in
-    ``out``. ``torch_threads`` caps torch's CPU threads (for a job that shares the machine with
-    another); None keeps torch's default."""
+    """Training (``name``: mpo, or sft for the baseline), in ``training.processes`` processes under
+    torchrun when above one (``mpo.train_launch``); resumes from the newest checkpoint in ``out``.
+    ``torch_threads`` caps torch's CPU threads (for a job that shares the machine with another);
+    None keeps torch's default."""
     import torch
 
     from mpo.train import train
@@ -191,7 +192,13 @@ def train_job(
 
     started = time.perf_counter()
     emit({"status": f"loading {Path(model).name} and the pairs"})
-    result = train(pairs_dir, model, out, training, eval_pairs=eval_pairs, on_step=log_step)
+    if training.processes > 1:
+        from mpo.train_launch import train_in_processes
+
+        emit({"status": f"training in {training.processes} processes (torch.distributed.run)"})
+        result = train_in_processes(pairs_dir, model, out, training, eval_pairs, log_step)
+    else:
+        result = train(pairs_dir, model, out, training, eval_pairs=eval_pairs, on_step=log_step)
     return TrainingResult(
         stage=f"train:{name}",
         out_dir=str(result.out),

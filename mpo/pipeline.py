@@ -150,7 +150,8 @@ class Steps:
 
         config = self.config
         out = self.layout.samples
-        count = config.sampling.partitions
+        kind = "closed" if stage == "correctness" else "open"
+        count = config.sampling.partitions_for(stage, prompts.kinds.get(kind, 0))
         identity = {"prompts": prompts.version, "weights": model_fingerprint(config.model)}
         return [
             Step.of(

@@ -58,8 +58,14 @@ class SamplingConfig(BaseModel):
     partitions: int = Field(
         1,
         ge=1,
-        description="parts each stage's prompts are cut into, one engine load each, run at once where "
-        "the runner can (GPU workers of a deployment, a task runner): 3-4 per worker (docs/cli.md)",
+        description="at most this many parts per stage, one engine load each, run at once where the runner "
+        "can (GPU workers of a deployment, a task runner): 3-4 per worker (deployments/README.md)",
+    )
+    samples_per_partition: int = Field(
+        20_000,
+        ge=1,
+        description="at least this many samples per part (a stage's prompts x samples per prompt), so that "
+        "each part's work outweighs its flow-run start and engine load",
     )
     dropout_variants: list[str] = Field(
         default_factory=lambda: ["sr0.5_wo_image"], description="DropoutNTP variants, as MMPR names them"
@@ -83,6 +89,16 @@ class SamplingConfig(BaseModel):
 
     def template_for(self, dataset: str) -> str:
         return self.templates.get(dataset, self.default_template)
+
+    def samples_per_prompt(self, stage: str) -> int:
+        return self.n if stage == "correctness" else len(self.dropout_variants) * self.dropout_n
+
+    def partitions_for(self, stage: str, prompts: int) -> int:
+        """How many parts a stage of ``prompts`` prompts is cut into: ``partitions``, fewer where the
+        parts would hold under ``samples_per_partition`` samples (a small stage, a small prompt set).
+        It depends on the prompt set, not on what is pending, like the parts themselves."""
+        wanted = -(-prompts * self.samples_per_prompt(stage) // self.samples_per_partition)
+        return max(1, min(self.partitions, wanted))
 
 
 def parse_variant(variant: str) -> tuple[float, bool]:
@@ -115,7 +131,8 @@ def stage_fingerprint(stage: str, config: SamplingConfig, model_id: str) -> str:
         fields = {
             k: v
             for k, v in fields.items()
-            if not k.startswith("dropout_") and k not in ("prompts_per_shard", "partitions")
+            if not k.startswith("dropout_")
+            and k not in ("prompts_per_shard", "partitions", "samples_per_partition")
         }
     else:
         fields = {

@@ -100,6 +100,12 @@ class TrainConfig(BaseModel):
     eval_every: int | None = Field(
         None, ge=1, description="evaluate held-out pairs every N steps (and at the end)"
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        description="processes the DAG's training stage runs under torch.distributed.run (one per GPU of "
+        "the worker, `parallel` says DDP or FSDP2); batch_size is per process",
+    )
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: DDP (full model per process) or FSDP2 (sharded; no LoRA)"
     )

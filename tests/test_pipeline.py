@@ -45,7 +45,8 @@ class RecordingRunner:
         kwargs = step.kwargs
         name = step.job.split(":")[1]
         if name == "ingest_job":
-            return IngestResult(stage=step.label, out_dir=kwargs["out"], version="0123456789ab")
+            kinds = {"closed": 100, "open": 10}
+            return IngestResult(stage=step.label, out_dir=kwargs["out"], version="0123456789ab", kinds=kinds)
         if name == "sample_job":
             return StageResult(stage=kwargs["stage"], out_dir=f"{kwargs['out']}/{kwargs['stage']}")
         if name == "pairs_job":
@@ -118,19 +119,22 @@ def test_sampling_steps_share_a_device_only_where_the_config_says(
 
 
 def test_sampling_partitions_are_steps_of_one_group_merged_per_stage(tmp_path: Path) -> None:
-    config = config_for(tmp_path, train=False, evaluate=False, sampling=SamplingConfig(partitions=3))
+    """100 closed prompts x 4 samples, 10 open x 1: at least 100 samples a part leaves the small
+    DropoutNTP stage whole and cuts correctness into the 3 parts asked for (4 would fit)."""
+    sampling = SamplingConfig(n=4, partitions=3, samples_per_partition=100)
+    config = config_for(tmp_path, train=False, evaluate=False, sampling=sampling)
     runner = RecordingRunner()
     summary = run_pipeline(config, runner)
-    labels = [f"sample-{stage}-{i}of3" for stage in ("correctness", "dropout_ntp") for i in (1, 2, 3)]
-    assert runner.calls[1] == labels
+    assert runner.calls[1] == [*(f"sample-correctness-{i}of3" for i in (1, 2, 3)), "sample-dropout_ntp"]
     parts = [s for s in runner.steps if s.stage == "sampling"]
-    assert [s.kwargs["partition"] for s in parts] == [(i, 3) for i in range(3)] * 2
-    assert len({s.digest() for s in parts}) == 6  # each partition its own identity
+    assert [s.kwargs["partition"] for s in parts] == [(0, 3), (1, 3), (2, 3), (0, 1)]
+    assert len({s.digest() for s in parts}) == 4  # each partition its own identity
     assert [(s.stage, len(s.partitions)) for s in summary.sampling] == [
         ("correctness", 3),
-        ("dropout_ntp", 3),
+        ("dropout_ntp", 0),
     ]
     assert "## Sampling partitions" in summary.render()
+    assert sampling.partitions_for("correctness", 50) == 2 and sampling.partitions_for("correctness", 0) == 1
 
 
 def test_the_sft_baseline_trains_beside_mpo_only_when_asked(tmp_path: Path) -> None:

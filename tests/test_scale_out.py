@@ -118,6 +118,7 @@ def test_partitions_spread_over_two_gpu_workers_survive_a_kill_and_a_second_run(
                 "dropout_max_tokens": 8,
                 "prompts_per_shard": 4,
                 "partitions": PARTITIONS,
+                "samples_per_partition": 1,  # a few prompts each: as many parts as asked for
             },
             "sampling_deployment": "mpo-sampling/sampling",
             "stages": {"sampling": {"retries": 2, "retry_delay_seconds": 1}},

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,89 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(
     assert sharded.keys() == alone.keys()
     for key in sharded:
         assert torch.allclose(sharded[key], alone[key], atol=2e-5), key
+
+
+def training_losses(metrics: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r.get("split") != "eval"]
+
+
+@pytest.mark.timeout(900)
+def test_the_dags_training_step_in_two_processes_matches_torchrun_by_hand(
+    ref_pairs_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``training.processes: 2``: the DAG's training step runs torch.distributed.run itself, with the
+    same losses as a person typing ``torchrun --nproc-per-node 2 -m mpo.cli train`` on the same pairs."""
+    import yaml
+
+    from mpo import jobs
+    from mpo.pipeline import LocalRunner
+    from mpo.step import Step
+    from mpo.train import TrainConfig
+
+    training = TrainConfig(learning_rate=1e-3, batch_size=2, max_steps=3, max_length=512, warmup_ratio=0.0)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(training.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    by_hand = [
+        *(
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "mpo.cli",
+        ),
+        *("train", "--pairs", str(ref_pairs_dir), "--model", str(tiny_model_dir)),
+        *("--out", str(tmp_path / "by-hand"), "--config", str(tmp_path / "train.yaml")),
+    ]
+    done = subprocess.run(by_hand, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    events: list[dict] = []
+    step = Step.of(
+        jobs.train_job,
+        "train-mpo",
+        "train",
+        kwargs={
+            "pairs_dir": str(ref_pairs_dir),
+            "model": str(tiny_model_dir),
+            "out": str(tmp_path / "dag"),
+            "training": training.model_copy(update={"processes": 2}),
+            "eval_pairs": None,
+        },
+    )
+    result = LocalRunner(events.append).run(step)
+    assert result.counts["steps"] == 3 and Path(result.final_model, "model.safetensors").exists()
+    expected = training_losses(tmp_path / "by-hand" / "metrics.jsonl")
+    assert len(expected) == 3
+    assert training_losses(Path(result.metrics_file)) == pytest.approx(expected, abs=1e-6)
+    assert [e["progress"] for e in events if "progress" in e] == pytest.approx([100 / 3, 200 / 3, 100.0])
+
+
+@pytest.mark.timeout(900)
+def test_a_training_killed_at_its_limit_takes_its_ranks_with_it(
+    ref_pairs_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from mpo import jobs
+    from mpo.time_limit import StageTimeout, call_with_time_limit
+    from mpo.train import TrainConfig
+
+    training = TrainConfig(
+        learning_rate=1e-3, batch_size=2, max_steps=10_000, max_length=512, save_every=2, processes=2
+    )
+    kwargs = {
+        "pairs_dir": str(ref_pairs_dir),
+        "model": str(tiny_model_dir),
+        "out": str(tmp_path / "run"),
+        "training": training,
+        "eval_pairs": None,
+    }
+    with pytest.raises(StageTimeout):
+        call_with_time_limit(jobs.train_job, kwargs, 20.0, grace_seconds=2.0)
+    spec = str(tmp_path / "run" / ".launch-spec.json")
+    for _ in range(30):  # SIGTERM reaches torchrun, which stops its ranks
+        left = subprocess.run(["pgrep", "-f", spec], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(1)
+    assert left == [], "torchrun or its ranks outlived the killed job"
