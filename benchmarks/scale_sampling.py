@@ -173,7 +173,8 @@ def main() -> None:
             rows = [run(workers, args, tmp / "data", tmp / "model", server.env, tmp) for workers in (1, 2)]
 
     print(
-        f"{args.count * 6} prompts, n={args.n}, max_tokens={args.max_tokens}, {args.partitions} partitions per stage"
+        f"{args.count * 6} prompts, n={args.n}, max_tokens={args.max_tokens}, at most {args.partitions} "
+        f"partitions per stage of at least {args.samples_per_partition} samples"
     )
     print("| workers | served by | sampling wall s | job s | overhead | samples | duplicates | lost |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
