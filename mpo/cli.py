@@ -588,9 +588,12 @@ def run(
     """
     from rich.markdown import Markdown
 
+    from mpo.preflight import check_run
+
     entry = _runner(runner)
     with _config_errors(str(config)):
         settings = entry.config_type.from_yaml(config, _assignments(set_))
+    check_run(settings, str(config))
     from mpo.progress import StepLines
 
     with StepLines(console):
@@ -796,10 +799,31 @@ def demo(
             f"{warmup.steps} steps, loss {model['first_loss'] or float('nan'):.3f} -> "
             f"{model['last_loss'] or float('nan'):.3f} ({time.perf_counter() - started:.0f} s with the data)"
         )
+        from mpo.preflight import check_run
+
+        check_run(pipeline, str(config or DEFAULT_CONFIG))
         summary = _runner(runner).run(pipeline)
     console.print(Markdown(summary.render()))
     console.print(f"total {time.perf_counter() - started:.0f} s")
 
 
+def main() -> None:
+    """The ``mpo`` command: bad input (``mpo.errors.InputError``) is one line on stderr and exit 2;
+    ``--debug`` (or ``MPO_DEBUG=1``) shows its traceback too. Other errors are bugs: tracebacks."""
+    import sys
+
+    from mpo.errors import InputError
+
+    debug = "--debug" in sys.argv[1:] or os.environ.get("MPO_DEBUG", "") not in ("", "0")
+    sys.argv = [sys.argv[0], *(arg for arg in sys.argv[1:] if arg != "--debug")]
+    try:
+        app()
+    except InputError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -100,6 +100,12 @@ class PipelineConfig(BaseModel):
         description="run the correctness and DropoutNTP stages at the same time; default: only with the "
         "transformers engine (vLLM and lmdeploy each reserve most of a GPU's memory, so two on one GPU fail)",
     )
+    reference_partitions: int = Field(
+        1,
+        ge=1,
+        description="parts the reference log-probs are cut into (by pairs shard), one model load each, run "
+        "at once where the runner can (the training deployment's GPU workers)",
+    )
     evaluate: bool = Field(True, description="greedy held-out accuracy before and after training")
     eval_max_tokens: int = Field(256, ge=1, description="new tokens per greedy evaluation answer")
     stages: StageLimits = Field(default_factory=StageLimits)

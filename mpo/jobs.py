@@ -133,26 +133,43 @@ def sample_job(
 
 
 def reference_job(
-    pairs_dir: str, model: str, max_length: int, emit: Emit, bf16: bool | None = None
+    pairs_dir: str,
+    model: str,
+    max_length: int,
+    emit: Emit,
+    bf16: bool | None = None,
+    store: str | None = None,
+    partition: tuple[int, int] = (0, 1),
 ) -> StageResult:
-    """Frozen reference log-probs into each pairs shard (finished shards are skipped), computed as
-    training will compute (``bf16``: the training config's). Pairs too long to fit are counted
-    as drops: training skips them too."""
+    """Frozen reference log-probs into each pairs shard (of ``partition``; finished shards are skipped),
+    computed as training will compute (``bf16``: the training config's); with a ``store``, pairs
+    computed before (another version of the same pairs) are taken from it. Pairs too long to fit
+    are counted as drops: training skips them too."""
     from mpo.ref_logps import compute_reference_logps
 
+    index, count = partition
+    name = "reference" if count == 1 else f"reference:{index + 1}/{count}"
     started = time.perf_counter()
-    emit({"status": f"loading the reference model {Path(model).name}"})
-    report = compute_reference_logps(pairs_dir, model, max_length=max_length, bf16=bf16)
+    emit({"status": f"reference log-probs of {Path(model).name}"})
+    report = compute_reference_logps(
+        pairs_dir, model, max_length=max_length, bf16=bf16, store=store, partition=partition
+    )
     emit(
         {
-            "log": f"reference log-probs: {report.shards} shards written, {report.skipped_shards} already done, "
+            "log": f"{name}: {report.shards} shards written ({report.computed} pairs computed, "
+            f"{report.pairs - report.computed} from the store), {report.skipped_shards} already done, "
             f"{report.too_long} pairs too long"
         }
     )
     return StageResult(
-        stage="reference",
+        stage=name,
         out_dir=pairs_dir,
-        counts={"shards": report.shards, "skipped_shards": report.skipped_shards},
+        counts={
+            "shards": report.shards,
+            "skipped_shards": report.skipped_shards,
+            "pairs_computed": report.computed,
+            "pairs_from_store": report.pairs - report.computed,
+        },
         drops={"too_long": report.too_long} if report.too_long else {},
         seconds=time.perf_counter() - started,
     )

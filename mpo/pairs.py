@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
 from mpo.engines.base import FINISHED
+from mpo.errors import InputError
 from mpo.io import atomic_write_text, publish_dir
 from mpo.sampling import distinct_samples
 from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, shard_files, write_table
@@ -621,7 +622,7 @@ def sample_chunks(
     files = [f for folder in folders for f in shard_files(folder)]
     if not files:
         raise FileNotFoundError(f"no sample shards (*.parquet) in {', '.join(map(str, folders))}")
-    ids = [pl.read_parquet(f, columns=["prompt_id"]) for f in files]
+    ids = [_prompt_ids(f) for f in files]
     selected = pl.col("prompt_id").is_in(prompt_ids.unique().implode()) if prompt_ids is not None else None
     if selected is not None:
         kept = [(f, frame.filter(selected)) for f, frame in zip(files, ids, strict=True)]
@@ -648,6 +649,13 @@ def sample_chunks(
     if spanning.len():
         groups.append((files, pl.col("prompt_id").is_in(spanning.implode())))
     return groups
+
+
+def _prompt_ids(path: Path) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(path, columns=["prompt_id"])
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise InputError(f"{path}: not a readable sample shard ({str(error).splitlines()[0]})") from None
 
 
 def _write_pairs(shards: dict[Path, pa.Table]) -> None:

@@ -29,8 +29,8 @@ from mpo.results import (
     EvalResult,
     IngestResult,
     PairsResult,
+    PartitionedResult,
     RunSummary,
-    SamplingResult,
     StageResult,
     TrainingResult,
 )
@@ -74,6 +74,11 @@ class RunLayout:
     @property
     def evaluation(self) -> Path:
         return self.workdir / "eval"
+
+    @property
+    def reference(self) -> Path:
+        """Reference log-probs by pair and reference, shared by every pairs version of the run."""
+        return self.workdir / "reference"
 
     @property
     def summary_file(self) -> Path:
@@ -193,20 +198,28 @@ class Steps:
             output=str(out / "report.json"),
         )
 
-    def reference(self, pairs: PairsResult) -> Step:
+    def reference(self, pairs: PairsResult) -> list[Step]:
+        """Reference log-probs as ``reference_partitions`` steps over the pairs shards, kept by pair
+        and reference in the run's store (``RunLayout.reference``)."""
         config = self.config
-        return Step.of(
-            jobs.reference_job,
-            "reference-logps",
-            "ref_logps",
-            kwargs={
-                "pairs_dir": pairs.out_dir,
-                "model": config.model,
-                "max_length": config.training.max_length,
-                "bf16": config.training.bf16,
-            },
-            time_limit=config.stages.ref_logps.time_limit_seconds,
-        )
+        count = config.reference_partitions
+        return [
+            Step.of(
+                jobs.reference_job,
+                "reference-logps" if count == 1 else f"reference-logps-{index + 1}of{count}",
+                "ref_logps",
+                kwargs={
+                    "pairs_dir": pairs.out_dir,
+                    "model": config.model,
+                    "max_length": config.training.max_length,
+                    "bf16": config.training.bf16,
+                    "store": str(self.layout.reference),
+                    "partition": (index, count),
+                },
+                time_limit=config.stages.ref_logps.time_limit_seconds,
+            )
+            for index in range(count)
+        ]
 
     def trainings(self, pairs: PairsResult) -> list[TrainingPlan]:
         """MPO, then the SFT baseline when asked for, each in its own folder."""
@@ -323,20 +336,20 @@ def run_pipeline(config: PipelineConfig, runner: Runner) -> RunSummary:
             return prompts, None
         return prompts, runner.run(steps.ingest(config.heldout_data, layout.heldout))
 
-    def train(pairs: PairsResult) -> tuple[StageResult, dict[str, TrainingResult]]:
-        reference = runner.run(steps.reference(pairs))
+    def train(pairs: PairsResult) -> tuple[PartitionedResult, dict[str, TrainingResult]]:
+        reference = PartitionedResult.merge("reference", runner.run_together(steps.reference(pairs)))
         plans = steps.trainings(pairs)
         side_by_side = config.baseline_side_by_side and len(plans) > 1
         trainings = [steps.train(pairs, plan, side_by_side) for plan in plans]
         results = _run_all(runner, trainings, together=side_by_side)
         return reference, {plan.name: result for plan, result in zip(plans, results, strict=True)}
 
-    def sample(prompts: IngestResult) -> list[SamplingResult]:
+    def sample(prompts: IngestResult) -> list[PartitionedResult]:
         """Every partition of both stages in one group: the runner runs them at once where it can
         (``Step.holds_device`` says which may not share a device)."""
         parts = {stage: steps.sample(stage, prompts) for stage in STAGES}
         results = iter(runner.run_together([step for stage in STAGES for step in parts[stage]]))
-        return [SamplingResult.merge(stage, [next(results) for _ in parts[stage]]) for stage in STAGES]
+        return [PartitionedResult.merge(stage, [next(results) for _ in parts[stage]]) for stage in STAGES]
 
     prompts, heldout = timed("ingest", ingest)
     sampled = timed("sampling", lambda: sample(prompts))

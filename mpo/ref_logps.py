@@ -10,16 +10,24 @@ own model and precision. The forward is the training forward: float32 weights, u
 bf16 autocast where training uses it (``mpo.logps.precision``). A pair
 whose prompt does not fit ``max_length`` gets nulls there (the trainer skips and counts
 such pairs the same way).
+
+With a ``store`` (the data engine keeps one per run folder), the values are also kept by pair
+and reference: a key per pair (its id, prompt and images) in a folder per reference spec
+(weights, max_length, precision), so a pairs version written again (a re-run, a refresh that
+adds prompts) has only its new pairs computed. ``partition`` (index, count) takes every
+count-th shard, so the shards of one pairs version spread over several GPU workers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -28,8 +36,12 @@ from mpo.logps import PairLogps, autocast, load_vlm, precision, split_pairs
 from mpo.model_identity import model_fingerprint
 from mpo.pair_data import REF_COLUMNS, PairTable, encode_batch, pairs_data_dir
 from mpo.schemas import shard_files, write_table
+from mpo.text_stats import content_hash, hex64
 
 SPEC_KEY = b"mpo.ref_logps"
+STORE_SCHEMA = pa.schema(
+    [("ref_key", pa.string()), ("ref_chosen_logp", pa.float64()), ("ref_rejected_logp", pa.float64())]
+)
 
 
 def reference_spec(model_dir: Path | str, max_length: int, numerics: dict[str, str | None]) -> dict[str, Any]:
@@ -48,11 +60,45 @@ def shard_spec(path: Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def store_folder(store: Path | str, spec: dict[str, Any]) -> Path:
+    """The store's folder for one reference: its weights, max_length and precision (not its path:
+    a copied model reuses the values)."""
+    identity = {key: value for key, value in spec.items() if key != "model"}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(store) / f"ref-{digest}"
+
+
+def reference_keys(table: pa.Table) -> pl.Series:
+    """What a reference log-prob depends on besides the reference: the pair (its id hashes the
+    prompt id, chosen and rejected) and the prompt as the model sees it, with its images."""
+    frame = pl.from_arrow(table.select(["pair_id", "prompt", "images"]))
+    assert isinstance(frame, pl.DataFrame)
+    text = frame["pair_id"] + "\x00" + frame["prompt"] + "\x00" + frame["images"].list.join("\x01")
+    return hex64(content_hash(text)).alias("ref_key")
+
+
+def _stored(folder: Path, keys: pl.Series) -> pl.DataFrame:
+    """The stored values of ``keys`` (each once, whatever overlapping writers left)."""
+    if not folder.is_dir():
+        return pl.from_arrow(STORE_SCHEMA.empty_table())  # type: ignore[return-value]
+    files = shard_files(folder)
+    if not files:
+        return pl.from_arrow(STORE_SCHEMA.empty_table())  # type: ignore[return-value]
+    wanted = keys.unique().implode()
+    return (
+        pl.scan_parquet(files)
+        .filter(pl.col("ref_key").is_in(wanted))
+        .unique(subset=["ref_key"], keep="first")
+        .collect()
+    )
+
+
 @dataclass
 class RefLogpsReport:
     shards: int = 0
     skipped_shards: int = 0
     pairs: int = 0
+    computed: int = 0  # pairs whose log-probs this run computed (the rest came from the store)
     too_long: int = 0
     spec: dict[str, Any] = field(default_factory=dict)
 
@@ -94,43 +140,77 @@ def compute_reference_logps(
     vision_pass: str = "shared",
     on_shard: Callable[[Path, int], None] | None = None,
     bf16: bool | None = None,
+    store: Path | str | None = None,
+    partition: tuple[int, int] = (0, 1),
 ) -> RefLogpsReport:
-    """Write reference log-probs into every shard of ``pairs_dir``; skip shards already done.
+    """Write reference log-probs into every shard of ``pairs_dir`` (of ``partition``: every count-th
+    shard from index); skip shards already done, and with a ``store`` pairs already computed.
     ``bf16`` must be the trainer's (``TrainConfig.bf16``; default: on with CUDA)."""
     data = pairs_data_dir(pairs_dir)
     files = shard_files(data)
     if not files:
         raise FileNotFoundError(f"{data}: no pairs shards")
+    index, count = partition
+    files = files[index::count]
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     numerics = precision(torch_device, bf16)
     spec = reference_spec(model_dir, max_length, numerics)
     report = RefLogpsReport(spec=spec)
     pending = [f for f in files if shard_spec(f) != spec]
     report.skipped_shards = len(files) - len(pending)
-    if not pending:
-        return report
-    model, processor = load_vlm(model_dir, torch_device, dtype=torch.float32)
-    forward = PairLogps(model.eval(), vision_pass)
+    kept = store_folder(store, spec) if store is not None else None
+    loaded: tuple[PairLogps, Any] | None = None
     for path in pending:
         table = pq.read_table(path)
-        pairs = PairTable(table.drop_columns([c for c in REF_COLUMNS if c in table.column_names]), str(path))
-        logps, too_long = pair_logps(
-            forward, processor, pairs, max_length, batch_size, torch_device, numerics
-        )
-        values = logps.numpy()
-        out = pairs.table
-        for index, name in enumerate(REF_COLUMNS):
-            column = pa.array(values[:, index], type=pa.float64(), mask=torch.isnan(logps[:, index]).numpy())
-            out = out.append_column(name, column)
+        table = table.drop_columns([c for c in REF_COLUMNS if c in table.column_names])
+        keys = reference_keys(table)
+        known = _stored(kept, keys) if kept is not None else pl.DataFrame()
+        missing = ~keys.is_in(known["ref_key"].implode()) if known.height else pl.Series([True] * len(keys))
+        values = torch.full((table.num_rows, 2), float("nan"), dtype=torch.float64)
+        if known.height:
+            found = pl.DataFrame({"ref_key": keys}).join(
+                known, on="ref_key", how="left", maintain_order="left"
+            )
+            for column, name in enumerate(REF_COLUMNS):
+                values[:, column] = torch.from_numpy(found[name].fill_null(float("nan")).to_numpy().copy())
+        rows = missing.arg_true().to_list()
+        if rows:
+            if loaded is None:
+                model, processor = load_vlm(model_dir, torch_device, dtype=torch.float32)
+                loaded = (PairLogps(model.eval(), vision_pass), processor)
+            forward, processor = loaded
+            todo = PairTable(table.take(rows), str(path))
+            logps, _too_long = pair_logps(
+                forward, processor, todo, max_length, batch_size, torch_device, numerics
+            )
+            values[rows] = logps
+            report.computed += len(rows)
+            if kept is not None:
+                fresh = pa.table(
+                    {
+                        "ref_key": keys.gather(rows).to_arrow(),
+                        **{name: _nullable(logps[:, column]) for column, name in enumerate(REF_COLUMNS)},
+                    },
+                    schema=STORE_SCHEMA,
+                )
+                write_table(fresh, kept / f"{path.stem}-{keys.gather(rows).sort()[0]}.parquet")
+        report.too_long += int(torch.isnan(values[:, 0]).sum())
+        out = table
+        for column, name in enumerate(REF_COLUMNS):
+            out = out.append_column(name, _nullable(values[:, column]))
         metadata = dict(out.schema.metadata or {})
         metadata[SPEC_KEY] = json.dumps(spec, sort_keys=True).encode()
         write_table(out.replace_schema_metadata(metadata), path)
         report.shards += 1
-        report.pairs += len(pairs)
-        report.too_long += too_long
+        report.pairs += table.num_rows
         if on_shard:
-            on_shard(path, len(pairs))
+            on_shard(path, table.num_rows)
     return report
+
+
+def _nullable(values: torch.Tensor) -> pa.Array:
+    """float64 values with NaN (a pair too long for max_length) as null."""
+    return pa.array(values.numpy(), type=pa.float64(), mask=torch.isnan(values).numpy())
 
 
 def reference_specs(pairs_dir: Path | str) -> list[dict[str, Any] | None]:

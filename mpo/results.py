@@ -42,14 +42,14 @@ def worker_name() -> str:
     return f"{socket.gethostname()} CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
 
 
-class SamplingResult(StageResult):
-    """One sampling stage: its counts summed over its partitions, each partition's own result kept
-    (where it ran, how many attempts it took)."""
+class PartitionedResult(StageResult):
+    """A stage cut into partitions (sampling, reference log-probs): its counts summed over them,
+    each partition's own result kept (where it ran, how many attempts it took)."""
 
     partitions: list[StageResult] = Field(default_factory=list)
 
     @classmethod
-    def merge(cls, stage: str, parts: list[StageResult]) -> SamplingResult:
+    def merge(cls, stage: str, parts: list[StageResult]) -> PartitionedResult:
         """The stage's result from its partitions' (``correctness:2/4``: all of one stage, one store)."""
         counts: dict[str, int] = {}
         for part in parts:
@@ -129,7 +129,7 @@ def shape_version() -> str:
     """A hash of the stage results' schemas. Orchestrators that cache results as pickled objects key
     on it, so that results of another shape (an older version of this package) miss the cache
     instead of coming back with fields missing."""
-    models = (StageResult, SamplingResult, IngestResult, PairsResult, TrainingResult, EvalResult)
+    models = (StageResult, PartitionedResult, IngestResult, PairsResult, TrainingResult, EvalResult)
     schemas = [model.model_json_schema() for model in models]
     return hashlib.sha256(json.dumps(schemas, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -163,9 +163,9 @@ class RunSummary(BaseModel):
     workdir: str
     ingest: IngestResult
     heldout: IngestResult | None = None
-    sampling: list[SamplingResult]
+    sampling: list[PartitionedResult]
     pairs: PairsResult
-    reference: StageResult | None = None
+    reference: PartitionedResult | None = None
     trainings: dict[str, TrainingResult] = Field(default_factory=dict, description="by name: mpo, sft")
     models: dict[str, str] = Field(description="the models scored, by name: start, mpo, sft")
     evaluation: dict[str, EvalResult] = Field(default_factory=dict)
@@ -240,13 +240,15 @@ class RunSummary(BaseModel):
         return "\n".join(lines) + "\n"
 
     def _render_partitions(self) -> list[str]:
-        """Where sampling ran, for stages cut into partitions: how many, on how many workers, retries."""
-        parted = [stage for stage in self.sampling if stage.partitions]
+        """Where the stages cut into partitions ran: how many parts, on how many workers, retries."""
+        parted = [
+            stage for stage in [*self.sampling, self.reference] if stage is not None and stage.partitions
+        ]
         if not parted:
             return []
         lines = [
             "",
-            "## Sampling partitions",
+            "## Partitions",
             "| stage | partitions | workers | retried |",
             "| --- | ---: | ---: | --- |",
         ]

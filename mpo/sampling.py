@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mpo.engines.base import Engine, GenerationRequest, SamplingParams
+from mpo.errors import InputError
 from mpo.io import atomic_write_text
 from mpo.model_identity import model_fingerprint
 from mpo.schemas import PROMPTS, SAMPLES, read_dir, shard_files, write_table
@@ -194,7 +195,11 @@ def prompts_version(prompts: pl.DataFrame) -> str:
 
 def shard_keys(path: Path) -> list[str]:
     """The prompt keys a finished shard holds (from its Parquet footer, the rows are not read)."""
-    raw = (pq.read_schema(path).metadata or {}).get(KEYS_METADATA)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as error:
+        raise InputError(f"{path}: not a readable sample shard ({str(error).splitlines()[0]})") from None
+    raw = (schema.metadata or {}).get(KEYS_METADATA)
     if raw is None:
         raise ValueError(
             f"{path}: sample shard without {KEYS_METADATA.decode()!r} metadata (written by another tool?)"

@@ -104,8 +104,9 @@ def fault_injection(folder: Path, target: str, after_calls: int = 0, kill: bool 
 
             def _fails_once(*args, **kwargs):
                 _calls[0] += 1
+                number = _calls[0]  # this call's: other threads may call meanwhile
                 if {kill!r}:
-                    if _calls[0] == {after_calls + 1}:
+                    if number == {after_calls + 1}:
                         try:
                             os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
                         except FileExistsError:
@@ -113,7 +114,7 @@ def fault_injection(folder: Path, target: str, after_calls: int = 0, kill: bool 
                         os.kill(os.getpid(), signal.SIGKILL)
                     return _original(*args, **kwargs)
                 result = _original(*args, **kwargs)
-                if _calls[0] == {after_calls + 1}:
+                if number == {after_calls + 1}:
                     raise RuntimeError("injected fault in {target}: a lost worker")
                 return result
 

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -198,3 +201,53 @@ def test_a_config_that_does_not_validate_names_every_wrong_field(tmp_path: Path)
     for field in ("sampling.n", "sampling.temprature", "training.max_step", "bad.yaml"):
         assert field in message, message
     assert "Traceback" not in result.output
+
+
+def mpo_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed entry point's code path (``mpo.cli.main``), as a user's shell runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "mpo.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_bad_input_is_one_line_naming_the_field_or_file(
+    synth_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The three bad inputs a new user meets first: each one line on stderr, exit 2, no traceback."""
+    import yaml
+
+    good = {
+        "workdir": str(tmp_path / "run"),
+        "train_data": str(synth_dir / "meta.json"),
+        "model": str(tiny_model_dir),
+    }
+    cases = {
+        "model.yaml": (
+            {**good, "model": "/nonexistent/model"},
+            "model: /nonexistent/model is not a model folder",
+        ),
+        "data.yaml": ({**good, "train_data": str(tmp_path / "missing.json")}, "train_data: "),
+    }
+    for name, (fields, expected) in cases.items():
+        (tmp_path / name).write_text(yaml.safe_dump(fields))
+        done = mpo_command("run", str(tmp_path / name), "--runner", "local")
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        assert len(lines) <= 5 and "Traceback" not in done.stderr, lines
+        assert expected in done.stderr and str(tmp_path / name) in done.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "shard-bad.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
+    done = mpo_command("pairs", str(samples), "--out", str(tmp_path / "pairs"))
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) <= 5, lines
+    assert f"{samples / 'shard-bad.parquet'}: not a readable sample shard" in done.stderr
+
+    debug = mpo_command("pairs", str(samples), "--out", str(tmp_path / "pairs"), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr + debug.stdout

@@ -166,3 +166,41 @@ def test_ref_logps_are_written_into_the_pairs_and_resume(
     assert longer.too_long == 40 and shard_spec(first) == longer.spec
     column = pq.read_table(first).column("ref_chosen_logp")
     assert column.null_count == column.length() and column.type == pa.float64()
+
+
+def test_a_rewritten_or_grown_pairs_version_computes_only_its_new_pairs(
+    gold_pairs_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Reference log-probs kept by pair and reference: the same pairs written again (a re-run that
+    rewrote the pairs version) take every value from the store, a version with more pairs computes
+    only those, and the values are the same as computed fresh."""
+    store = tmp_path / "reference"
+    table = pq.read_table(shard_files(gold_pairs_dir / "data")[0])
+    first, grown = tmp_path / "v1", tmp_path / "v2"
+    write_table(table.slice(0, 30), first / "data" / "part-00000.parquet")
+    write_table(table.slice(0, 20), grown / "data" / "part-00000.parquet")
+    write_table(table.slice(20), grown / "data" / "part-00001.parquet")  # 10 old pairs, 10 new
+
+    fresh = compute_reference_logps(first, tiny_model_dir, max_length=512, store=store)
+    assert (fresh.computed, fresh.pairs) == (30, 30)
+    before = PairTable.read(first).ref
+    shutil.rmtree(first / "data")
+    write_table(table.slice(0, 30), first / "data" / "part-00000.parquet")  # the same pairs, rewritten
+    again = compute_reference_logps(first, tiny_model_dir, max_length=512, store=store)
+    assert (again.computed, again.pairs, again.shards) == (0, 30, 1)
+    after = PairTable.read(first).ref
+    assert before is not None and after is not None and after.tolist() == before.tolist()
+
+    parts = [
+        compute_reference_logps(grown, tiny_model_dir, max_length=512, store=store, partition=(i, 2))
+        for i in range(2)
+    ]
+    assert [p.shards for p in parts] == [1, 1] and sum(p.computed for p in parts) == 10
+    alone = tmp_path / "alone"
+    shutil.copytree(grown, alone)
+    compute_reference_logps(alone, tiny_model_dir, max_length=512)  # no store: all computed here
+    stored, direct = PairTable.read(grown), PairTable.read(alone)
+    assert stored.ref is not None and direct.ref is not None
+    assert torch.allclose(stored.ref, direct.ref, atol=1e-9)
+    other = compute_reference_logps(first, tiny_model_dir, max_length=60, store=store)
+    assert other.computed == 30  # another max_length is another reference: its own values

@@ -133,7 +133,7 @@ def test_sampling_partitions_are_steps_of_one_group_merged_per_stage(tmp_path: P
         ("correctness", 3),
         ("dropout_ntp", 0),
     ]
-    assert "## Sampling partitions" in summary.render()
+    assert "## Partitions" in summary.render()
     assert sampling.partitions_for("correctness", 50) == 2 and sampling.partitions_for("correctness", 0) == 1
 
 
@@ -245,3 +245,13 @@ def test_a_handed_over_step_has_one_key_per_attempt_whichever_run_hands_it(tmp_p
     assert idempotency_key(sample, 1, "run-a") != idempotency_key(sample, 2, "run-a")
     train = next(s for s in runner.steps if s.stage == "train")  # no output to check: this run's own
     assert idempotency_key(train, 1, "run-a") != idempotency_key(train, 1, "run-b")
+
+
+def test_reference_log_probs_are_cut_into_parts_kept_in_the_runs_store(tmp_path: Path) -> None:
+    runner = RecordingRunner()
+    summary = run_pipeline(config_for(tmp_path, reference_partitions=2, evaluate=False), runner)
+    assert ["reference-logps-1of2", "reference-logps-2of2"] in runner.calls
+    parts = [s for s in runner.steps if s.stage == "ref_logps"]
+    assert [s.kwargs["partition"] for s in parts] == [(0, 2), (1, 2)]
+    assert {s.kwargs["store"] for s in parts} == {str(tmp_path / "run" / "reference")}
+    assert summary.reference is not None and len(summary.reference.partitions) == 2

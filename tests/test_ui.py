@@ -34,6 +34,7 @@ STAGES = [
     "train-mpo",
     "evaluate-start",
     "evaluate-mpo",
+    "compare",
 ]
 
 pytestmark = pytest.mark.skipif(
