@@ -33,17 +33,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from prefect_server import PREFECT, prefect_server  # noqa: E402
+from prefect_server import PREFECT, deploy_project, prefect_server, project_settings  # noqa: E402
 
 from mpo.results import RunSummary  # noqa: E402
 from mpo.sampling import SAMPLE_KEY, read_prompts  # noqa: E402
 from mpo.schemas import SAMPLES, read_dir  # noqa: E402
-
-
-def prefect(args: list[str], env: dict[str, str]) -> None:
-    done = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"prefect {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
 def start_workers(count: int, env: dict[str, str], logs: Path) -> list[subprocess.Popen[bytes]]:
@@ -160,16 +154,9 @@ def main() -> None:
         tmp = Path(folder)
         generate(tmp / "data", count=args.count, seed=0, heldout_fraction=0.0)
         build_tiny_model(tmp / "model", seed=0)
-        settings = {
-            "MPO_REPO_DIR": str(ROOT),
-            "MPO_WORKDIR": str(tmp / "run"),
-            "MPO_TRAIN_DATA": str(tmp / "data" / "meta.json"),
-            "MPO_MODEL": str(tmp / "model"),
-        }
+        settings = project_settings(tmp / "run", tmp / "data" / "meta.json", tmp / "model")
         with prefect_server(tmp / "prefect-home", **settings) as server:
-            for pool in ("cpu", "gpu"):
-                prefect(["work-pool", "create", pool, "--type", "process"], server.env)
-            prefect(["--no-prompt", "deploy", "--all"], server.env)
+            deploy_project(server)
             rows = [run(workers, args, tmp / "data", tmp / "model", server.env, tmp) for workers in (1, 2)]
 
     print(

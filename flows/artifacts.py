@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from mpo.gallery import gallery_markdown
 from mpo.report import curve_rows, embedded_charts, pairs_per_source
 from mpo.results import RunSummary
 
@@ -30,6 +31,17 @@ def publish_run(summary: RunSummary) -> None:
         )
     create_markdown_artifact(
         key="mpo-run-summary",
-        markdown=summary.render() + embedded_charts(Path(summary.workdir)),
+        markdown=summary.render() + embedded_charts(Path(summary.workdir)) + _small_gallery(summary),
         description="MPO data engine run summary",
+    )
+
+
+def _small_gallery(summary: RunSummary) -> str:
+    """Two pairs per source with their thumbnails; the whole gallery is the run's pairs.html."""
+    if not summary.pairs.counts.get("pairs"):
+        return ""
+    return (
+        "\n## Pairs, a few per source\n\n"
+        + gallery_markdown(summary.pairs.out_dir, per_source=2)
+        + f"\nMore, with a filter by dataset and source: `{Path(summary.workdir) / 'pairs.html'}`\n"
     )

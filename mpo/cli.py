@@ -620,6 +620,29 @@ def _runner(name: str) -> Any:
 
 
 @app.command()
+def view(
+    pairs_dir: Annotated[Path, typer.Argument(help="A pairs version (holds data/ and hard_prompts.parquet)")],
+    out: Annotated[Path | None, typer.Option(help="The HTML file (default: PAIRS_DIR/pairs.html)")] = None,
+    per_source: Annotated[int, typer.Option(help="Pairs per dataset and source")] = 6,
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset")] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Only this source: correctness, dropout_ntp, hard")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Which pairs are drawn; the same seed writes the same file")] = 0,
+) -> None:
+    """Write a gallery of preference pairs with their images: one self-contained HTML file to open in
+    a browser (mpo.gallery)."""
+    from mpo.errors import InputError
+    from mpo.gallery import GallerySpec, write_gallery
+
+    if not (pairs_dir / "data").is_dir():
+        raise InputError(f"{pairs_dir}: not a pairs version (no data/ folder)")
+    spec = GallerySpec(per_source=per_source, dataset=dataset, source=source, seed=seed)
+    written = write_gallery(pairs_dir, out or pairs_dir / "pairs.html", spec)
+    console.print(f"gallery: {written} ({written.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
 def report(
     workdir: Annotated[Path, typer.Argument(help="Work folder of a finished run (holds summary.json)")],
 ) -> None:

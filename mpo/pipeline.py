@@ -84,6 +84,11 @@ class RunLayout:
     def summary_file(self) -> Path:
         return self.workdir / "summary.json"
 
+    @property
+    def gallery(self) -> Path:
+        """The pairs of the run's data version with their images, to open in a browser (``mpo view``)."""
+        return self.workdir / "pairs.html"
+
     def pairs(self, config: PipelineConfig, prompts_version: str, samples_dirs: list[str]) -> Path:
         """The pairs' data version: the prompt set, the sample stores and the pairing config.
 
@@ -104,10 +109,14 @@ class RunLayout:
         return self.workdir / "train" / Path(pairs_dir).name / f"{name}-{key}"
 
     def write_summary(self, summary: RunSummary) -> list[Path]:
-        """``summary.json``, then the run's charts from it (``mpo.report``); returns the charts' paths."""
+        """``summary.json``, the run's charts from it (``mpo.report``; their paths are returned) and the
+        gallery of its pairs (``pairs.html``)."""
+        from mpo.gallery import write_gallery
         from mpo.report import write_plots
 
         summary.write(self.summary_file)
+        if summary.pairs.counts.get("pairs"):
+            write_gallery(summary.pairs.out_dir, self.gallery)
         return write_plots(self.workdir)
 
 

@@ -237,6 +237,12 @@ class RunSummary(BaseModel):
         charts = sorted((Path(self.workdir) / "plots").glob("*.png"))
         if charts:
             lines += ["", "## Charts", *[f"- `{chart}`" for chart in charts]]
+        gallery = Path(self.workdir) / "pairs.html"
+        if gallery.is_file():
+            lines += [
+                "",
+                f"Pairs with their images, to open in a browser: `{gallery}` (`mpo view` draws others).",
+            ]
         return "\n".join(lines) + "\n"
 
     def _render_partitions(self) -> list[str]:

@@ -80,6 +80,31 @@ def prefect_server(home: Path, **env: str) -> Iterator[Server]:
         server.wait(timeout=30)
 
 
+def project_settings(workdir: Path, train_data: Path, model: Path) -> dict[str, str]:
+    """What ``prefect.yaml`` reads from the environment of the machine that deploys."""
+    return {
+        "MPO_REPO_DIR": str(ROOT),
+        "MPO_WORKDIR": str(workdir),
+        "MPO_TRAIN_DATA": str(train_data),
+        "MPO_MODEL": str(model),
+    }
+
+
+def deploy_project(server: Server) -> str:
+    """The ``cpu`` and ``gpu`` process pools and every deployment of ``prefect.yaml``; returns what
+    ``prefect deploy`` printed."""
+    for pool in ("cpu", "gpu"):
+        _prefect(["work-pool", "create", pool, "--type", "process"], server.env)
+    return _prefect(["--no-prompt", "deploy", "--all"], server.env)
+
+
+def _prefect(args: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
 def fault_injection(folder: Path, target: str, after_calls: int = 0, kill: bool = False) -> dict[str, str]:
     """Environment that makes ``target`` (``module:function``) fail once, on call ``after_calls + 1``,
     in every Python process started with it: a ``sitecustomize`` on ``PYTHONPATH``. A worker's

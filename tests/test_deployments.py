@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from prefect_server import PREFECT, ROOT, fault_injection, prefect_server
+from prefect_server import PREFECT, ROOT, deploy_project, fault_injection, prefect_server, project_settings
 
 from mpo.results import RunSummary
 from mpo.train import read_metrics
@@ -46,21 +46,18 @@ def add_closed_prompt(data: Path) -> None:
 def test_deploy_all_and_run_one_deployment_through_a_worker(
     synth_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    settings = {
-        "MPO_REPO_DIR": str(ROOT),
-        "MPO_WORKDIR": str(tmp_path / "run"),
-        "MPO_TRAIN_DATA": str(synth_dir / "meta.json"),
-        "MPO_MODEL": str(tiny_model_dir),
-    }
+    settings = project_settings(tmp_path / "run", synth_dir / "meta.json", tiny_model_dir)
     with prefect_server(tmp_path / "prefect-home", **settings) as server:
         env = server.env
-        for pool in ("cpu", "gpu"):
-            run(["work-pool", "create", pool, "--type", "process"], env)
-        deployed = run(["--no-prompt", "deploy", "--all"], env)
+        deployed = deploy_project(server)
         for name in ("mpo-data-engine/data-engine", "mpo-sampling/sampling", "mpo-training/training"):
             assert name in deployed or name.split("/")[1] in deployed
         listing = run(["deployment", "ls"], env)
         assert "data-engine" in listing and "sampling" in listing and "training" in listing
+        # A nightly refresh that outlasts a day is not joined by the next: one data-engine run at a time.
+        [engine] = [d for d in server.query("/deployments/filter") if d["name"] == "data-engine"]
+        assert engine["global_concurrency_limit"]["limit"] == 1
+        assert engine["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
         config = {
             "workdir": str(tmp_path / "run"),

@@ -21,7 +21,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from prefect_server import PREFECT, ROOT, Server, fault_injection, prefect_server
+from prefect_server import (
+    PREFECT,
+    ROOT,
+    Server,
+    deploy_project,
+    fault_injection,
+    prefect_server,
+    project_settings,
+)
 
 from mpo.results import RunSummary
 from mpo.sampling import SAMPLE_KEY, read_prompts
@@ -29,12 +37,6 @@ from mpo.schemas import SAMPLES, read_dir
 
 PARTITIONS = 4
 N = 2
-
-
-def prefect(args: list[str], env: dict[str, str]) -> str:
-    done = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
 
 
 @contextmanager
@@ -98,12 +100,7 @@ def assert_sampled_exactly_once(workdir: Path) -> None:
 def test_partitions_spread_over_two_gpu_workers_survive_a_kill_and_a_second_run(
     synth_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    settings = {
-        "MPO_REPO_DIR": str(ROOT),
-        "MPO_WORKDIR": str(tmp_path / "run"),
-        "MPO_TRAIN_DATA": str(synth_dir / "meta.json"),
-        "MPO_MODEL": str(tiny_model_dir),
-    }
+    settings = project_settings(tmp_path / "run", synth_dir / "meta.json", tiny_model_dir)
 
     def config(workdir: Path) -> Path:
         fields = {
@@ -128,9 +125,7 @@ def test_partitions_spread_over_two_gpu_workers_survive_a_kill_and_a_second_run(
         return path
 
     with prefect_server(tmp_path / "prefect-home", **settings) as server:
-        for pool in ("cpu", "gpu"):
-            prefect(["work-pool", "create", pool, "--type", "process"], server.env)
-        prefect(["--no-prompt", "deploy", "--all"], server.env)
+        deploy_project(server)
         # The first worker's flow-run process kills itself mid-partition: before its second shard.
         killer = fault_injection(tmp_path / "inject", "mpo.sampling:_sample_rows", after_calls=1, kill=True)
         with gpu_workers(server, [killer, {}], tmp_path):

@@ -97,9 +97,9 @@ def test_the_dags_training_step_in_two_processes_matches_torchrun_by_hand(
     same losses as a person typing ``torchrun --nproc-per-node 2 -m mpo.cli train`` on the same pairs."""
     import yaml
 
-    from mpo import jobs
-    from mpo.pipeline import LocalRunner
-    from mpo.step import Step
+    from mpo.config import PipelineConfig
+    from mpo.pipeline import LocalRunner, Steps
+    from mpo.results import PairsResult
     from mpo.train import TrainConfig
 
     training = TrainConfig(learning_rate=1e-3, batch_size=2, max_steps=3, max_length=512, warmup_ratio=0.0)
@@ -122,19 +122,16 @@ def test_the_dags_training_step_in_two_processes_matches_torchrun_by_hand(
     assert done.returncode == 0, done.stderr[-4000:]
 
     events: list[dict] = []
-    step = Step.of(
-        jobs.train_job,
-        "train-mpo",
-        "train",
-        kwargs={
-            "pairs_dir": str(ref_pairs_dir),
-            "model": str(tiny_model_dir),
-            "out": str(tmp_path / "dag"),
-            "training": training.model_copy(update={"processes": 2}),
-            "eval_pairs": None,
-        },
+    config = PipelineConfig(
+        workdir=tmp_path / "dag",
+        train_data=tmp_path,
+        model=str(tiny_model_dir),
+        training=training.model_copy(update={"processes": 2}),
     )
-    result = LocalRunner(events.append).run(step)
+    steps = Steps(config)
+    pairs = PairsResult(stage="pairs", out_dir=str(ref_pairs_dir))
+    [plan] = steps.trainings(pairs)
+    result = LocalRunner(events.append).run(steps.train(pairs, plan))
     assert result.counts["steps"] == 3 and Path(result.final_model, "model.safetensors").exists()
     expected = training_losses(tmp_path / "by-hand" / "metrics.jsonl")
     assert len(expected) == 3
