@@ -122,7 +122,7 @@ def run(
         raise SystemExit(f"mpo run failed:\n{done.stdout[-4000:]}{done.stderr[-2000:]}")
     summary = RunSummary.read(workdir / "summary.json")
     wall = summary.timings["sampling"]
-    job_seconds = sum(part.seconds for stage in summary.sampling for part in stage.partitions)
+    job_seconds = sum(part.seconds for stage in summary.sampling for part in stage.partitions or [stage])
     samples, duplicates, lost = store_check(workdir, args.n)
     return {
         "workers": workers,

@@ -14,6 +14,10 @@ from typing import Any
 
 from mpo.step import Step
 
+# How often a waiting task asks for its flow run's state: the last part's end is seen this late at
+# most (Prefect's default is 5 s); hundreds of parts at once ask the server that many times as often.
+POLL_SECONDS = 2.0
+
 
 def idempotency_key(step: Step, attempt: int, flow_run_id: str) -> str:
     """Same step, same attempt: same key, whichever run hands it over. A step without an ``output``
@@ -31,11 +35,17 @@ def run_on_deployment(deployment: str, step: Step) -> Any:
     attempt = task_run.run_count or 1
     key = idempotency_key(step, attempt, str(flow_run.id or ""))
     parameters = {"step": step.model_dump(mode="json")}
-    run: Any = run_deployment(deployment, parameters=parameters, idempotency_key=key, timeout=None)
+    run: Any = run_deployment(
+        deployment, parameters=parameters, idempotency_key=key, timeout=None, poll_interval=POLL_SECONDS
+    )
     if run.state is not None and run.state.is_completed() and step.output_missing():
         # a finished run of the same step whose data is gone: this flow run's own, fresh one
         run = run_deployment(
-            deployment, parameters=parameters, idempotency_key=f"{key}-{flow_run.id}", timeout=None
+            deployment,
+            parameters=parameters,
+            idempotency_key=f"{key}-{flow_run.id}",
+            timeout=None,
+            poll_interval=POLL_SECONDS,
         )
     state = run.state
     if state is None or not state.is_completed():

@@ -8,11 +8,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 # Nothing in this project may reach a model hub; fail fast instead of hanging on the network.
@@ -30,6 +31,11 @@ app = typer.Typer(
     help="MPO data engine: preference data and MPO training for VLMs.",
 )
 console = Console()
+ConfigT = TypeVar("ConfigT", bound="BaseModel")
+CONFIG_OPTION = typer.Option(
+    help="YAML of the stage's config fields; the options below and --set override it"
+)
+SET_OPTION = typer.Option("--set", help="FIELD=VALUE of the stage's config, value read as YAML; repeatable")
 
 
 @app.command()
@@ -56,57 +62,59 @@ def synth(
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Output folder for the HF checkpoint")],
     warmup_steps: Annotated[
-        int, typer.Option(help="Supervised warm-up steps on synthetic data (0: random weights)")
-    ] = 0,
+        int | None, typer.Option(help="Supervised warm-up steps on synthetic data (none: random weights)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for tokenizer corpus, init and warm-up")] = 0,
     data: Annotated[
         Path | None, typer.Option(help="`mpo synth` output for the warm-up; generated if omitted")
     ] = None,
     warmup_lr: Annotated[
-        float, typer.Option(help="Peak learning rate of the warm-up (cosine decay to 0)")
-    ] = 1e-3,
+        float | None, typer.Option(help="Peak learning rate of the warm-up (cosine to 0)")
+    ] = None,
     warmup_vision_lr_scale: Annotated[
-        float,
+        float | None,
         typer.Option(help="Learning-rate multiplier of the vision tower and projector during the warm-up"),
-    ] = 1.0,
+    ] = None,
     warmup_prior_bias: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="Share of closed warm-up examples whose final answer is the dataset's most common one"
         ),
-    ] = 0.0,
+    ] = None,
     warmup_prior_in_reasoning: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             help="Those examples state the common answer in their steps too, not only in the last line"
         ),
-    ] = False,
+    ] = None,
     image_size: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="Input resolution of the vision tower (patch 14; 224 -> 64 image tokens, 112 -> 16)"
         ),
-    ] = 224,
+    ] = None,
 ) -> None:
-    """Build the tiny offline InternVL model (tokenizer, processor, weights)."""
+    """Build the tiny offline InternVL model (tokenizer, processor, weights). Unset options keep
+    ``mpo.tiny_model.WarmupRecipe``'s and ``TinyModelSpec``'s defaults."""
     from mpo.tiny_model import TinyModelSpec, WarmupRecipe
 
-    summary = _build_tiny_model(
-        out,
-        seed,
-        data,
-        WarmupRecipe(
-            warmup_steps, warmup_lr, warmup_vision_lr_scale, warmup_prior_bias, warmup_prior_in_reasoning
-        ),
-        TinyModelSpec(image_size),
-    )
+    given: dict[str, Any] = {
+        "steps": warmup_steps,
+        "lr": warmup_lr,
+        "vision_lr_scale": warmup_vision_lr_scale,
+        "prior_bias": warmup_prior_bias,
+        "prior_in_reasoning": warmup_prior_in_reasoning,
+    }
+    recipe = WarmupRecipe(**{name: value for name, value in given.items() if value is not None})
+    spec = TinyModelSpec() if image_size is None else TinyModelSpec(image_size)
+    summary = _build_tiny_model(out, seed, data, recipe, spec)
     console.print(
         f"[green]tiny model[/green] written to {out}: {summary['parameters']:,} parameters, "
         f"vocab {summary['vocab_size']}, {summary['image_seq_length']} image tokens per image"
     )
-    if warmup_steps:
+    if recipe.steps:
         console.print(
-            f"warm-up: {warmup_steps} steps, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+            f"warm-up: {recipe.steps} steps, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
         )
 
 
@@ -195,33 +203,34 @@ def pairs(
     out: Annotated[
         Path, typer.Option(help="Pairs directory: data/*.parquet, hard_prompts.parquet, report.json")
     ],
-    pairs_per_prompt: Annotated[int, typer.Option(help="Cap on pairs per prompt and source")] = 15,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Pair only these prompts' samples (an `mpo ingest` prompts folder)")
+    ] = None,
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+    set_: Annotated[list[str] | None, SET_OPTION] = None,
+    pairs_per_prompt: Annotated[int | None, typer.Option(help="Cap on pairs per prompt and source")] = None,
     selection: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Pairs kept under the cap: random (seeded draw) or closest "
             "(chosen and rejected sharing the longest prefix first)"
         ),
-    ] = "random",
-    seed: Annotated[int, typer.Option(help="Seed of the pair draw")] = 0,
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the pair draw")] = None,
     verify: Annotated[
         list[str] | None, typer.Option(help="DATASET=MODE (auto|exact|choice|numeric|anls); repeatable")
     ] = None,
     default_verify: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Verifier for datasets not named by --verify (auto: per prompt, "
-            "from the shape of its gold answer)"
+            help="Verifier for datasets not named by --verify (auto: from the shape of each gold answer)"
         ),
-    ] = "auto",
+    ] = None,
     max_repetition: Annotated[
-        float, typer.Option(help="Drop responses with a larger share of repeated 4-grams")
-    ] = 0.3,
+        float | None, typer.Option(help="Drop responses with a larger share of repeated 4-grams")
+    ] = None,
     max_length_ratio: Annotated[
         float | None, typer.Option(help="Drop pairs with len(chosen)/len(rejected) above this")
-    ] = None,
-    prompts: Annotated[
-        Path | None, typer.Option(help="Pair only these prompts' samples (an `mpo ingest` prompts folder)")
     ] = None,
     claim: Annotated[
         list[str] | None,
@@ -231,26 +240,36 @@ def pairs(
         ),
     ] = None,
 ) -> None:
-    """Turn samples into preference pairs (correctness, format, DropoutNTP)."""
-    from mpo.pairs import PairingConfig, run_pairing
-    from mpo.sampling import read_prompts
+    """Turn samples into preference pairs (correctness, format, DropoutNTP). Unset options keep
+    ``mpo.pairs.PairingConfig``'s defaults."""
+    from mpo import jobs
+    from mpo.pairs import PairingConfig
+    from mpo.progress import StepLines
+    from mpo.step import Step
 
-    config = PairingConfig(
-        pairs_per_prompt=pairs_per_prompt,
-        selection=selection,
-        seed=seed,
-        verify_modes=_key_values(verify, "--verify", "DATASET=MODE"),
-        default_verify_mode=default_verify,
-        max_repetition=max_repetition,
-        max_length_ratio=max_length_ratio,
-        claim_patterns=_key_values(claim, "--claim", "DATASET=REGEX"),
-    )
-    prompt_ids = read_prompts(prompts)["prompt_id"] if prompts else None
-    report = run_pairing(samples, out, config, prompt_ids)
-    table = Table(title=f"{report['pairs']} pairs in {out}")
+    given = {
+        "pairs_per_prompt": pairs_per_prompt,
+        "selection": selection,
+        "seed": seed,
+        "verify_modes": _key_values(verify, "--verify", "DATASET=MODE") if verify else None,
+        "default_verify_mode": default_verify,
+        "max_repetition": max_repetition,
+        "max_length_ratio": max_length_ratio,
+        "claim_patterns": _key_values(claim, "--claim", "DATASET=REGEX") if claim else None,
+    }
+    pairing = _stage_config(PairingConfig, config, given, set_, "the pairing options")
+    kwargs = {
+        "samples_dirs": [str(folder) for folder in samples],
+        "prompts_dir": str(prompts) if prompts else None,
+        "out": str(out),
+        "pairing": pairing,
+    }
+    with StepLines(console):
+        result = Step.of(jobs.pairs_job, "pairs", "pairs", kwargs=kwargs).run(lambda _event: None)
+    table = Table(title=f"{result.counts['pairs']} pairs in {out}")
     for column in ("dataset", "prompts", "samples", "accuracy", "pairs", "filtered"):
         table.add_column(column)
-    for dataset, stats in report["datasets"].items():
+    for dataset, stats in result.datasets.items():
         accuracy = stats.get("accuracy")
         table.add_row(
             dataset,
@@ -279,6 +298,7 @@ def sample(
         int | None, typer.Option(help="Prompts per shard, the unit of resume")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="SamplingConfig.seed")] = None,
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -302,10 +322,12 @@ def sample(
         typer.Option(help="I/N: sample only part I of N of the prompts (one per GPU: 1/8 ... 8/8)"),
     ] = "1/1",
 ) -> None:
-    """Sample CoT responses (correctness) and DropoutNTP continuations; resumes finished shards."""
-    from mpo.config import set_fields
-    from mpo.engines import load_engine
-    from mpo.sampling import STAGES, SamplingConfig, run_stage
+    """Sample CoT responses (correctness) and DropoutNTP continuations; resumes finished shards. Unset
+    options keep ``mpo.sampling.SamplingConfig``'s defaults."""
+    from mpo import jobs
+    from mpo.progress import StepLines
+    from mpo.sampling import STAGES, SamplingConfig
+    from mpo.step import Step
 
     stages = STAGES if stage == "both" else (stage,)
     if any(s not in STAGES for s in stages):
@@ -320,45 +342,40 @@ def sample(
         "prompts_per_shard": prompts_per_shard,
         "seed": seed,
     }
-    with _config_errors("the sampling options"):
-        config = SamplingConfig.model_validate(
-            set_fields({k: v for k, v in given.items() if v is not None}, _assignments(set_))
-        )
+    sampling = _stage_config(SamplingConfig, config, given, set_, "the sampling options")
     prompts_dir = prompts / "prompts" if (prompts / "prompts").is_dir() else prompts
     options = {
         key: _yaml_value(value)
         for key, value in _key_values(engine_option, "--engine-option", "KEY=VALUE").items()
     }
-    sampler = load_engine(engine, model, trust_remote_code=trust_remote_code, **options)
-    try:
-        for name in stages:
-            with Progress(
-                TextColumn(name),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total} shards"),
-                TimeElapsedColumn(),
-                console=console,
-            ) as progress:
-                task = progress.add_task(name, total=None)
-
-                def advance(done: int, total: int, _skipped: bool, task: TaskID = task) -> None:
-                    progress.update(task, completed=done, total=total)
-
-                report = run_stage(
-                    name,
-                    prompts_dir,
-                    sampler,
-                    out,
-                    config,
-                    on_shard=advance,
-                    partition=(int(part) - 1, int(count)),
-                )
-            console.print(
-                f"{name}: {report.shards} shards ({report.skipped} already done), "
-                f"{report.samples_written} samples written to {report.out_dir}"
-            )
-    finally:
-        sampler.close()
+    if trust_remote_code:
+        options["trust_remote_code"] = True
+    with StepLines(console):
+        results = [
+            Step.of(
+                jobs.sample_job,
+                f"sample-{name}",
+                "sampling",
+                kwargs={
+                    "stage": name,
+                    "prompts_dir": str(prompts_dir),
+                    "model": model,
+                    "engine": engine,
+                    "engine_options": options,
+                    "sampling": sampling,
+                    "out": str(out),
+                    "partition": (int(part) - 1, int(count)),
+                },
+                # vLLM and lmdeploy hold their engine for the life of a process: one process per stage
+                own_process=engine != "transformers",
+            ).run(lambda _event: None)
+            for name in stages
+        ]
+    for result in results:
+        console.print(
+            f"{result.stage}: {result.counts['shards']} shards ({result.counts['skipped_shards']} already done), "
+            f"{result.counts['samples_written']} samples written to {result.out_dir}"
+        )
 
 
 @app.command()
@@ -562,6 +579,19 @@ def _load_yaml(path: Path) -> dict:
     return loaded
 
 
+def _stage_config(
+    model: type[ConfigT], config: Path | None, given: dict[str, Any], sets: list[str] | None, source: str
+) -> ConfigT:
+    """A stage's config from the YAML file, then the options given (None: not given), then ``--set``,
+    validated once: its defaults live in the config model alone."""
+    from mpo.config import set_fields
+
+    base = _load_yaml(config) if config else {}
+    base.update({name: value for name, value in given.items() if value is not None})
+    with _config_errors(str(config) if config else source):
+        return model.model_validate(set_fields(base, _assignments(sets)))
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config YAML (mpo.config.PipelineConfig fields)")],
@@ -663,27 +693,57 @@ def report(
 
 
 # `mpo demo`'s options, kept from before the demo became configs/demo.yaml: each sets one field.
+# The demo's earlier options, each one field of configs/demo.yaml: `--sample-n 8` is `--set
+# pipeline.sampling.n=8`. One table; the command reads them from its extra arguments.
 DEMO_OPTIONS = {
-    "workdir": "workdir",
-    "datasets": "data.datasets",
-    "count": "data.count",
-    "heldout_fraction": "data.heldout_fraction",
-    "warmup_steps": "tiny_model.warmup.steps",
-    "warmup_count": "tiny_model.warmup_count",
-    "warmup_lr": "tiny_model.warmup.lr",
-    "warmup_vision_lr_scale": "tiny_model.warmup.vision_lr_scale",
-    "warmup_prior_bias": "tiny_model.warmup.prior_bias",
-    "warmup_prior_in_reasoning": "tiny_model.warmup.prior_in_reasoning",
-    "image_size": "tiny_model.image_size",
-    "sample_n": "pipeline.sampling.n",
-    "temperature": "pipeline.sampling.temperature",
-    "pairs_per_prompt": "pipeline.pairing.pairs_per_prompt",
-    "pair_selection": "pipeline.pairing.selection",
-    "train_steps": "pipeline.training.max_steps",
-    "learning_rate": "pipeline.training.learning_rate",
-    "max_grad_norm": "pipeline.training.max_grad_norm",
-    "seed": "seed",
+    "--workdir": "workdir",
+    "--datasets": "data.datasets",
+    "--count": "data.count",
+    "--heldout-fraction": "data.heldout_fraction",
+    "--warmup-steps": "tiny_model.warmup.steps",
+    "--warmup-count": "tiny_model.warmup_count",
+    "--warmup-lr": "tiny_model.warmup.lr",
+    "--warmup-vision-lr-scale": "tiny_model.warmup.vision_lr_scale",
+    "--warmup-prior-bias": "tiny_model.warmup.prior_bias",
+    "--image-size": "tiny_model.image_size",
+    "--sample-n": "pipeline.sampling.n",
+    "--temperature": "pipeline.sampling.temperature",
+    "--pairs-per-prompt": "pipeline.pairing.pairs_per_prompt",
+    "--pair-selection": "pipeline.pairing.selection",
+    "--train-steps": "pipeline.training.max_steps",
+    "--lr": "pipeline.training.learning_rate",
+    "--max-grad-norm": "pipeline.training.max_grad_norm",
+    "--seed": "seed",
 }
+# Switches: the field and the value each sets.
+DEMO_SWITCHES = {
+    "--warmup-prior-in-reasoning": ("tiny_model.warmup.prior_in_reasoning", True),
+    "--no-warmup-prior-in-reasoning": ("tiny_model.warmup.prior_in_reasoning", False),
+    "--no-claim-check": ("pipeline.pairing.claim_patterns", {}),
+}
+
+
+def demo_options(args: list[str]) -> dict[str, Any]:
+    """The earlier demo options among ``args`` (``--name value``, ``--name=value`` or a switch) as
+    dotted assignments; anything else is a usage error naming it."""
+    assignments: dict[str, Any] = {}
+    rest = list(args)
+    while rest:
+        flag, _, inline = rest.pop(0).partition("=")
+        if flag in DEMO_SWITCHES and not inline:
+            field, value = DEMO_SWITCHES[flag]
+            assignments[field] = value
+            continue
+        if flag not in DEMO_OPTIONS:
+            raise typer.BadParameter(f"no such option: {flag} (see mpo demo --help)")
+        if not inline and not rest:
+            raise typer.BadParameter(f"{flag} needs a value")
+        text = inline or rest.pop(0)
+        field = DEMO_OPTIONS[flag]
+        assignments[field] = (
+            [d.strip() for d in text.split(",") if d.strip()] if flag == "--datasets" else _yaml_value(text)
+        )
+    return assignments
 
 
 def _assignments(sets: list[str] | None) -> dict[str, Any]:
@@ -693,8 +753,16 @@ def _assignments(sets: list[str] | None) -> dict[str, Any]:
     }
 
 
-@app.command()
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Earlier options, each one field of the config: "
+    + ", ".join(f"{flag} ({field})" for flag, field in DEMO_OPTIONS.items())
+    + "; switches: "
+    + ", ".join(f"{flag} ({field}={value})" for flag, (field, value) in DEMO_SWITCHES.items())
+    + ".",
+)
 def demo(
+    ctx: typer.Context,
     config: Annotated[
         Path | None, typer.Option(help="Demo config (default: the repository's configs/demo.yaml)")
     ] = None,
@@ -706,98 +774,20 @@ def demo(
             "as YAML (e.g. pipeline.training.max_steps=50); repeatable",
         ),
     ] = None,
-    workdir: Annotated[
-        Path | None, typer.Option(help="Where the demo writes data, model and outputs")
-    ] = None,
-    datasets: Annotated[str | None, typer.Option(help="Synthetic datasets, comma-separated")] = None,
-    count: Annotated[
-        int | None, typer.Option(help="Prompts per synthetic dataset (train + held-out)")
-    ] = None,
-    heldout_fraction: Annotated[
-        float | None, typer.Option(help="Share of each dataset kept for evaluation")
-    ] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps of the tiny model")] = None,
-    warmup_count: Annotated[
-        int | None, typer.Option(help="Warm-up examples per dataset (their own images)")
-    ] = None,
-    warmup_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the warm-up")] = None,
-    warmup_vision_lr_scale: Annotated[
-        float | None, typer.Option(help="Warm-up learning-rate multiplier of the vision tower and projector")
-    ] = None,
-    warmup_prior_bias: Annotated[
-        float | None,
-        typer.Option(help="Share of closed warm-up examples taught the dataset's most common answer"),
-    ] = None,
-    warmup_prior_in_reasoning: Annotated[
-        bool | None,
-        typer.Option(
-            "--warmup-prior-in-reasoning/--no-warmup-prior-in-reasoning",
-            help="The shortcut examples state the common answer in their steps too",
-        ),
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Input resolution of the tiny model's vision tower")
-    ] = None,
-    sample_n: Annotated[int | None, typer.Option(help="CoT samples per closed prompt")] = None,
-    temperature: Annotated[
-        float | None, typer.Option(help="Sampling temperature of both sampling stages")
-    ] = None,
-    pairs_per_prompt: Annotated[int | None, typer.Option(help="Cap on pairs per prompt and source")] = None,
-    pair_selection: Annotated[
-        str | None, typer.Option(help="Pairs kept under the cap: random or closest")
-    ] = None,
-    claim_check: Annotated[
-        bool, typer.Option(help="Pair no response whose steps state another answer than its final line")
-    ] = True,
-    train_steps: Annotated[int | None, typer.Option(help="MPO (and SFT baseline) optimizer steps")] = None,
-    learning_rate: Annotated[
-        float | None, typer.Option("--lr", help="Peak learning rate of MPO and the SFT baseline")
-    ] = None,
-    max_grad_norm: Annotated[
-        float | None, typer.Option(help="Gradient-norm clip of MPO and the SFT baseline")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed of the data, the model, sampling and training")
-    ] = None,
     runner: Annotated[str, typer.Option(help="prefect or local (see `mpo run`)")] = "prefect",
 ) -> None:
     """The main job: synthetic data -> tiny model with a warm-up -> the whole DAG.
 
-    `configs/demo.yaml` says what it runs (`--set` or the options below change one field).
-    Prints held-out accuracy of the starting model, the MPO model and an SFT-only baseline
-    trained on the same chosen responses, with their paired differences, the pairs made and
-    time per stage. A re-run reuses the data, the model and every finished stage.
+    `configs/demo.yaml` says what it runs (`--set` changes one field). Prints held-out accuracy
+    of the starting model, the MPO model and an SFT-only baseline trained on the same chosen
+    responses, with their paired differences, the pairs made and time per stage. A re-run
+    reuses the data, the model and every finished stage.
     """
     from rich.markdown import Markdown
 
     from mpo.demo import DEFAULT_CONFIG, DemoConfig, prepare
 
-    given = {
-        "workdir": workdir,
-        "datasets": [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None,
-        "count": count,
-        "heldout_fraction": heldout_fraction,
-        "warmup_steps": warmup_steps,
-        "warmup_count": warmup_count,
-        "warmup_lr": warmup_lr,
-        "warmup_vision_lr_scale": warmup_vision_lr_scale,
-        "warmup_prior_bias": warmup_prior_bias,
-        "warmup_prior_in_reasoning": warmup_prior_in_reasoning,
-        "image_size": image_size,
-        "sample_n": sample_n,
-        "temperature": temperature,
-        "pairs_per_prompt": pairs_per_prompt,
-        "pair_selection": pair_selection,
-        "train_steps": train_steps,
-        "learning_rate": learning_rate,
-        "max_grad_norm": max_grad_norm,
-        "seed": seed,
-    }
-    assignments: dict[str, Any] = {
-        DEMO_OPTIONS[name]: value for name, value in given.items() if value is not None
-    }
-    if not claim_check:
-        assignments["pipeline.pairing.claim_patterns"] = {}
+    assignments = demo_options(ctx.args)
     with _config_errors(str(config or DEFAULT_CONFIG)):
         settings = DemoConfig.load(config or DEFAULT_CONFIG, {**assignments, **_assignments(set_)})
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from mpo.config import PipelineConfig, set_fields
+from mpo.tiny_model import WarmupRecipe
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -26,13 +27,18 @@ class DemoData(BaseModel):
 
 
 class DemoWarmup(BaseModel):
+    """``mpo.tiny_model.WarmupRecipe`` as configuration: its defaults, but 1,000 steps."""
+
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(1000, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    vision_lr_scale: float = Field(1.0, gt=0)
-    prior_bias: float = Field(0.0, ge=0, le=1)
-    prior_in_reasoning: bool = False
+    lr: float = Field(WarmupRecipe.lr, gt=0)
+    vision_lr_scale: float = Field(WarmupRecipe.vision_lr_scale, gt=0)
+    prior_bias: float = Field(WarmupRecipe.prior_bias, ge=0, le=1)
+    prior_in_reasoning: bool = WarmupRecipe.prior_in_reasoning
+
+    def recipe(self) -> WarmupRecipe:
+        return WarmupRecipe(**self.model_dump())
 
 
 class DemoModel(BaseModel):
@@ -74,7 +80,7 @@ def prepare(
 ) -> tuple[PipelineConfig, dict[str, Any]]:
     """Draw the data and build (or keep) the tiny model; returns the pipeline config and the model's summary."""
     from mpo.synth import generate
-    from mpo.tiny_model import TinyModelSpec, WarmupRecipe, ensure_tiny_model
+    from mpo.tiny_model import TinyModelSpec, ensure_tiny_model
 
     workdir = config.workdir.resolve()
     datasets = tuple(config.data.datasets)
@@ -86,9 +92,7 @@ def prepare(
         datasets=datasets,
     )
     warmup = config.tiny_model.warmup
-    recipe = WarmupRecipe(
-        warmup.steps, warmup.lr, warmup.vision_lr_scale, warmup.prior_bias, warmup.prior_in_reasoning
-    )
+    recipe = warmup.recipe()
     model = ensure_tiny_model(
         workdir / "model-start",
         config.seed,

@@ -10,6 +10,7 @@ the process. Orchestration (Prefect tasks, the CLI) stays outside.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,14 @@ def ingest_job(source: str, out: str, strict: bool, emit: Emit) -> IngestResult:
 
 
 def pairs_job(
-    samples_dirs: list[str], prompts_dir: str, out: str, pairing: PairingConfig, emit: Emit
+    samples_dirs: list[str], prompts_dir: str | None, out: str, pairing: PairingConfig, emit: Emit
 ) -> PairsResult:
-    """The samples of the prompts in ``prompts_dir`` -> preference pairs in ``out``."""
+    """The samples of the prompts in ``prompts_dir`` (None: every sample) -> preference pairs in ``out``."""
     from mpo.pairs import run_pairing
     from mpo.sampling import read_prompts
 
     started = time.perf_counter()
-    prompt_ids = read_prompts(prompts_dir)["prompt_id"]
+    prompt_ids = read_prompts(prompts_dir)["prompt_id"] if prompts_dir is not None else None
     report = run_pairing([Path(d) for d in samples_dirs], Path(out), pairing, prompt_ids)
     emit({"log": f"{report['pairs']} pairs: {report['pairs_by_source']}"})
     drops: dict[str, int] = {}
@@ -209,7 +210,7 @@ def train_job(
 
     started = time.perf_counter()
     emit({"status": f"loading {Path(model).name} and the pairs"})
-    if training.processes > 1:
+    if training.processes > 1 and "WORLD_SIZE" not in os.environ:  # not already one rank of torchrun
         from mpo.train_launch import train_in_processes
 
         emit({"status": f"training in {training.processes} processes (torch.distributed.run)"})

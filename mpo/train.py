@@ -518,22 +518,46 @@ def evaluate(
     }
 
 
-def train(
-    pairs_dir: Path | str,
-    model_dir: Path | str,
-    out: Path | str,
-    config: TrainConfig | None = None,
-    eval_pairs: Path | str | None = None,
-    stop_after: int | None = None,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> TrainResult:
-    """Train with MPO on ``pairs_dir`` starting from ``model_dir``; resume from ``out`` if it holds checkpoints.
+@dataclass
+class _Session:
+    """One training run's state: the data, the policy and its wrapper, the reference, the optimizer
+    and where the run stands. ``_open_session`` builds it (resuming from a checkpoint), ``_step``
+    advances it by one optimizer step."""
 
-    ``stop_after`` ends the run (with a checkpoint) after that many steps in total, as
-    a kill would, to train in slices; the next call resumes.
-    """
-    config = config or TrainConfig()
-    out, model_dir = Path(out), Path(model_dir)
+    config: TrainConfig
+    info: distributed.DistInfo
+    pairs: PairTable
+    held_out: PairTable | None
+    processor: Any
+    model: Any
+    forward: Any  # the PairLogps module (unwrapped): checkpoints and evaluation use it
+    module: Any  # what the step calls: ``forward``, wrapped for DDP/FSDP across ranks
+    reference: _Reference
+    numerics: dict[str, str | None]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    shift: RewardShift
+    position: Position
+    total_steps: int
+
+    def micro_batches(self) -> Iterator[list[int]]:
+        """This rank's micro-batches, epoch after epoch, from where the run stands."""
+        position, config, info = self.position, self.config, self.info
+        while True:
+            rows = micro_batches(
+                epoch_rows(len(self.pairs), config.seed, position.epoch, info.rank, info.world_size),
+                config.batch_size,
+            )
+            while position.micro < len(rows):
+                position.micro += 1  # counted when handed out, so a checkpoint never replays it
+                yield rows[position.micro - 1]
+            position.epoch, position.micro = position.epoch + 1, 0
+
+
+def _open_session(
+    pairs_dir: Path | str, model_dir: Path, out: Path, config: TrainConfig, eval_pairs: Path | str | None
+) -> _Session:
+    """Data, policy (wrapped across ranks), reference, optimizer; resumed from ``out``'s newest checkpoint."""
     info = distributed.setup(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -562,121 +586,150 @@ def train(
     steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     optimizer, scheduler = build_optimizer(model, config, total_steps)
-    shift = RewardShift(config.loss.delta_mode, config.loss.delta_momentum)
-    position = Position()
+    session = _Session(
+        config, info, pairs, held_out, processor, model, forward, module, reference, numerics,
+        optimizer, scheduler, RewardShift(config.loss.delta_mode, config.loss.delta_momentum), Position(),
+        total_steps,
+    )  # fmt: skip
     if resume_from is not None:
-        state = torch.load(resume_from / STATE_FILE, weights_only=False)
-        if state["world_size"] != info.world_size:
-            raise ValueError(
-                f"{resume_from} was written by {state['world_size']} processes, this run has "
-                f"{info.world_size}; resume with the same number"
+        _resume(session, resume_from)
+    return session
+
+
+def _resume(session: _Session, checkpoint: Path) -> None:
+    """Optimizer, schedule, δ, data position and this rank's random state as the checkpoint left them."""
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    if state["world_size"] != session.info.world_size:
+        raise ValueError(
+            f"{checkpoint} was written by {state['world_size']} processes, this run has "
+            f"{session.info.world_size}; resume with the same number"
+        )
+    parallel.load_optimizer_state(session.forward, session.optimizer, state["optimizer"])
+    session.scheduler.load_state_dict(state["scheduler"])
+    session.shift.load_state_dict(state["shift"])
+    session.position = Position(**state["position"])
+    _set_rng_state(torch.load(checkpoint / f"rng-rank{session.info.rank}.pt", weights_only=False))
+
+
+def _step(session: _Session, stream: Iterator[list[int]], filler: _Filler) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns its metrics record (summed over
+    ranks: metrics weighted by pairs, the pairs trained, tokens, pairs skipped as too long)."""
+    config, info, pairs = session.config, session.info, session.pairs
+    started = time.perf_counter()
+    rejected_grad = config.loss.dpo_weight > 0 or config.loss.bco_weight > 0
+    # Fixed length, so every rank all-reduces alike.
+    totals = torch.zeros(len(METRIC_KEYS) + 3, dtype=torch.float64)
+    for micro in range(config.grad_accum):
+        batch, too_long = encode_batch(pairs, session.processor, next(stream), config.max_length)
+        totals[-1] += too_long
+        if batch is None and not info.enabled:
+            continue
+        # Under DDP/FSDP a rank with nothing to train still takes part in every collective (the
+        # gradient all-reduce, δ's all-reduce): it runs one pair that fits at weight zero.
+        counted = batch is not None
+        batch = (batch if batch is not None else filler.batch()).to(info.device)
+        ref_c, ref_r = session.reference.logps(pairs, batch)
+        sync = micro == config.grad_accum - 1 or not info.enabled
+        with parallel.gradient_sync(session.module, sync), autocast(session.numerics):
+            logps = session.module(
+                batch.input_ids,
+                batch.attention_mask,
+                batch.response_mask,
+                batch.pixel_values,
+                rejected_grad=rejected_grad,
             )
-        parallel.load_optimizer_state(forward, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        shift.load_state_dict(state["shift"])
-        position = Position(**state["position"])
-        _set_rng_state(torch.load(resume_from / f"rng-rank{info.rank}.pt", weights_only=False))
+            chosen, rejected = split_pairs(logps.float())
+            output = mpo_loss(
+                chosen,
+                rejected,
+                ref_c.to(info.device),
+                ref_r.to(info.device),
+                batch.chosen_tokens(),
+                config.loss,
+                session.shift,
+                counted=counted,
+            )
+            (output.loss * float(counted) / config.grad_accum).backward()
+        if counted:
+            metrics = output.metrics()
+            totals[: len(METRIC_KEYS)] += (
+                torch.tensor([metrics[k] for k in METRIC_KEYS], dtype=torch.float64) * batch.pairs
+            )
+            totals[-3] += batch.pairs
+            totals[-2] += int(batch.attention_mask.sum())
+    grad_norm = parallel.clip_gradients(
+        [p for p in session.model.parameters() if p.requires_grad], config.max_grad_norm
+    )
+    lr = session.scheduler.get_last_lr()[0]
+    session.optimizer.step()
+    session.scheduler.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    session.position.step += 1
+    totals = distributed.sum_across_ranks(totals)
+    trained, tokens, skipped = (float(v) for v in totals[-3:])
+    means = (totals[: len(METRIC_KEYS)] / trained).tolist() if trained else [math.nan] * len(METRIC_KEYS)
+    return {
+        "step": session.position.step,
+        "epoch": session.position.epoch,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        **dict(zip(METRIC_KEYS, means, strict=True)),
+        "pairs": int(trained),
+        "skipped_too_long": int(skipped),
+        "tokens_per_s": tokens / (time.perf_counter() - started),
+        "delta": session.shift.value,  # this rank's δ (in sync: it is all-reduced)
+    }
+
+
+def train(
+    pairs_dir: Path | str,
+    model_dir: Path | str,
+    out: Path | str,
+    config: TrainConfig | None = None,
+    eval_pairs: Path | str | None = None,
+    stop_after: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train with MPO on ``pairs_dir`` starting from ``model_dir``; resume from ``out`` if it holds checkpoints.
+
+    ``stop_after`` ends the run (with a checkpoint) after that many steps in total, as
+    a kill would, to train in slices; the next call resumes.
+    """
+    config = config or TrainConfig()
+    out, model_dir = Path(out), Path(model_dir)
+    session = _open_session(pairs_dir, model_dir, out, config, eval_pairs)
+    info, position = session.info, session.position
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", position.step, info.is_main)
     result = TrainResult(out, position.step, out / "final", log.path, resumed_from=position.step)
-
-    def batches() -> Iterator[list[int]]:
-        while True:
-            rows = micro_batches(
-                epoch_rows(len(pairs), config.seed, position.epoch, info.rank, info.world_size),
-                config.batch_size,
-            )
-            while position.micro < len(rows):
-                position.micro += 1  # counted when handed out, so a checkpoint never replays it
-                yield rows[position.micro - 1]
-            position.epoch, position.micro = position.epoch + 1, 0
-
-    stream = batches()
-    rejected_grad = config.loss.dpo_weight > 0 or config.loss.bco_weight > 0
-    end = min(total_steps, stop_after) if stop_after else total_steps
-    filler = _Filler(pairs, processor, config.max_length)
+    stream = session.micro_batches()
+    end = min(session.total_steps, stop_after) if stop_after else session.total_steps
+    filler = _Filler(session.pairs, session.processor, config.max_length)
     while position.step < end:
-        started = time.perf_counter()
-        # Summed over this rank's micro-batches, then over ranks: metrics weighted by pairs, the pairs
-        # trained, tokens, and pairs skipped as too long. Fixed length, so every rank all-reduces alike.
-        totals = torch.zeros(len(METRIC_KEYS) + 3, dtype=torch.float64)
-        for micro in range(config.grad_accum):
-            batch, too_long = encode_batch(pairs, processor, next(stream), config.max_length)
-            totals[-1] += too_long
-            if batch is None and not info.enabled:
-                continue
-            # Under DDP/FSDP a rank with nothing to train still takes part in every collective (the
-            # gradient all-reduce, δ's all-reduce): it runs one pair that fits at weight zero.
-            counted = batch is not None
-            batch = (batch if batch is not None else filler.batch()).to(info.device)
-            ref_c, ref_r = reference.logps(pairs, batch)
-            sync = micro == config.grad_accum - 1 or not info.enabled
-            with parallel.gradient_sync(module, sync), autocast(numerics):
-                logps = module(
-                    batch.input_ids,
-                    batch.attention_mask,
-                    batch.response_mask,
-                    batch.pixel_values,
-                    rejected_grad=rejected_grad,
-                )
-                chosen, rejected = split_pairs(logps.float())
-                output = mpo_loss(
-                    chosen,
-                    rejected,
-                    ref_c.to(info.device),
-                    ref_r.to(info.device),
-                    batch.chosen_tokens(),
-                    config.loss,
-                    shift,
-                    counted=counted,
-                )
-                (output.loss * float(counted) / config.grad_accum).backward()
-            if counted:
-                metrics = output.metrics()
-                totals[: len(METRIC_KEYS)] += (
-                    torch.tensor([metrics[k] for k in METRIC_KEYS], dtype=torch.float64) * batch.pairs
-                )
-                totals[-3] += batch.pairs
-                totals[-2] += int(batch.attention_mask.sum())
-        grad_norm = parallel.clip_gradients(
-            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
-        )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        position.step += 1
-        totals = distributed.sum_across_ranks(totals)
-        trained, tokens, skipped = (float(v) for v in totals[-3:])
-        result.skipped_too_long += int(skipped)
-        elapsed = time.perf_counter() - started
-        means = (totals[: len(METRIC_KEYS)] / trained).tolist() if trained else [math.nan] * len(METRIC_KEYS)
-        record: dict[str, Any] = {
-            "step": position.step,
-            "epoch": position.epoch,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            **dict(zip(METRIC_KEYS, means, strict=True)),
-            "pairs": int(trained),
-            "skipped_too_long": int(skipped),
-            "tokens_per_s": tokens / elapsed,
-            "delta": shift.value,
-        }  # this rank's δ (in sync: it is all-reduced)
+        record = _step(session, stream, filler)
+        result.skipped_too_long += record["skipped_too_long"]
         log.write(record)
         if on_step:
             on_step(record)
-        if not result.first:
-            result.first = record
+        result.first = result.first or record
         result.last = record
         done = position.step >= end
-        if held_out is not None and (done or (config.eval_every and position.step % config.eval_every == 0)):
-            result.evaluation = evaluate(forward, reference, held_out, processor, config, shift, info.device)
+        if session.held_out is not None and (
+            done or (config.eval_every and position.step % config.eval_every == 0)
+        ):
+            result.evaluation = evaluate(
+                session.forward, session.reference, session.held_out, session.processor, config,
+                session.shift, info.device,
+            )  # fmt: skip
             log.write({"step": position.step, "split": "eval", **result.evaluation})
         if done or (config.save_every and position.step % config.save_every == 0):
-            save_checkpoint(out, forward, processor, optimizer, scheduler, shift, position, config, info)
+            save_checkpoint(
+                out, session.forward, session.processor, session.optimizer, session.scheduler,
+                session.shift, position, config, info,
+            )  # fmt: skip
     result.steps = position.step
-    if position.step >= total_steps:
-        _save_final(out / "final", forward, processor, config, info)
+    if position.step >= session.total_steps:
+        _save_final(out / "final", session.forward, session.processor, config, info)
     distributed.barrier()
     return result
 

@@ -183,7 +183,9 @@ def test_sample_command_takes_config_fields_and_engine_options(
         32,
         0.7,
     )
-    bad = CliRunner().invoke(app, [*args[:-2], "--engine-option", "no_such_option=1"])
+    # a fresh store: a finished one has nothing to sample and loads no engine at all
+    fresh = [*args[:6], str(tmp_path / "fresh"), *args[7:-2]]
+    bad = CliRunner().invoke(app, [*fresh, "--engine-option", "no_such_option=1"])
     assert bad.exit_code != 0 and "no_such_option" in str(bad.exception)
 
 
@@ -251,3 +253,36 @@ def test_bad_input_is_one_line_naming_the_field_or_file(
 
     debug = mpo_command("pairs", str(samples), "--out", str(tmp_path / "pairs"), "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr + debug.stdout
+
+
+def test_the_demos_earlier_options_are_one_mapping_onto_its_config() -> None:
+    import pytest
+    import typer
+
+    from mpo.cli import DEMO_OPTIONS, demo_options
+    from mpo.demo import DEFAULT_CONFIG, DemoConfig
+
+    args = ["--sample-n", "8", "--datasets=synth_count,synth_colour", "--no-claim-check", "--lr", "0.0005"]
+    assert demo_options([*args, "--warmup-prior-in-reasoning"]) == {
+        "pipeline.sampling.n": 8,
+        "data.datasets": ["synth_count", "synth_colour"],
+        "pipeline.pairing.claim_patterns": {},
+        "pipeline.training.learning_rate": 5e-4,
+        "tiny_model.warmup.prior_in_reasoning": True,
+    }
+    loaded = DemoConfig.load(DEFAULT_CONFIG, demo_options(args))
+    assert loaded.pipeline["sampling"]["n"] == 8 and loaded.data.datasets == ["synth_count", "synth_colour"]
+    # every earlier option names a field the config has (a typo there would be refused here)
+    values = {"--workdir": "x", "--datasets": "synth_count", "--pair-selection": "closest", "--count": "10"}
+    values |= {
+        "--heldout-fraction": "0.5",
+        "--warmup-prior-bias": "0.5",
+        "--temperature": "0.5",
+        "--image-size": "112",
+    }
+    every = [item for flag in DEMO_OPTIONS for item in (flag, values.get(flag, "1"))]
+    DemoConfig.load(DEFAULT_CONFIG, demo_options(every))
+    with pytest.raises(typer.BadParameter, match="no such option: --sample-m"):
+        demo_options(["--sample-m", "8"])
+    with pytest.raises(typer.BadParameter, match="--seed needs a value"):
+        demo_options(["--seed"])

@@ -140,7 +140,7 @@ def test_partitions_spread_over_two_gpu_workers_survive_a_kill_and_a_second_run(
             retried = [part for stage in summary.sampling for part in stage.retried()]
             assert len(retried) == 1 and retried[0].attempts == 2
             assert f"{retried[0].stage} (2 attempts)" in summary.render()
-            assert "## Partitions" in output
+            assert "Partitions" in output and "retried" in output
 
             # Two data-engine runs at once on the same prompts and work folder: the second joins the
             # first's partition runs (same step, same attempt: same idempotency key).

@@ -161,6 +161,11 @@ def test_the_ui_shows_the_run_graph_a_retried_stage_and_the_artifacts(
         widths = [browser.execute_script("return arguments[0].naturalWidth", image) for image in images]
         assert len(widths) == 3 and min(widths) > 600, widths
         browser.save_screenshot(str(OUTPUT / "run-summary.png"))
+        # its small gallery: a few pairs per source, their thumbnails drawn
+        thumbnails = browser.find_elements(By.CSS_SELECTOR, "img[src^='data:image/jpeg']")
+        widths = [browser.execute_script("return arguments[0].naturalWidth", image) for image in thumbnails]
+        assert len(widths) >= 2 and min(widths) > 0, widths
+        assert "pairs.html" in browser.find_element(By.TAG_NAME, "body").text
         page_text(
             browser,
             f"{server.url}/artifacts/artifact/{artifacts['mpo-pairs-per-source']['id']}",
@@ -173,3 +178,30 @@ def test_the_ui_shows_the_run_graph_a_retried_stage_and_the_artifacts(
             "reward_margin",
             "delta",
         )
+
+
+def test_the_pairs_gallery_opens_from_disk_and_filters(
+    browser: Any, gold_pairs_dir: Path, tmp_path: Path
+) -> None:
+    """``pairs.html`` as a person opens it: from disk, no server; its thumbnails drawn, and choosing a
+    dataset in the filter leaves that dataset's pairs alone on the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from mpo.gallery import GallerySpec, write_gallery
+
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    page = write_gallery(gold_pairs_dir, tmp_path / "pairs.html", GallerySpec(per_source=3))
+    browser.get(page.as_uri())
+    cards = browser.find_elements(By.CSS_SELECTOR, "article.pair")
+    assert len(cards) == 5 * 3 and all(card.is_displayed() for card in cards)
+    thumbnails = browser.find_elements(By.CSS_SELECTOR, "article.pair img")
+    assert (
+        thumbnails
+        and min(browser.execute_script("return arguments[0].naturalWidth", i) for i in thumbnails) > 0
+    )
+    browser.save_screenshot(str(OUTPUT / "pairs-gallery.png"))
+    Select(browser.find_element(By.ID, "dataset")).select_by_value("synth_count")
+    shown = [card.get_attribute("data-dataset") for card in cards if card.is_displayed()]
+    assert shown == ["synth_count"] * 3
+    assert browser.find_element(By.ID, "shown").text == "3 shown"
