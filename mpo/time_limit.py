@@ -132,9 +132,9 @@ class _InterpreterChild:
 def _spawn(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[_Child, Connection]:
     context = multiprocessing.get_context("spawn")  # fork would copy CUDA state and threads
     parent_end, child_end = context.Pipe(duplex=False)
-    process = context.Process(
-        target=_child, args=(child_end, fn, kwargs), name=f"mpo-{fn.__name__}", daemon=True
-    )
+    # Not daemonic: a job may start processes of its own (vLLM's engine core), which a daemonic
+    # process may not; call_with_time_limit always ends the child, limit or not.
+    process = context.Process(target=_child, args=(child_end, fn, kwargs), name=f"mpo-{fn.__name__}")
     process.start()
     child_end.close()
     return _SpawnedChild(process), parent_end
