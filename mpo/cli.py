@@ -149,30 +149,61 @@ def _build_tiny_model(out: Path, seed: int, data: Path | None, recipe: Any, spec
 @app.command()
 def ingest(
     meta: Annotated[
-        Path, typer.Argument(help="InternVL meta.json, or a plain .jsonl / .parquet prompt file")
+        Path,
+        typer.Argument(
+            help="InternVL meta.json, a .jsonl / .json / .parquet prompt file, or a folder of them"
+        ),
     ],
-    out: Annotated[Path, typer.Option(help="Output folder: prompts/, quarantine.parquet, report.json")],
+    out: Annotated[
+        Path, typer.Option(help="Output folder: prompts/, quarantine.parquet, report.json, images/")
+    ],
     strict: Annotated[
         bool, typer.Option(help="Stop at the first bad row, naming file, line and field")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for repeat_time < 1 subsampling")] = 0,
+    columns: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="FIELD=COLUMN: read FIELD (question, answer, chosen, image, conversations, choices) from "
+            "COLUMN, for every dataset; repeatable"
+        ),
+    ] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(help="Folder the image paths start from (default: the prompt file's folder)"),
+    ] = None,
+    reply_as: Annotated[
+        str | None,
+        typer.Option(
+            help="chosen | answer: a conversation's reply is a good response (default) or a gold answer"
+        ),
+    ] = None,
 ) -> None:
     """Normalise prompts into the prompts table; quarantine what cannot be used."""
-    from mpo.ingest import IngestError
-    from mpo.ingest import ingest as run_ingest
+    from mpo import jobs
+    from mpo.progress import StepLines
+    from mpo.step import Step
 
-    try:
-        report = run_ingest(meta, out, strict=strict, seed=seed)
-    except IngestError as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    if reply_as not in (None, "chosen", "answer"):
+        raise typer.BadParameter(f"--reply-as is chosen or answer, not {reply_as!r}")
+    kwargs = {
+        "source": str(meta),
+        "out": str(out),
+        "strict": strict,
+        "seed": seed,
+        "columns": _key_values(columns, "--columns", "FIELD=COLUMN") or None,
+        "image_root": str(image_root) if image_root else None,
+        "reply_as": reply_as,
+    }
+    with StepLines(console):
+        result = Step.of(jobs.ingest_job, "ingest", "ingest", kwargs=kwargs).run(lambda _event: None)
     table = Table(title=f"ingested into {out}")
     table.add_column("dataset")
     table.add_column("prompts", justify="right")
-    for dataset, n in sorted(report.prompts.items()):
+    for dataset, n in sorted(result.prompts_by_dataset.items()):
         table.add_row(dataset, str(n))
     console.print(table)
-    quarantined = ", ".join(f"{reason} {n}" for reason, n in sorted(report.quarantined.items())) or "none"
+    quarantined = ", ".join(f"{reason} {n}" for reason, n in sorted(result.drops.items())) or "none"
     console.print(f"quarantined: {quarantined}")
 
 

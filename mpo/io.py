@@ -12,35 +12,59 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def atomic_write(path: Path | str, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically.
+def atomic_write(path: Path | str, write: Callable[[Path], object], sync: bool = True) -> Path:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
+    with atomic_path(path, sync) as tmp:
+        write(tmp)
+    return Path(path)
 
-    ``write`` receives a temporary path next to ``path`` (same filesystem, so the
-    rename is atomic). On any error the temporary file is removed and ``path`` is
-    left untouched.
-    """
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, sync: bool = True) -> Iterator[Path]:
+    """A temporary path next to ``path`` (same filesystem, so the rename is atomic) to write in the
+    ``with`` block; moved onto ``path`` when the block ends, removed if it raises (``path`` is then
+    left untouched). For writers that stay open across a whole stage (a streamed Parquet file).
+    ``sync=False`` skips the fsync, for many small files that ``sync_filesystem`` flushes at once
+    (an fsync each costs ~0.7 ms, 15x the write of a small image)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        yield tmp
+        if sync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+def atomic_write_bytes(path: Path | str, data: bytes, sync: bool = True) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), sync)
+
+
+def sync_filesystem(folder: Path | str) -> None:
+    """Flush the filesystem holding ``folder`` to disk: one call for files written with ``sync=False``
+    (Linux ``syncfs``; elsewhere ``sync``, every filesystem)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if hasattr(libc, "syncfs"):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    os.sync()
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:

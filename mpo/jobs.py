@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo.pairs import PairingConfig
+from mpo.prompt_rows import ReplyAs
 from mpo.results import Comparison, EvalResult, IngestResult, PairsResult, StageResult, TrainingResult
 from mpo.sampling import SamplingConfig
 from mpo.time_limit import Emit
@@ -34,27 +35,51 @@ def _load_engine(engine: str, model: str, options: dict[str, Any], emit: Emit) -
     return loaded
 
 
-def ingest_job(source: str, out: str, strict: bool, emit: Emit) -> IngestResult:
-    """meta.json / JSONL / Parquet -> prompts table + quarantine; returns its folder, version and counts."""
+def ingest_job(
+    source: str,
+    out: str,
+    strict: bool,
+    emit: Emit,
+    columns: dict[str, str] | None = None,
+    image_root: str | None = None,
+    reply_as: ReplyAs | None = None,
+    seed: int = 0,
+) -> IngestResult:
+    """meta.json / prompt files -> prompts table + quarantine; returns its folder, version and counts."""
+    import polars as pl
+
     from mpo.ingest import ingest
-    from mpo.sampling import prompts_version, read_prompts
+    from mpo.sampling import prompts_version
+    from mpo.schemas import shard_files
 
     started = time.perf_counter()
-    report = ingest(Path(source), Path(out), strict=strict)
+    report = ingest(
+        Path(source),
+        Path(out),
+        strict=strict,
+        seed=seed,
+        columns=columns,
+        image_root=Path(image_root) if image_root else None,
+        reply_as=reply_as,
+        on_rows=lambda rows: emit({"status": f"{rows:,} rows read"}),
+    )
     prompts_dir = Path(out) / "prompts"
-    table = read_prompts(prompts_dir)
+    keys = pl.concat(
+        [pl.read_parquet(shard, columns=["prompt_id", "repeat_index"]) for shard in shard_files(prompts_dir)]
+        or [pl.DataFrame(schema={"prompt_id": pl.String, "repeat_index": pl.Int64})]
+    )
     emit(
         {
-            "log": f"ingested {table.height} prompts from {source}, {sum(report.quarantined.values())} quarantined"
+            "log": f"ingested {keys.height} prompts from {source}, {sum(report.quarantined.values())} quarantined"
         }
     )
     return IngestResult(
         stage=f"ingest:{Path(source).name}",
         out_dir=str(prompts_dir),
-        counts={"prompts": table.height},
+        counts={"prompts": keys.height},
         drops=dict(report.quarantined),
         seconds=time.perf_counter() - started,
-        version=prompts_version(table),
+        version=prompts_version(keys),
         prompts_by_dataset=dict(report.prompts),
         kinds=dict(report.kinds),
     )
