@@ -279,13 +279,9 @@ def pairs(
     from mpo.step import Step
 
     given = {
-        "pairs_per_prompt": pairs_per_prompt,
-        "selection": selection,
-        "seed": seed,
+        **_fields_of(PairingConfig, locals()),
         "verify_modes": _key_values(verify, "--verify", "DATASET=MODE") if verify else None,
         "default_verify_mode": default_verify,
-        "max_repetition": max_repetition,
-        "max_length_ratio": max_length_ratio,
         "claim_patterns": _key_values(claim, "--claim", "DATASET=REGEX") if claim else None,
     }
     pairing = _stage_config(PairingConfig, config, given, set_, "the pairing options")
@@ -363,24 +359,13 @@ def sample(
     stages = STAGES if stage == "both" else (stage,)
     if any(s not in STAGES for s in stages):
         raise typer.BadParameter(f"--stage must be one of {', '.join(STAGES)} or both")
-    part, _, count = partition.partition("/")
-    if not (part.isdigit() and count.isdigit() and 1 <= int(part) <= int(count)):
-        raise typer.BadParameter(f"--partition must be I/N with 1 <= I <= N, got {partition!r}")
-    given = {
-        "n": n,
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-        "prompts_per_shard": prompts_per_shard,
-        "seed": seed,
-    }
+    given = _fields_of(SamplingConfig, locals())
     sampling = _stage_config(SamplingConfig, config, given, set_, "the sampling options")
     prompts_dir = prompts / "prompts" if (prompts / "prompts").is_dir() else prompts
     options = {
-        key: _yaml_value(value)
-        for key, value in _key_values(engine_option, "--engine-option", "KEY=VALUE").items()
+        k: _yaml_value(v) for k, v in _key_values(engine_option, "--engine-option", "KEY=VALUE").items()
     }
-    if trust_remote_code:
-        options["trust_remote_code"] = True
+    options.update({"trust_remote_code": True} if trust_remote_code else {})
     with StepLines(console):
         results = [
             Step.of(
@@ -395,7 +380,7 @@ def sample(
                     "engine_options": options,
                     "sampling": sampling,
                     "out": str(out),
-                    "partition": (int(part) - 1, int(count)),
+                    "partition": _partition(partition),
                 },
                 # vLLM and lmdeploy hold their engine for the life of a process: one process per stage
                 own_process=engine != "transformers",
@@ -442,29 +427,25 @@ def ref_logps(
 ) -> None:
     """Write the frozen reference's log-probs into the pairs (ref_chosen_logp, ref_rejected_logp),
     computed as training computes (float32 weights, the same autocast)."""
-    from mpo.ref_logps import compute_reference_logps
+    from mpo import jobs
+    from mpo.progress import StepLines
+    from mpo.step import Step
 
-    with Progress(
-        TextColumn("reference log-probs"),
-        BarColumn(),
-        TextColumn("{task.completed} pairs"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("ref", total=None)
-        report = compute_reference_logps(
-            pairs,
-            model,
-            max_length=max_length,
-            batch_size=batch_size,
-            device=device,
-            bf16=bf16,
-            on_shard=lambda _path, rows: progress.advance(task, rows),
-        )
+    kwargs = {
+        "pairs_dir": str(pairs),
+        "model": str(model),
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "device": device,
+        "bf16": bf16,
+    }
+    with StepLines(console):
+        result = Step.of(jobs.reference_job, "reference", "ref_logps", kwargs=kwargs).run(lambda _event: None)
+    counts = result.counts
     console.print(
-        f"reference log-probs: {report.pairs} pairs in {report.shards} shards written, "
-        f"{report.skipped_shards} shards already done, {report.too_long} pairs too long for "
-        f"max_length {max_length}"
+        f"reference log-probs: {counts['pairs_computed'] + counts['pairs_from_store']} pairs in {counts['shards']} "
+        f"shards written, {counts['skipped_shards']} shards already done, {result.drops.get('too_long', 0)} pairs "
+        f"too long for max_length {max_length}"
     )
 
 
@@ -519,70 +500,42 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train with MPO (0.8·DPO + 0.2·BCO + 1.0·SFT). Works under `torchrun` (DDP)."""
-    from mpo.config import set_fields
-    from mpo.train import LoraSettings, TrainConfig
-    from mpo.train import train as run_train
+    """Train with MPO (0.8·DPO + 0.2·BCO + 1.0·SFT). Works under `torchrun` (DDP). Unset options keep
+    ``mpo.train.TrainConfig``'s defaults."""
+    from mpo import jobs
+    from mpo.progress import StepLines
+    from mpo.step import Step
+    from mpo.train import TrainConfig
 
-    base = _load_yaml(config) if config else {}
-    overrides = {
-        "learning_rate": learning_rate,
-        "max_steps": max_steps,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "grad_accum": grad_accum,
-        "max_length": max_length,
-        "reference": reference,
-        "freeze_vision": freeze_vision,
-        "freeze_projector": freeze_projector,
-        "gradient_checkpointing": gradient_checkpointing,
-        "save_every": save_every,
-        "seed": seed,
-        "bf16": bf16,
+    given = {
+        **_fields_of(TrainConfig, locals()),
         "disable_dropout": False if keep_dropout else None,
         "allow_other_reference": True if allow_other_reference else None,
     }
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    if beta is not None:
-        base.setdefault("loss", {})["beta"] = beta
-    if lora_r is not None:
-        base["lora"] = LoraSettings(r=lora_r, alpha=2 * lora_r).model_dump()
-    with _config_errors(str(config) if config else "the training options"):
-        settings = TrainConfig.model_validate(set_fields(base, _assignments(set_)))
-    main = os.environ.get("RANK", "0") == "0"
-    with Progress(
-        TextColumn("MPO"),
-        BarColumn(),
-        TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not main,
-    ) as progress:
-        task = progress.add_task("train", total=settings.max_steps, status="")
-
-        def show(record: dict) -> None:
-            progress.update(
-                task,
-                completed=record["step"],
-                status=(
-                    f"loss {record['loss']:.3f} margin {record['reward_margin']:+.3f} acc {record['reward_accuracy']:.2f}"
-                ),
-            )
-
-        result = run_train(
-            pairs, model, out, settings, eval_pairs=eval_pairs, stop_after=stop_after, on_step=show
-        )
-    if main:
-        console.print(
-            f"trained {result.steps} steps (resumed at {result.resumed_from}); metrics in "
-            f"{result.metrics_file}"
-            + (f"; model in {result.final_model}" if result.final_model.exists() else "")
-        )
-        if result.evaluation:
-            console.print(
-                "held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in result.evaluation.items())
-            )
+    nested = [f"loss.beta={beta}"] if beta is not None else []
+    nested += [f"lora.r={lora_r}", f"lora.alpha={2 * lora_r}"] if lora_r is not None else []
+    settings = _stage_config(TrainConfig, config, given, nested + (set_ or []), "the training options")
+    kwargs = {
+        "pairs_dir": str(pairs),
+        "model": str(model),
+        "out": str(out),
+        "training": settings,
+        "eval_pairs": str(eval_pairs) if eval_pairs else None,
+        "stop_after": stop_after,
+    }
+    step = Step.of(jobs.train_job, "mpo", "train", kwargs=kwargs)
+    if os.environ.get("RANK", "0") != "0":  # another rank of torchrun: rank 0 shows and tells
+        step.run(lambda _event: None)
+        return
+    with StepLines(console):
+        result = step.run(lambda _event: None)
+    console.print(
+        f"trained {result.counts['steps']} steps (resumed at {result.resumed_from}); metrics in "
+        f"{result.metrics_file}"
+        + (f"; model in {result.final_model}" if Path(result.final_model).exists() else "")
+    )
+    if result.evaluation:
+        console.print("held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in result.evaluation.items()))
 
 
 @contextmanager
@@ -608,6 +561,20 @@ def _load_yaml(path: Path) -> dict:
     if not isinstance(loaded, dict):
         raise typer.BadParameter(f"{path}: expected a mapping of config fields")
     return loaded
+
+
+def _partition(text: str) -> tuple[int, int]:
+    """``--partition I/N`` (1-based, as a person counts GPUs) as the (index, count) the jobs take."""
+    part, _, count = text.partition("/")
+    if not (part.isdigit() and count.isdigit() and 1 <= int(part) <= int(count)):
+        raise typer.BadParameter(f"--partition must be I/N with 1 <= I <= N, got {text!r}")
+    return int(part) - 1, int(count)
+
+
+def _fields_of(model: type[BaseModel], options: dict[str, Any]) -> dict[str, Any]:
+    """The command's options named after a field of the stage's config model (None: not given), so
+    that an option is declared once, in the signature."""
+    return {name: value for name, value in options.items() if name in model.model_fields}
 
 
 def _stage_config(

@@ -73,7 +73,10 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     workdir: Path = Field(Path("mpo-run"), description="every stage's output goes under here")
-    train_data: Path = Field(..., description="prompts to sample: InternVL meta.json, a .jsonl/.json/.parquet file or a folder of them (docs/cli.md, mpo ingest)")
+    train_data: Path = Field(
+        ...,
+        description="prompts to sample: InternVL meta.json, a .jsonl/.json/.parquet file or a folder of them (docs/cli.md, mpo ingest)",
+    )
     heldout_data: Path | None = Field(None, description="held-out prompts for evaluation (same formats)")
     model: str = Field(..., description="starting policy (and reference) model folder")
     engine: str = Field("transformers", description="sampling engine: transformers | vllm | lmdeploy")

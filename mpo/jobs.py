@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mpo.errors import InputError
 from mpo.pairs import PairingConfig
 from mpo.prompt_rows import ReplyAs
 from mpo.results import Comparison, EvalResult, IngestResult, PairsResult, StageResult, TrainingResult
@@ -166,6 +167,8 @@ def reference_job(
     bf16: bool | None = None,
     store: str | None = None,
     partition: tuple[int, int] = (0, 1),
+    batch_size: int = 8,
+    device: str | None = None,
 ) -> StageResult:
     """Frozen reference log-probs into each pairs shard (of ``partition``; finished shards are skipped),
     computed as training will compute (``bf16``: the training config's); with a ``store``, pairs
@@ -178,7 +181,15 @@ def reference_job(
     started = time.perf_counter()
     emit({"status": f"reference log-probs of {Path(model).name}"})
     report = compute_reference_logps(
-        pairs_dir, model, max_length=max_length, bf16=bf16, store=store, partition=partition
+        pairs_dir,
+        model,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        bf16=bf16,
+        store=store,
+        partition=partition,
+        on_shard=lambda path, _rows: emit({"status": f"{path.name} written"}),
     )
     emit(
         {
@@ -210,11 +221,13 @@ def train_job(
     emit: Emit,
     torch_threads: int | None = None,
     name: str = "mpo",
+    stop_after: int | None = None,
 ) -> TrainingResult:
     """Training (``name``: mpo, or sft for the baseline), in ``training.processes`` processes under
     torchrun when above one (``mpo.train_launch``); resumes from the newest checkpoint in ``out``.
     ``torch_threads`` caps torch's CPU threads (for a job that shares the machine with another);
-    None keeps torch's default."""
+    None keeps torch's default. ``stop_after`` ends it with a checkpoint after that many steps in
+    all (to train in slices; the next call resumes)."""
     import torch
 
     from mpo.train import train
@@ -239,9 +252,15 @@ def train_job(
         from mpo.train_launch import train_in_processes
 
         emit({"status": f"training in {training.processes} processes (torch.distributed.run)"})
+        if stop_after is not None:
+            raise InputError(
+                "stop_after trains in one process; run torchrun yourself to stop a multi-process run"
+            )
         result = train_in_processes(pairs_dir, model, out, training, eval_pairs, log_step)
     else:
-        result = train(pairs_dir, model, out, training, eval_pairs=eval_pairs, on_step=log_step)
+        result = train(
+            pairs_dir, model, out, training, eval_pairs=eval_pairs, stop_after=stop_after, on_step=log_step
+        )
     return TrainingResult(
         stage=f"train:{name}",
         out_dir=str(result.out),
@@ -253,6 +272,7 @@ def train_job(
         first=result.first,
         last=result.last,
         resumed_from=result.resumed_from,
+        evaluation=result.evaluation,
     )
 
 

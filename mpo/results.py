@@ -102,6 +102,9 @@ class TrainingResult(StageResult):
     first: dict[str, float] = Field(default_factory=dict, description="metrics of the first step")
     last: dict[str, float] = Field(default_factory=dict, description="metrics of the last step")
     resumed_from: int = Field(0, description="the checkpoint step this run resumed from (0: fresh)")
+    evaluation: dict[str, float] = Field(
+        default_factory=dict, description="reward metrics on the held-out pairs (eval_pairs), at the end"
+    )
 
 
 class EvalResult(StageResult):

@@ -58,9 +58,9 @@ def test_ingest_command_reports_quarantine(tmp_path: Path, synth_dir: Path) -> N
 def test_ingest_strict_names_file_line_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok?", "answer": "1"}\n{"answer": "2"}\n')
-    result = runner.invoke(app, ["ingest", str(bad), "--out", str(tmp_path / "p"), "--strict"])
-    assert result.exit_code == 2
-    assert "bad.jsonl:2: field 'question'" in result.output.replace("\n", "")
+    done = mpo_command("ingest", str(bad), "--out", str(tmp_path / "p"), "--strict")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "bad.jsonl:2: field 'question'" in done.stderr
 
 
 def test_pairs_and_export_commands_on_synth_data(tmp_path: Path, synth_dir: Path) -> None:
