@@ -105,7 +105,7 @@ def main() -> None:
             max_tokens=48,
         )
         engine.close()
-        cells = " | ".join(f"{table[d]['accuracy']:.1%}" if d in table else "-" for d in closed)
+        cells = " | ".join(f"{table[d].accuracy:.1%}" if d in table else "-" for d in closed)
         print(f"| {step + 1} | {time.perf_counter() - started:.0f} | {loss:.3f} | {cells} |", flush=True)
 
     examples = warmup_examples(

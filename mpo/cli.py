@@ -297,14 +297,13 @@ def pairs(
     for column in ("dataset", "prompts", "samples", "accuracy", "pairs", "filtered"):
         table.add_column(column)
     for dataset, stats in result.datasets.items():
-        accuracy = stats.get("accuracy")
         table.add_row(
             dataset,
-            str(stats.get("prompts", 0)),
-            str(stats.get("samples", 0)),
-            "-" if accuracy is None else f"{accuracy:.1%}",
-            ", ".join(f"{k} {v}" for k, v in stats.get("pairs", {}).items()),
-            ", ".join(f"{k} {v}" for k, v in stats.get("filtered", {}).items()),
+            str(stats.prompts),
+            str(stats.samples),
+            "-" if stats.accuracy is None else f"{stats.accuracy:.1%}",
+            ", ".join(f"{k} {v}" for k, v in stats.pairs.items()),
+            ", ".join(f"{k} {v}" for k, v in stats.filtered.items()),
         )
     console.print(table)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
 from mpo.answers import Verdict
 from mpo.engines.base import Engine
 from mpo.pairs import PairingConfig, judge_samples
+from mpo.results import DatasetAccuracy
 from mpo.sampling import SamplingConfig, read_prompts, read_stage_samples, run_stage, stage_store
 
 # Paired differences the run summary reports, when both models were evaluated.
@@ -27,7 +27,7 @@ def greedy_config(sampling: SamplingConfig, max_tokens: int) -> SamplingConfig:
     return sampling.model_copy(update={"n": 1, "temperature": 0.0, "max_tokens": max_tokens})
 
 
-def accuracy_table(samples: pl.DataFrame, pairing: PairingConfig) -> dict[str, dict[str, Any]]:
+def accuracy_table(samples: pl.DataFrame, pairing: PairingConfig) -> dict[str, DatasetAccuracy]:
     """Per dataset: prompts, correct, format failures and accuracy (correct / prompts)."""
     judged = judge_samples(samples, pairing)
     stats = (
@@ -40,7 +40,7 @@ def accuracy_table(samples: pl.DataFrame, pairing: PairingConfig) -> dict[str, d
         .sort("dataset")
     )
     return {
-        row["dataset"]: {**row, "accuracy": row["correct"] / row["prompts"]}
+        row.pop("dataset"): DatasetAccuracy(**row, accuracy=row["correct"] / row["prompts"])
         for row in stats.iter_rows(named=True)
     }
 
@@ -66,7 +66,7 @@ def evaluate_accuracy(
     sampling: SamplingConfig,
     pairing: PairingConfig,
     max_tokens: int = 256,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, DatasetAccuracy]:
     """Greedy accuracy of ``engine``'s model on the closed prompts in ``prompts_dir``, per dataset."""
     samples = greedy_samples(engine, prompts_dir, out, sampling, max_tokens)
     if samples.height == 0:
@@ -74,12 +74,12 @@ def evaluate_accuracy(
     return accuracy_table(samples, pairing)
 
 
-def overall(table: dict[str, dict[str, Any]]) -> float:
+def overall(table: dict[str, DatasetAccuracy]) -> float:
     """Mean of the per-dataset accuracies (each dataset weighs the same)."""
-    return sum(row["accuracy"] for row in table.values()) / len(table) if table else 0.0
+    return sum(row.accuracy for row in table.values()) / len(table) if table else 0.0
 
 
-def overall_standard_error(table: dict[str, dict[str, Any]]) -> float:
+def overall_standard_error(table: dict[str, DatasetAccuracy]) -> float:
     """Standard error of ``overall`` from the finite held-out sample (binomial per dataset).
 
     Why: a few hundred held-out prompts leave a few points of noise, so two models whose
@@ -87,10 +87,7 @@ def overall_standard_error(table: dict[str, dict[str, Any]]) -> float:
     """
     if not table:
         return 0.0
-    variance = sum(
-        row["accuracy"] * (1 - row["accuracy"]) / row["prompts"] for row in table.values() if row["prompts"]
-    )
-    return math.sqrt(variance) / len(table)
+    return math.sqrt(sum(row.standard_error**2 for row in table.values())) / len(table)
 
 
 def correct_per_prompt(samples: pl.DataFrame, pairing: PairingConfig) -> pl.DataFrame:

@@ -96,19 +96,15 @@ def pairs_job(
     started = time.perf_counter()
     prompt_ids = read_prompts(prompts_dir)["prompt_id"] if prompts_dir is not None else None
     report = run_pairing([Path(d) for d in samples_dirs], Path(out), pairing, prompt_ids)
-    emit({"log": f"{report['pairs']} pairs: {report['pairs_by_source']}"})
-    drops: dict[str, int] = {}
-    for stats in report["datasets"].values():
-        for reason, count in stats.get("filtered", {}).items():
-            drops[reason] = drops.get(reason, 0) + count
+    emit({"log": f"{report.pairs} pairs: {report.pairs_by_source}"})
     return PairsResult(
         stage="pairs",
         out_dir=out,
-        counts={"pairs": report["pairs"]},
-        drops=drops,
+        counts={"pairs": report.pairs},
+        drops=report.drops(),
         seconds=time.perf_counter() - started,
-        pairs_by_source=report["pairs_by_source"],
-        datasets=report["datasets"],
+        pairs_by_source=report.pairs_by_source,
+        datasets=report.datasets,
     )
 
 
@@ -301,15 +297,15 @@ def evaluate_job(
     emit(
         {
             "log": f"{name} ({Path(model).name}): "
-            + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in table.items())
+            + ", ".join(f"{d} {r.accuracy:.1%}" for d, r in table.items())
         }
     )
     return EvalResult(
         stage=f"evaluate:{name}",
         out_dir=str(evaluation_store(out, model, sampling, max_tokens)),
         counts={
-            "prompts": sum(r["prompts"] for r in table.values()),
-            "correct": sum(r["correct"] for r in table.values()),
+            "prompts": sum(r.prompts for r in table.values()),
+            "correct": sum(r.correct for r in table.values()),
         },
         seconds=time.perf_counter() - started,
         model=model,

@@ -35,14 +35,12 @@ same pairs, in any order and any chunking. ``pair_id`` is the content hash of
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -52,6 +50,7 @@ from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correc
 from mpo.engines.base import FINISHED
 from mpo.errors import InputError
 from mpo.io import atomic_write_text, publish_dir
+from mpo.results import DatasetPairStats, PairingReport
 from mpo.sampling import distinct_samples
 from mpo.schemas import HARD_PROMPTS, PAIRS, SAMPLES, shard_files, write_table
 from mpo.templates import TEMPLATES, apply_template
@@ -123,7 +122,7 @@ class PairingConfig(BaseModel):
 class PairingResult:
     pairs: pl.DataFrame
     hard_prompts: pl.DataFrame
-    report: dict[str, Any]
+    report: PairingReport
 
 
 # ------------------------------------------------------------------ judging
@@ -521,12 +520,12 @@ def _merge_counts(parts: list[Counts]) -> Counts:
 
 def summarize(
     prompt_stats: pl.DataFrame, pair_counts: pl.DataFrame, filtered: Counts
-) -> tuple[pl.DataFrame, dict[str, Any]]:
+) -> tuple[pl.DataFrame, PairingReport]:
     """Hard prompts and the report, from per-prompt statistics, pair counts per
     (dataset, source) and drop counts (all additive over chunks)."""
     closed = prompt_stats.filter(pl.col("correct").is_not_null())
     hard = closed.filter(pl.col("correct") == 0).sort("prompt_id").select(HARD_PROMPTS.names)
-    datasets: dict[str, dict[str, Any]] = {}
+    datasets: dict[str, DatasetPairStats] = {}
     summary = prompt_stats.group_by("dataset").agg(
         prompts=pl.len(),
         samples=pl.col("samples").sum(),
@@ -537,26 +536,24 @@ def summarize(
         all_wrong_prompts=(pl.col("correct") == 0).sum(),
     )
     for row in summary.sort("dataset").iter_rows(named=True):
-        entry: dict[str, Any] = {"prompts": row["prompts"], "samples": row["samples"]}
+        entry = DatasetPairStats(prompts=row["prompts"], samples=row["samples"])
         if row["closed"]:
-            entry.update(
-                accuracy=row["correct"] / row["samples"],
-                format_failures=row["format_failures"],
-                all_correct_prompts=row["all_correct_prompts"],
-                all_wrong_prompts=row["all_wrong_prompts"],
-            )
+            entry.accuracy = row["correct"] / row["samples"]
+            entry.format_failures = row["format_failures"]
+            entry.all_correct_prompts = row["all_correct_prompts"]
+            entry.all_wrong_prompts = row["all_wrong_prompts"]
         datasets[row["dataset"]] = entry
     totals = pair_counts.group_by("dataset", "source").agg(pl.col("len").sum()).sort("dataset", "source")
     for dataset, source, n in totals.iter_rows():
-        datasets.setdefault(dataset, {}).setdefault("pairs", {})[source] = n
+        datasets.setdefault(dataset, DatasetPairStats()).pairs[source] = n
     for dataset, reasons in filtered.items():
-        datasets.setdefault(dataset, {})["filtered"] = dict(sorted(reasons.items()))
+        datasets.setdefault(dataset, DatasetPairStats()).filtered = dict(sorted(reasons.items()))
     by_source = totals.group_by("source").agg(pl.col("len").sum()).sort("source")
-    report = {
-        "datasets": dict(sorted(datasets.items())),
-        "pairs": int(totals["len"].sum()),
-        "pairs_by_source": dict(by_source.iter_rows()),
-    }
+    report = PairingReport(
+        datasets=dict(sorted(datasets.items())),
+        pairs=int(totals["len"].sum()),
+        pairs_by_source=dict(by_source.iter_rows()),
+    )
     return hard, report
 
 
@@ -669,7 +666,7 @@ def run_pairing(
     out: Path | str,
     config: PairingConfig | None = None,
     prompt_ids: pl.Series | None = None,
-) -> dict[str, Any]:
+) -> PairingReport:
     """``mpo pairs``: read one or several samples directories, write ``out/data/*.parquet`` (the pairs),
     ``out/hard_prompts.parquet`` and ``out/report.json``; return the report. With ``prompt_ids``,
     only those prompts' samples are paired (one data version per prompt set).
@@ -714,6 +711,6 @@ def run_pairing(
         pl.concat(stats, how="vertical_relaxed"), pl.concat(counts), _merge_counts(filtered)
     )
     write_table(hard.to_arrow(), out / "hard_prompts.parquet", HARD_PROMPTS)
-    report = dict(report, config=json.loads(config.model_dump_json()))
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    report.config = config.model_dump(mode="json")
+    atomic_write_text(out / "report.json", report.model_dump_json(indent=2) + "\n")
     return report

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mpo.results import PairsResult, RunSummary
+from mpo.results import DatasetAccuracy, PairsResult, RunSummary
 
 PLOTS = ("training_curves.png", "heldout_accuracy.png", "pairs.png")
 MODEL_COLOURS = {"start": "#9e9e9e", "mpo": "#1f77b4", "sft": "#ff7f0e"}
@@ -102,7 +102,7 @@ def plot_training(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
     return _save(figure, out)
 
 
-def plot_accuracy(evaluation: dict[str, dict[str, dict[str, Any]]], out: Path) -> Path:
+def plot_accuracy(evaluation: dict[str, dict[str, DatasetAccuracy]], out: Path) -> Path:
     plt = _pyplot()
     names = list(evaluation)
     datasets = sorted({d for table in evaluation.values() for d in table})
@@ -110,11 +110,8 @@ def plot_accuracy(evaluation: dict[str, dict[str, dict[str, Any]]], out: Path) -
     figure, axis = plt.subplots(figsize=(max(6, 1.8 * len(datasets) + 2), 4.5), constrained_layout=True)
     for index, name in enumerate(names):
         rows = [evaluation[name].get(d) for d in datasets]
-        values = [100 * r["accuracy"] if r else 0.0 for r in rows]
-        errors = [
-            100 * math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["prompts"]) if r and r["prompts"] else 0.0
-            for r in rows
-        ]
+        values = [100 * r.accuracy if r else 0.0 for r in rows]
+        errors = [100 * r.standard_error if r else 0.0 for r in rows]
         positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(datasets))]
         axis.bar(positions, values, width, yerr=errors, capsize=3, label=name, color=MODEL_COLOURS.get(name))
     axis.set_xticks(range(len(datasets)), datasets)
@@ -129,9 +126,9 @@ def plot_accuracy(evaluation: dict[str, dict[str, dict[str, Any]]], out: Path) -
 def pairs_per_source(pairs: PairsResult) -> dict[str, dict[str, int]]:
     """Pairs per dataset and source, every source that made a pair in any dataset present (0 where
     none), so a chart's stacks and a table's columns line up and a new source is never left out."""
-    sources = sorted({s for stats in pairs.datasets.values() for s in stats.get("pairs", {})})
+    sources = sorted({s for stats in pairs.datasets.values() for s in stats.pairs})
     return {
-        dataset: {source: stats.get("pairs", {}).get(source, 0) for source in sources}
+        dataset: {source: stats.pairs.get(source, 0) for source in sources}
         for dataset, stats in pairs.datasets.items()
     }
 

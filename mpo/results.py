@@ -20,6 +20,51 @@ from pydantic import BaseModel, ConfigDict, Field
 from mpo.io import atomic_write_text
 
 
+class DatasetPairStats(BaseModel):
+    """One dataset's line of a pairing: its prompts and samples, how often its closed prompts' samples
+    were right, the pairs it gave per source, and what was filtered, by reason."""
+
+    prompts: int = 0
+    samples: int = 0
+    accuracy: float | None = Field(None, description="correct / judged samples; None: no closed prompts")
+    format_failures: int | None = None
+    all_correct_prompts: int | None = None
+    all_wrong_prompts: int | None = None
+    pairs: dict[str, int] = Field(default_factory=dict, description="per source")
+    filtered: dict[str, int] = Field(default_factory=dict, description="samples or pairs, per reason")
+
+
+class PairingReport(BaseModel):
+    """What ``mpo pairs`` did (its ``report.json``): per dataset, and the pairs per source."""
+
+    datasets: dict[str, DatasetPairStats] = Field(default_factory=dict)
+    pairs: int = 0
+    pairs_by_source: dict[str, int] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict, description="the PairingConfig it ran with")
+
+    def drops(self) -> dict[str, int]:
+        """Filtered samples and pairs by reason, over every dataset."""
+        totals: dict[str, int] = {}
+        for stats in self.datasets.values():
+            for reason, count in stats.filtered.items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+
+class DatasetAccuracy(BaseModel):
+    """One dataset's greedy held-out accuracy: one answer per prompt."""
+
+    prompts: int
+    correct: int
+    format_failures: int = 0
+    accuracy: float = Field(description="correct / prompts")
+
+    @property
+    def standard_error(self) -> float:
+        """Binomial standard error of ``accuracy`` over this many prompts."""
+        return (self.accuracy * (1 - self.accuracy) / self.prompts) ** 0.5 if self.prompts else 0.0
+
+
 class StageResult(BaseModel):
     """One stage's outcome: its output folder, counts by name, drops by reason, seconds of work."""
 
@@ -84,10 +129,7 @@ class PairsResult(StageResult):
     """The preference pairs of one data version; drops are samples and pairs filtered, by reason."""
 
     pairs_by_source: dict[str, int] = Field(default_factory=dict)
-    datasets: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="per dataset: prompts, samples, sampled accuracy, pairs per source, filtered by reason",
-    )
+    datasets: dict[str, DatasetPairStats] = Field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -111,9 +153,7 @@ class EvalResult(StageResult):
     """Greedy held-out accuracy of one model (``stage``: ``evaluate:<name>``), per dataset."""
 
     model: str
-    by_dataset: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="per dataset: prompts, correct, format_failures, accuracy"
-    )
+    by_dataset: dict[str, DatasetAccuracy] = Field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -222,10 +262,10 @@ class RunSummary(BaseModel):
             "| --- | ---: | ---: |",
         ]
         for dataset, stats in self.pairs.datasets.items():
-            accuracy = stats.get("accuracy")
+            accuracy = stats.accuracy
             lines.append(
                 f"| {dataset} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
-                f"{sum(stats.get('pairs', {}).values())} |"
+                f"{sum(stats.pairs.values())} |"
             )
         lines += self._render_partitions()
         if self.evaluation:
@@ -277,7 +317,7 @@ class RunSummary(BaseModel):
         ]
         for dataset in datasets:
             cells = [
-                f"{self.evaluation[n].by_dataset[dataset]['accuracy']:.1%}"
+                f"{self.evaluation[n].by_dataset[dataset].accuracy:.1%}"
                 if dataset in self.evaluation[n].by_dataset
                 else "-"
                 for n in names

@@ -10,12 +10,13 @@ import polars as pl
 import pytest
 
 from mpo.evaluate import mean_and_error, overall, overall_standard_error, paired_difference
+from mpo.results import DatasetAccuracy
 
 
 def test_standard_error_of_the_mean_over_datasets() -> None:
     table = {
-        "a": {"prompts": 100, "correct": 50, "accuracy": 0.5},
-        "b": {"prompts": 400, "correct": 360, "accuracy": 0.9},
+        "a": DatasetAccuracy(prompts=100, correct=50, accuracy=0.5),
+        "b": DatasetAccuracy(prompts=400, correct=360, accuracy=0.9),
     }
     assert overall(table) == pytest.approx(0.7)
     # each dataset weighs 1/2: sqrt(0.5*0.5/100 + 0.9*0.1/400) / 2
@@ -23,11 +24,11 @@ def test_standard_error_of_the_mean_over_datasets() -> None:
 
 
 def test_standard_error_shrinks_with_more_prompts_and_is_zero_without_any() -> None:
-    small = {"a": {"prompts": 120, "accuracy": 0.4}}
-    large = {"a": {"prompts": 1200, "accuracy": 0.4}}
+    small = {"a": DatasetAccuracy(prompts=120, correct=48, accuracy=0.4)}
+    large = {"a": DatasetAccuracy(prompts=1200, correct=480, accuracy=0.4)}
     assert overall_standard_error(large) == pytest.approx(overall_standard_error(small) / math.sqrt(10))
     assert overall_standard_error({}) == 0.0
-    assert overall_standard_error({"a": {"prompts": 0, "accuracy": 0.0}}) == 0.0
+    assert overall_standard_error({"a": DatasetAccuracy(prompts=0, correct=0, accuracy=0.0)}) == 0.0
 
 
 def scored(correct: dict[str, list[float]]) -> pl.DataFrame:
@@ -69,7 +70,7 @@ def test_compare_models_reads_back_the_evaluations_and_names_a_model_never_evalu
 
     sampling, pairing = SamplingConfig(prompts_per_shard=16), PairingConfig(verify_modes=VERIFY_MODES)
     table = evaluate_accuracy(hf_engine, prompts_dir, tmp_path, sampling, pairing, max_tokens=8)
-    assert sum(row["prompts"] for row in table.values()) == 40  # the closed prompts, one answer each
+    assert sum(row.prompts for row in table.values()) == 40  # the closed prompts, one answer each
     model = str(tiny_model_dir)
     # one model under two names: the same answers, so no difference; no sft, so no pair with it
     assert compare_models(tmp_path, prompts_dir, {"start": model, "mpo": model}, sampling, pairing, 8) == {

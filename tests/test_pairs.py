@@ -83,8 +83,8 @@ def test_failed_requests_are_never_paired() -> None:
     ]
     result = make_pairs(frame(rows), PairingConfig())
     assert result.pairs.select("chosen", "rejected").rows() == [("Final answer: 2", "Final answer: 4")]
-    assert result.report["datasets"]["count"]["filtered"]["failed_request"] == 3
-    assert result.report["datasets"]["count"]["samples"] == 2  # accuracy is over finished samples only
+    assert result.report.datasets["count"].filtered["failed_request"] == 3
+    assert result.report.datasets["count"].samples == 2  # accuracy is over finished samples only
 
 
 def test_chosen_answer_contained_in_rejected_is_skipped_as_a_whole_answer() -> None:
@@ -98,7 +98,7 @@ def test_chosen_answer_contained_in_rejected_is_skipped_as_a_whole_answer() -> N
     ]
     result = make_pairs(frame(rows), PairingConfig(verify_modes={"count": "numeric"}))
     assert sorted(result.pairs["rejected_answer"].to_list()) == ["12", "2.5", "5"]
-    assert result.report["datasets"]["count"]["filtered"]["answer_contained"] == 1
+    assert result.report.datasets["count"].filtered["answer_contained"] == 1
     pi = [
         sample("p2", 0, "Final answer: 3", "3"),
         sample("p2", 1, "Final answer: 3.14", "3"),
@@ -144,7 +144,7 @@ def test_cap_is_deterministic_and_seeded() -> None:
     assert a.height == 5 and a["pair_id"].to_list() == b["pair_id"].to_list()
     assert set(a["pair_id"]) != set(c["pair_id"])
     report = make_pairs(frame(rows), PairingConfig(pairs_per_prompt=5)).report
-    assert report["datasets"]["count"]["filtered"]["over_cap_correctness"] == 31
+    assert report.datasets["count"].filtered["over_cap_correctness"] == 31
 
 
 def test_closest_selection_keeps_the_pairs_that_part_latest() -> None:
@@ -168,7 +168,7 @@ def test_closest_selection_keeps_the_pairs_that_part_latest() -> None:
     )  # the draw ignores closeness
     assert closest.columns == drawn[0].columns  # no helper column leaks out
     report = make_pairs(frame(rows), PairingConfig(pairs_per_prompt=2, selection="closest")).report
-    assert report["datasets"]["colour"]["filtered"]["over_cap_correctness"] == 4
+    assert report.datasets["colour"].filtered["over_cap_correctness"] == 4
 
 
 def test_self_contradictory_responses_are_paired_on_neither_side() -> None:
@@ -185,7 +185,7 @@ def test_self_contradictory_responses_are_paired_on_neither_side() -> None:
     assert sorted(zip(result.pairs["chosen"], result.pairs["rejected"], strict=True)) == sorted(
         [(texts[0], texts[3]), (texts[0], texts[4])]
     )
-    assert result.report["datasets"]["colour"]["filtered"]["self_contradictory"] == 2
+    assert result.report.datasets["colour"].filtered["self_contradictory"] == 2
     assert make_pairs(frame(rows), PairingConfig()).pairs.height == 6  # off unless the dataset has a pattern
     numeric = [
         sample("p2", 0, "I count 3.0 circles.\nFinal answer: 3", "3"),
@@ -215,7 +215,7 @@ def test_truncated_response_is_never_chosen() -> None:
     ]
     result = make_pairs(frame(rows), PairingConfig())
     assert result.pairs["chosen"].to_list() == ["Final answer: 2"] and result.pairs.height == 1
-    assert result.report["datasets"]["count"]["filtered"]["truncated_chosen"] == 1
+    assert result.report.datasets["count"].filtered["truncated_chosen"] == 1
 
 
 def test_repetitive_and_duplicate_responses_are_dropped() -> None:
@@ -228,7 +228,7 @@ def test_repetitive_and_duplicate_responses_are_dropped() -> None:
     ]
     result = make_pairs(frame(rows), PairingConfig())
     assert result.pairs["rejected"].to_list() == ["Final answer: 8"]
-    filtered = result.report["datasets"]["count"]["filtered"]
+    filtered = result.report.datasets["count"].filtered
     assert filtered["repetitive"] == 1 and filtered["duplicate_response"] == 1
 
 
@@ -241,7 +241,7 @@ def test_format_failures_pair_with_correct_responses() -> None:
     result = make_pairs(frame(rows), PairingConfig())
     by_source = dict(zip(result.pairs["source"], result.pairs["rejected"], strict=True))
     assert by_source == {"correctness": "Final answer: 4", "format": "I am not sure"}
-    assert result.report["datasets"]["count"]["format_failures"] == 1
+    assert result.report.datasets["count"].format_failures == 1
 
 
 def test_length_ratio_cap() -> None:
@@ -249,7 +249,7 @@ def test_length_ratio_cap() -> None:
     rows = [sample("p1", 0, long + " Final answer: 2"), sample("p1", 1, "Final answer: 3")]
     assert make_pairs(frame(rows), PairingConfig()).pairs.height == 1
     result = make_pairs(frame(rows), PairingConfig(max_length_ratio=2.0))
-    assert result.pairs.height == 0 and result.report["datasets"]["count"]["filtered"]["length_ratio"] == 1
+    assert result.pairs.height == 0 and result.report.datasets["count"].filtered["length_ratio"] == 1
 
 
 def test_dropout_ntp_rows_become_pairs() -> None:
@@ -292,7 +292,7 @@ def test_dropout_ntp_rows_become_pairs() -> None:
     assert result.pairs["chosen"].to_list() == [chosen] and result.pairs["prompt"].to_list() == [
         "<image>\nHow many?"
     ]
-    filtered = result.report["datasets"]["describe"]["filtered"]
+    filtered = result.report.datasets["describe"].filtered
     assert filtered == {"empty_continuation": 1, "identical_to_chosen": 1}
 
 
@@ -301,10 +301,10 @@ def test_report_and_hard_prompts() -> None:
     rows += [sample("hard", i, f"Final answer: {5 + i}") for i in range(3)]
     rows += [sample("mixed", 0, "Final answer: 2"), sample("mixed", 1, "Final answer: 3")]
     result = make_pairs(frame(rows), PairingConfig())
-    stats = result.report["datasets"]["count"]
-    assert stats["prompts"] == 3 and stats["samples"] == 7
-    assert stats["accuracy"] == pytest.approx(3 / 7)
-    assert stats["all_correct_prompts"] == 1 and stats["all_wrong_prompts"] == 1
+    stats = result.report.datasets["count"]
+    assert stats.prompts == 3 and stats.samples == 7
+    assert stats.accuracy == pytest.approx(3 / 7)
+    assert stats.all_correct_prompts == 1 and stats.all_wrong_prompts == 1
     assert result.hard_prompts["prompt_id"].to_list() == ["hard"] and result.hard_prompts["samples"][0] == 3
 
 
@@ -349,7 +349,7 @@ def test_run_pairing_writes_a_loadable_pairs_directory(tmp_path: Path) -> None:
     ]
     write_table(pa.Table.from_pylist(rows, schema=SAMPLES), tmp_path / "samples" / "shard-0.parquet")
     report = run_pairing(tmp_path / "samples", tmp_path / "pairs", PairingConfig(shard_rows=5))
-    assert report["pairs"] == 16 and len(list((tmp_path / "pairs" / "data").glob("*.parquet"))) == 4
+    assert report.pairs == 16 and len(list((tmp_path / "pairs" / "data").glob("*.parquet"))) == 4
     assert pl.read_parquet(tmp_path / "pairs" / "data" / "*.parquet")["pair_id"].n_unique() == 16
     assert json.loads((tmp_path / "pairs" / "report.json").read_text())["pairs_by_source"] == {
         "correctness": 16
@@ -391,7 +391,7 @@ def test_chunks_and_prompts_spanning_shards_give_the_same_pairs(tmp_path: Path) 
     expected = make_pairs(frame(rows), PairingConfig())
     got = pl.read_parquet(tmp_path / "out" / "data" / "*.parquet")
     assert sorted(got["pair_id"].to_list()) == sorted(expected.pairs["pair_id"].to_list())
-    assert report["datasets"] == expected.report["datasets"]
+    assert report.datasets == expected.report.datasets
 
 
 @pytest.mark.parametrize("failing_write", [1, 2])  # 1: raised while the next chunk is paired; 2: at the end

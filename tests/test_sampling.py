@@ -294,7 +294,7 @@ def test_two_runs_at_once_on_one_store_are_read_once(
         and read.group_by("prompt_id").len()["len"].to_list() == [2] * prompts.height
     )
     report = run_pairing([store], tmp_path / "pairs", PairingConfig(), prompts["prompt_id"])
-    assert sum(stats["samples"] for stats in report["datasets"].values()) == 2 * prompts.height
+    assert sum(stats.samples for stats in report.datasets.values()) == 2 * prompts.height
 
 
 def test_a_store_holding_a_shard_twice_is_read_once(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
@@ -313,7 +313,7 @@ def test_a_store_holding_a_shard_twice_is_read_once(hf_engine, prompts_dir: Path
     assert pl.from_arrow(read_dir(report.out_dir, SAMPLES)).height > report.samples_written
     assert read_stage_samples(report.out_dir, prompts).height == report.samples_written == 80
     paired = run_pairing([report.out_dir], tmp_path / "pairs", PairingConfig(), prompts["prompt_id"])
-    assert sum(stats["samples"] for stats in paired["datasets"].values()) == 80
+    assert sum(stats.samples for stats in paired.datasets.values()) == 80
 
 
 def test_a_partition_with_nothing_left_loads_no_engine(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
