@@ -242,7 +242,8 @@ class Steps:
 
     def train(self, pairs: PairsResult, plan: TrainingPlan, side_by_side: bool = False) -> Step:
         """One training; ``side_by_side``: in its own process with its share of the CPU threads, so
-        that it runs beside another training (``baseline_side_by_side``)."""
+        that it runs beside another training (``baseline_side_by_side``); otherwise it holds the
+        device: one after the other in one place, each on its own worker where a runner has them."""
         return Step.of(
             jobs.train_job,
             f"train-{plan.name}",
@@ -258,6 +259,7 @@ class Steps:
             },
             time_limit=self.config.stages.train.time_limit_seconds,
             own_process=side_by_side,
+            holds_device=not side_by_side,
         )
 
     def evaluate(self, name: str, model: str, heldout: IngestResult) -> Step:
@@ -318,12 +320,6 @@ class Runner(Protocol):
         ...
 
 
-def _run_all(runner: Runner, steps: list[Step], together: bool) -> list[Any]:
-    if together and len(steps) > 1:
-        return runner.run_together(steps)
-    return [runner.run(step) for step in steps]
-
-
 def run_pipeline(config: PipelineConfig, runner: Runner) -> RunSummary:
     """The whole chain under ``runner``; returns the summary, also written to ``summary.json``
     with the run's charts beside it."""
@@ -349,8 +345,7 @@ def run_pipeline(config: PipelineConfig, runner: Runner) -> RunSummary:
         reference = PartitionedResult.merge("reference", runner.run_together(steps.reference(pairs)))
         plans = steps.trainings(pairs)
         side_by_side = config.baseline_side_by_side and len(plans) > 1
-        trainings = [steps.train(pairs, plan, side_by_side) for plan in plans]
-        results = _run_all(runner, trainings, together=side_by_side)
+        results = runner.run_together([steps.train(pairs, plan, side_by_side) for plan in plans])
         return reference, {plan.name: result for plan, result in zip(plans, results, strict=True)}
 
     def sample(prompts: IngestResult) -> list[PartitionedResult]:

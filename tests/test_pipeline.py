@@ -139,15 +139,17 @@ def test_sampling_partitions_are_steps_of_one_group_merged_per_stage(tmp_path: P
 
 def test_the_sft_baseline_trains_beside_mpo_only_when_asked(tmp_path: Path) -> None:
     apart = record(config_for(tmp_path, sft_baseline=True, evaluate=False))
-    assert apart.calls[-2:] == [["train-mpo"], ["train-sft"]]
+    assert apart.calls[-1] == ["train-mpo", "train-sft"]  # one group; each holds the device
     assert all(
-        not s.own_process and s.kwargs["torch_threads"] is None for s in apart.steps if s.stage == "train"
+        s.holds_device and not s.own_process and s.kwargs["torch_threads"] is None
+        for s in apart.steps
+        if s.stage == "train"
     )
 
     beside = record(config_for(tmp_path, sft_baseline=True, baseline_side_by_side=True, evaluate=False))
     assert beside.calls[-1] == ["train-mpo", "train-sft"]
     trainings = [s for s in beside.steps if s.stage == "train"]
-    assert all(s.own_process and s.kwargs["torch_threads"] >= 1 for s in trainings)
+    assert all(s.own_process and not s.holds_device and s.kwargs["torch_threads"] >= 1 for s in trainings)
     sft = trainings[1].kwargs["training"].loss
     assert (sft.dpo_weight, sft.bco_weight, sft.sft_weight) == (0.0, 0.0, 1.0)
 
