@@ -81,7 +81,8 @@ def child_ours(workdir: Path, args: argparse.Namespace, reference: str) -> dict[
             batch_size=args.batch,
             device=args.device,
         )
-        ref_seconds = (time.perf_counter() - started) / max(1, report.pairs) if report.pairs else 0.0
+        pairs = report.counts["pairs_computed"] + report.counts["pairs_from_store"]
+        ref_seconds = (time.perf_counter() - started) / pairs if pairs else 0.0
     stamps: list[float] = []
     config = TrainConfig(
         batch_size=args.batch,

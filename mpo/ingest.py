@@ -21,9 +21,9 @@ from __future__ import annotations
 import bisect
 import gc
 import hashlib
-import json
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -45,28 +45,22 @@ from mpo.ingest_sources import (
 )
 from mpo.io import atomic_path, atomic_write_text, publish_dir
 from mpo.prompt_rows import ImageRef, Reject, ReplyAs, RowContent, read_row, resolve_columns
-from mpo.schemas import PROMPTS, QUARANTINE, write_table
+from mpo.results import IngestResult
+from mpo.schemas import PROMPTS, QUARANTINE, shard_files, write_table
 from mpo.templates import IMAGE_PLACEHOLDER
 
-__all__ = ["IngestError", "IngestReport", "ingest"]
+__all__ = ["IngestError", "ingest"]
 
 BATCH_ROWS = 20_000
 
 
 @dataclass
-class IngestReport:
-    prompts: Counter[str] = field(default_factory=Counter)  # per dataset
-    quarantined: Counter[str] = field(default_factory=Counter)  # per reason
-    kinds: Counter[str] = field(default_factory=Counter)
+class _Tally:
+    """What an ingest counted as it went: prompts per dataset, quarantined rows per reason, kinds."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "prompts": dict(self.prompts),
-            "quarantined": dict(self.quarantined),
-            "kinds": dict(self.kinds),
-            "total_prompts": sum(self.prompts.values()),
-            "total_quarantined": sum(self.quarantined.values()),
-        }
+    prompts: Counter[str] = field(default_factory=Counter)
+    quarantined: Counter[str] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
 
 
 def ingest(
@@ -81,27 +75,55 @@ def ingest(
     workers: int | None = None,
     batch_rows: int = BATCH_ROWS,
     on_rows: Callable[[int], None] | None = None,
-) -> IngestReport:
+) -> IngestResult:
     """Read ``path`` (meta.json, a prompt file or a folder of them) and write ``out/prompts/``,
-    ``out/quarantine.parquet``, ``out/report.json``, embedded images into ``out/images/`` and the
-    image index ``out/image_index.parquet``; return the report. ``on_rows`` hears the running count
-    of rows read."""
+    ``out/quarantine.parquet``, ``out/report.json`` (the result returned), embedded images into
+    ``out/images/`` and the image index ``out/image_index.parquet``. ``on_rows`` hears the running
+    count of rows read."""
+    started = time.perf_counter()
     sources = sources_from_path(Path(path), image_root, columns, reply_as)
     for source in sources:
         check_columns(source)  # a missing file or a wrong mapping fails before anything is written
     out = Path(out)
-    report = IngestReport()
+    tally = _Tally()
     with (
         _fewer_collections(),
         ImageChecks(out / "images", out / "image_index.parquet", workers or os.cpu_count() or 1) as checks,
         atomic_path(out / "quarantine.parquet") as quarantine_file,
         pq.ParquetWriter(quarantine_file, QUARANTINE, compression="zstd") as quarantine,
     ):
-        run = _Run(checks, quarantine, report, strict, seed, batch_rows, on_rows)
+        run = _Run(checks, quarantine, tally, strict, seed, batch_rows, on_rows)
         publish_dir(out / "prompts", lambda folder: run.all(sources, folder))
         checks.save()
-    atomic_write_text(out / "report.json", json.dumps(report.as_dict(), indent=2) + "\n")
-    return report
+    count, version = _count_and_version(out / "prompts")
+    result = IngestResult(
+        stage=f"ingest:{Path(path).name}",
+        out_dir=str(out / "prompts"),
+        counts={"prompts": count},
+        drops=dict(sorted(tally.quarantined.items())),
+        seconds=time.perf_counter() - started,
+        version=version,
+        prompts_by_dataset=dict(tally.prompts),
+        kinds=dict(tally.kinds),
+    )
+    atomic_write_text(out / "report.json", result.model_dump_json(indent=2) + "\n")
+    return result
+
+
+def _count_and_version(prompts_dir: Path) -> tuple[int, str]:
+    """How many prompts the folder holds and their version (``mpo.sampling.prompts_version``), from
+    their key columns alone."""
+    import polars as pl
+
+    from mpo.sampling import prompts_version
+
+    keys = [
+        pl.read_parquet(shard, columns=["prompt_id", "repeat_index"]) for shard in shard_files(prompts_dir)
+    ]
+    table = (
+        pl.concat(keys) if keys else pl.DataFrame(schema={"prompt_id": pl.String, "repeat_index": pl.Int64})
+    )
+    return table.height, prompts_version(table)
 
 
 @contextmanager
@@ -144,7 +166,7 @@ class _Run:
         self,
         checks: ImageChecks,
         quarantine: pq.ParquetWriter,
-        report: IngestReport,
+        report: _Tally,
         strict: bool,
         seed: int,
         batch_rows: int,

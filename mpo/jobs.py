@@ -18,7 +18,15 @@ from typing import Any
 from mpo.errors import InputError
 from mpo.pairs import PairingConfig
 from mpo.prompt_rows import ReplyAs
-from mpo.results import Comparison, EvalResult, IngestResult, PairsResult, StageResult, TrainingResult
+from mpo.results import (
+    Comparison,
+    EvalResult,
+    IngestResult,
+    PairsResult,
+    ReferenceResult,
+    StageResult,
+    TrainingResult,
+)
 from mpo.sampling import SamplingConfig
 from mpo.time_limit import Emit
 from mpo.train import TrainConfig
@@ -46,15 +54,10 @@ def ingest_job(
     reply_as: ReplyAs | None = None,
     seed: int = 0,
 ) -> IngestResult:
-    """meta.json / prompt files -> prompts table + quarantine; returns its folder, version and counts."""
-    import polars as pl
-
+    """meta.json / prompt files -> prompts table + quarantine (``mpo.ingest.ingest``)."""
     from mpo.ingest import ingest
-    from mpo.sampling import prompts_version
-    from mpo.schemas import shard_files
 
-    started = time.perf_counter()
-    report = ingest(
+    result = ingest(
         Path(source),
         Path(out),
         strict=strict,
@@ -64,26 +67,12 @@ def ingest_job(
         reply_as=reply_as,
         on_rows=lambda rows: emit({"status": f"{rows:,} rows read"}),
     )
-    prompts_dir = Path(out) / "prompts"
-    keys = pl.concat(
-        [pl.read_parquet(shard, columns=["prompt_id", "repeat_index"]) for shard in shard_files(prompts_dir)]
-        or [pl.DataFrame(schema={"prompt_id": pl.String, "repeat_index": pl.Int64})]
-    )
     emit(
         {
-            "log": f"ingested {keys.height} prompts from {source}, {sum(report.quarantined.values())} quarantined"
+            "log": f"ingested {result.counts['prompts']} prompts from {source}, {sum(result.drops.values())} quarantined"
         }
     )
-    return IngestResult(
-        stage=f"ingest:{Path(source).name}",
-        out_dir=str(prompts_dir),
-        counts={"prompts": keys.height},
-        drops=dict(report.quarantined),
-        seconds=time.perf_counter() - started,
-        version=prompts_version(keys),
-        prompts_by_dataset=dict(report.prompts),
-        kinds=dict(report.kinds),
-    )
+    return result
 
 
 def pairs_job(
@@ -123,36 +112,21 @@ def sample_job(
     only the prompts its store lacks."""
     from mpo.sampling import plan_stage, run_stage
 
-    index, count = partition
-    name = stage if count == 1 else f"{stage}:{index + 1}/{count}"
+    started = time.perf_counter()
+    plan = plan_stage(stage, prompts_dir, model, out, sampling, partition)
 
     def advance(done: int, total: int, skipped: bool) -> None:
         emit({"progress": 100.0 * done / max(1, total)})
-        emit({"log": f"{name} shard {done}/{total} {'already done' if skipped else 'written'}"})
+        emit({"log": f"{plan.label} shard {done}/{total} {'already done' if skipped else 'written'}"})
 
-    started = time.perf_counter()
-    plan = plan_stage(stage, prompts_dir, model, out, sampling, partition)
     if not plan.shards:  # nothing left here: no engine to load
-        emit({"log": f"{name}: {len(plan.finished)} shards already done"})
-        counts = {"shards": len(plan.finished), "skipped_shards": len(plan.finished), "samples_written": 0}
-        return StageResult(
-            stage=name, out_dir=str(plan.out_dir), counts=counts, seconds=time.perf_counter() - started
-        )
+        emit({"log": f"{plan.label}: {len(plan.finished)} shards already done"})
+        return plan.result(0, time.perf_counter() - started)
     sampler = _load_engine(engine, model, engine_options, emit)
     try:
-        report = run_stage(stage, prompts_dir, sampler, out, sampling, on_shard=advance, partition=partition)
+        return run_stage(stage, prompts_dir, sampler, out, sampling, on_shard=advance, partition=partition)
     finally:
         sampler.close()
-    return StageResult(
-        stage=name,
-        out_dir=str(report.out_dir),
-        counts={
-            "shards": report.shards,
-            "skipped_shards": report.skipped,
-            "samples_written": report.samples_written,
-        },
-        seconds=time.perf_counter() - started,
-    )
 
 
 def reference_job(
@@ -165,18 +139,15 @@ def reference_job(
     partition: tuple[int, int] = (0, 1),
     batch_size: int = 8,
     device: str | None = None,
-) -> StageResult:
+) -> ReferenceResult:
     """Frozen reference log-probs into each pairs shard (of ``partition``; finished shards are skipped),
     computed as training will compute (``bf16``: the training config's); with a ``store``, pairs
     computed before (another version of the same pairs) are taken from it. Pairs too long to fit
     are counted as drops: training skips them too."""
     from mpo.ref_logps import compute_reference_logps
 
-    index, count = partition
-    name = "reference" if count == 1 else f"reference:{index + 1}/{count}"
-    started = time.perf_counter()
     emit({"status": f"reference log-probs of {Path(model).name}"})
-    report = compute_reference_logps(
+    result = compute_reference_logps(
         pairs_dir,
         model,
         max_length=max_length,
@@ -187,25 +158,15 @@ def reference_job(
         partition=partition,
         on_shard=lambda path, _rows: emit({"status": f"{path.name} written"}),
     )
+    counts = result.counts
     emit(
         {
-            "log": f"{name}: {report.shards} shards written ({report.computed} pairs computed, "
-            f"{report.pairs - report.computed} from the store), {report.skipped_shards} already done, "
-            f"{report.too_long} pairs too long"
+            "log": f"{result.stage}: {counts['shards']} shards written ({counts['pairs_computed']} pairs computed, "
+            f"{counts['pairs_from_store']} from the store), {counts['skipped_shards']} already done, "
+            f"{result.drops.get('too_long', 0)} pairs too long"
         }
     )
-    return StageResult(
-        stage=name,
-        out_dir=pairs_dir,
-        counts={
-            "shards": report.shards,
-            "skipped_shards": report.skipped_shards,
-            "pairs_computed": report.computed,
-            "pairs_from_store": report.pairs - report.computed,
-        },
-        drops={"too_long": report.too_long} if report.too_long else {},
-        seconds=time.perf_counter() - started,
-    )
+    return result
 
 
 def train_job(
@@ -257,19 +218,7 @@ def train_job(
         result = train(
             pairs_dir, model, out, training, eval_pairs=eval_pairs, stop_after=stop_after, on_step=log_step
         )
-    return TrainingResult(
-        stage=f"train:{name}",
-        out_dir=str(result.out),
-        counts={"steps": result.steps},
-        drops={"too_long": result.skipped_too_long} if result.skipped_too_long else {},
-        seconds=time.perf_counter() - started,
-        final_model=str(result.final_model),
-        metrics_file=str(result.metrics_file),
-        first=result.first,
-        last=result.last,
-        resumed_from=result.resumed_from,
-        evaluation=result.evaluation,
-    )
+    return result.model_copy(update={"stage": f"train:{name}", "seconds": time.perf_counter() - started})
 
 
 def evaluate_job(

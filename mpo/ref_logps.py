@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch
 from mpo.logps import PairLogps, autocast, load_vlm, precision, split_pairs
 from mpo.model_identity import model_fingerprint
 from mpo.pair_data import REF_COLUMNS, PairTable, encode_batch, pairs_data_dir
+from mpo.results import ReferenceResult
 from mpo.schemas import shard_files, write_table
 from mpo.text_stats import content_hash, hex64
 
@@ -94,13 +96,12 @@ def _stored(folder: Path, keys: pl.Series) -> pl.DataFrame:
 
 
 @dataclass
-class RefLogpsReport:
+class _Tally:
     shards: int = 0
     skipped_shards: int = 0
     pairs: int = 0
     computed: int = 0  # pairs whose log-probs this run computed (the rest came from the store)
     too_long: int = 0
-    spec: dict[str, Any] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -142,10 +143,11 @@ def compute_reference_logps(
     bf16: bool | None = None,
     store: Path | str | None = None,
     partition: tuple[int, int] = (0, 1),
-) -> RefLogpsReport:
+) -> ReferenceResult:
     """Write reference log-probs into every shard of ``pairs_dir`` (of ``partition``: every count-th
     shard from index); skip shards already done, and with a ``store`` pairs already computed.
     ``bf16`` must be the trainer's (``TrainConfig.bf16``; default: on with CUDA)."""
+    started = time.perf_counter()
     data = pairs_data_dir(pairs_dir)
     files = shard_files(data)
     if not files:
@@ -155,7 +157,7 @@ def compute_reference_logps(
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     numerics = precision(torch_device, bf16)
     spec = reference_spec(model_dir, max_length, numerics)
-    report = RefLogpsReport(spec=spec)
+    report = _Tally()
     pending = [f for f in files if shard_spec(f) != spec]
     report.skipped_shards = len(files) - len(pending)
     kept = store_folder(store, spec) if store is not None else None
@@ -205,7 +207,19 @@ def compute_reference_logps(
         report.pairs += table.num_rows
         if on_shard:
             on_shard(path, table.num_rows)
-    return report
+    return ReferenceResult(
+        stage="reference" if count == 1 else f"reference:{index + 1}/{count}",
+        out_dir=str(pairs_dir),
+        counts={
+            "shards": report.shards,
+            "skipped_shards": report.skipped_shards,
+            "pairs_computed": report.computed,
+            "pairs_from_store": report.pairs - report.computed,
+        },
+        drops={"too_long": report.too_long} if report.too_long else {},
+        seconds=time.perf_counter() - started,
+        spec=spec,
+    )
 
 
 def _nullable(values: torch.Tensor) -> pa.Array:

@@ -97,13 +97,17 @@ class PartitionedResult(StageResult):
     def merge(cls, stage: str, parts: list[StageResult]) -> PartitionedResult:
         """The stage's result from its partitions' (``correctness:2/4``: all of one stage, one store)."""
         counts: dict[str, int] = {}
+        drops: dict[str, int] = {}
         for part in parts:
             for name, value in part.counts.items():
                 counts[name] = counts.get(name, 0) + value
+            for reason, value in part.drops.items():
+                drops[reason] = drops.get(reason, 0) + value
         return cls(
             stage=stage,
             out_dir=parts[0].out_dir,
             counts=counts,
+            drops=drops,
             seconds=max(part.seconds for part in parts),
             worker=", ".join(sorted({part.worker for part in parts})),
             attempts=max(part.attempts for part in parts),
@@ -134,6 +138,17 @@ class PairsResult(StageResult):
     @property
     def version(self) -> str:
         return Path(self.out_dir).name
+
+
+class ReferenceResult(StageResult):
+    """Reference log-probs written into a pairs version (or the part of its shards a partition
+    holds); counts: ``shards`` written, ``skipped_shards`` done before, ``pairs_computed`` here and
+    ``pairs_from_store``; drops: ``too_long`` pairs (training skips them too)."""
+
+    spec: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the reference the values belong to: model fingerprint, precision, max length",
+    )
 
 
 class TrainingResult(StageResult):
@@ -172,7 +187,15 @@ def shape_version() -> str:
     """A hash of the stage results' schemas. Orchestrators that cache results as pickled objects key
     on it, so that results of another shape (an older version of this package) miss the cache
     instead of coming back with fields missing."""
-    models = (StageResult, PartitionedResult, IngestResult, PairsResult, TrainingResult, EvalResult)
+    models = (
+        StageResult,
+        PartitionedResult,
+        IngestResult,
+        PairsResult,
+        ReferenceResult,
+        TrainingResult,
+        EvalResult,
+    )
     schemas = [model.model_json_schema() for model in models]
     return hashlib.sha256(json.dumps(schemas, sort_keys=True).encode()).hexdigest()[:12]
 

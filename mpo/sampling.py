@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from mpo.engines.base import Engine, GenerationRequest, SamplingParams
 from mpo.errors import InputError
 from mpo.io import atomic_write_text
 from mpo.model_identity import model_fingerprint
+from mpo.results import StageResult
 from mpo.schemas import PROMPTS, SAMPLES, read_dir, shard_files, write_table
 from mpo.templates import IMAGE_PLACEHOLDER, TEMPLATES, apply_template
 
@@ -190,7 +192,7 @@ def distinct_samples(samples: pl.DataFrame) -> pl.DataFrame:
 
 def prompts_version(prompts: pl.DataFrame) -> str:
     """A small version tag of the prompts: a hash of their ids (not of their contents)."""
-    return hashlib.sha256("\n".join(sorted(prompt_keys(prompts))).encode()).hexdigest()[:12]
+    return hashlib.sha256(prompt_keys(prompts).sort().str.join("\n").item().encode()).hexdigest()[:12]
 
 
 def shard_keys(path: Path) -> list[str]:
@@ -212,15 +214,6 @@ def strided_shards(prompts: pl.DataFrame, prompts_per_shard: int) -> list[pl.Dat
     ordered = prompts.sort("prompt_id", "repeat_index")
     count = max(1, -(-ordered.height // prompts_per_shard))
     return [ordered.gather_every(count, offset=i) for i in range(count)]
-
-
-@dataclass
-class StageReport:
-    stage: str
-    out_dir: Path
-    shards: int  # shards holding the given prompts' samples (finished before + written now)
-    skipped: int  # of those, finished before this run
-    samples_written: int
 
 
 def _correctness_requests(
@@ -344,9 +337,27 @@ class StagePlan:
     shards: list[pl.DataFrame]  # the pending prompts, cut into shards
     batch: str  # the shard files' name tag: the pending set (and partition) they sample
 
+    partition: tuple[int, int] = (0, 1)
+
     @property
     def pending(self) -> int:
         return sum(shard.height for shard in self.shards)
+
+    @property
+    def label(self) -> str:
+        """The stage, and its part where it has several: ``correctness:2/4``."""
+        index, count = self.partition
+        return self.stage if count == 1 else f"{self.stage}:{index + 1}/{count}"
+
+    def result(self, samples_written: int, seconds: float) -> StageResult:
+        """The stage's (or partition's) result: ``shards`` hold its prompts' samples (finished before,
+        ``skipped_shards``, and written now)."""
+        counts = {
+            "shards": len(self.finished) + len(self.shards),
+            "skipped_shards": len(self.finished),
+            "samples_written": samples_written,
+        }
+        return StageResult(stage=self.label, out_dir=str(self.out_dir), counts=counts, seconds=seconds)
 
 
 def plan_stage(
@@ -375,7 +386,7 @@ def plan_stage(
     if partition[1] > 1:
         batch = f"p{partition[0]:03d}of{partition[1]:03d}-{batch}"
     shards = strided_shards(pending, config.prompts_per_shard) if pending.height else []
-    return StagePlan(stage, out_dir, finished, shards, batch)
+    return StagePlan(stage, out_dir, finished, shards, batch, partition)
 
 
 def run_stage(
@@ -386,10 +397,11 @@ def run_stage(
     config: SamplingConfig,
     on_shard: Callable[[int, int, bool], None] | None = None,
     partition: tuple[int, int] = (0, 1),
-) -> StageReport:
+) -> StageResult:
     """Sample every prompt of ``stage`` (of its ``partition``: index, count) not yet in its store;
     ``on_shard(done, total, skipped)`` is called after each shard (progress bars, Prefect progress
     artifacts)."""
+    started = time.perf_counter()
     plan = plan_stage(stage, prompts_dir, engine.model_id, out, config, partition)
     out_dir = plan.out_dir
     atomic_write_text(
@@ -417,7 +429,7 @@ def run_stage(
         written += rows.num_rows
         if on_shard:
             on_shard(len(plan.finished) + index + 1, total, False)
-    return StageReport(stage, out_dir, total, len(plan.finished), written)
+    return plan.result(written, time.perf_counter() - started)
 
 
 def read_stage_samples(samples_dir: Path | str, prompts: pl.DataFrame) -> pl.DataFrame:

@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,7 @@ from mpo.loss import MPOLossConfig, MPOLossOutput, RewardShift, mpo_loss
 from mpo.model_identity import model_fingerprint
 from mpo.pair_data import PairBatch, PairTable, encode_batch
 from mpo.ref_logps import reference_specs
+from mpo.results import TrainingResult
 
 VISION_MODULES = ("vision_tower", "vision_model", "visual")
 PROJECTOR_MODULES = ("multi_modal_projector", "mm_projector", "connector", "merger")
@@ -118,19 +119,6 @@ class TrainConfig(BaseModel):
                 "LoRA adapters train with parallel='ddp' (they are small); FSDP is for full fine-tuning"
             )
         return self
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    steps: int
-    final_model: Path
-    metrics_file: Path
-    first: dict[str, float] = field(default_factory=dict)
-    last: dict[str, float] = field(default_factory=dict)
-    evaluation: dict[str, float] = field(default_factory=dict)
-    skipped_too_long: int = 0
-    resumed_from: int = 0
 
 
 # --- model set-up ---------------------------------------------------------------------------------
@@ -689,49 +677,64 @@ def train(
     eval_pairs: Path | str | None = None,
     stop_after: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> TrainResult:
+) -> TrainingResult:
     """Train with MPO on ``pairs_dir`` starting from ``model_dir``; resume from ``out`` if it holds checkpoints.
 
     ``stop_after`` ends the run (with a checkpoint) after that many steps in total, as
-    a kill would, to train in slices; the next call resumes.
+    a kill would, to train in slices; the next call resumes. The result's ``stage`` is ``train``
+    (the pipeline names MPO and the SFT baseline apart).
     """
+    started = time.perf_counter()
     config = config or TrainConfig()
     out, model_dir = Path(out), Path(model_dir)
     session = _open_session(pairs_dir, model_dir, out, config, eval_pairs)
     info, position = session.info, session.position
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", position.step, info.is_main)
-    result = TrainResult(out, position.step, out / "final", log.path, resumed_from=position.step)
+    resumed_from, skipped = position.step, 0
+    first: dict[str, Any] = {}
+    last: dict[str, Any] = {}
+    evaluation: dict[str, float] = {}
     stream = session.micro_batches()
     end = min(session.total_steps, stop_after) if stop_after else session.total_steps
     filler = _Filler(session.pairs, session.processor, config.max_length)
     while position.step < end:
         record = _step(session, stream, filler)
-        result.skipped_too_long += record["skipped_too_long"]
+        skipped += record["skipped_too_long"]
         log.write(record)
         if on_step:
             on_step(record)
-        result.first = result.first or record
-        result.last = record
+        first, last = first or record, record
         done = position.step >= end
         if session.held_out is not None and (
             done or (config.eval_every and position.step % config.eval_every == 0)
         ):
-            result.evaluation = evaluate(
+            evaluation = evaluate(
                 session.forward, session.reference, session.held_out, session.processor, config,
                 session.shift, info.device,
             )  # fmt: skip
-            log.write({"step": position.step, "split": "eval", **result.evaluation})
+            log.write({"step": position.step, "split": "eval", **evaluation})
         if done or (config.save_every and position.step % config.save_every == 0):
             save_checkpoint(
                 out, session.forward, session.processor, session.optimizer, session.scheduler,
                 session.shift, position, config, info,
             )  # fmt: skip
-    result.steps = position.step
     if position.step >= session.total_steps:
         _save_final(out / "final", session.forward, session.processor, config, info)
     distributed.barrier()
-    return result
+    return TrainingResult(
+        stage="train",
+        out_dir=str(out),
+        counts={"steps": position.step},
+        drops={"too_long": skipped} if skipped else {},
+        seconds=time.perf_counter() - started,
+        final_model=str(out / "final"),
+        metrics_file=str(log.path),
+        first={k: float(v) for k, v in first.items() if isinstance(v, (int, float))},
+        last={k: float(v) for k, v in last.items() if isinstance(v, (int, float))},
+        resumed_from=resumed_from,
+        evaluation=evaluation,
+    )
 
 
 def _save_final(
@@ -749,4 +752,4 @@ def _save_final(
     publish_dir(final, fill)
 
 
-__all__ = ["LoraSettings", "TrainConfig", "TrainResult", "checkpoints", "evaluate", "read_metrics", "train"]
+__all__ = ["LoraSettings", "TrainConfig", "checkpoints", "evaluate", "read_metrics", "train"]

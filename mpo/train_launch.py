@@ -24,12 +24,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mpo.io import atomic_write_text
-from mpo.train import TrainConfig, TrainResult
+from mpo.results import TrainingResult
+from mpo.train import TrainConfig
 
 RESULT_FILE = ".launch-result.json"
 
@@ -48,7 +48,7 @@ def train_in_processes(
     eval_pairs: str | None,
     on_metrics: Callable[[dict[str, Any]], None],
     poll_seconds: float = 1.0,
-) -> TrainResult:
+) -> TrainingResult:
     """``mpo.train.train`` in ``training.processes`` processes under torchrun; returns rank 0's result.
     ``on_metrics`` gets each new training record of ``metrics.jsonl`` as the ranks write it."""
     folder = Path(out)
@@ -108,11 +108,8 @@ def _follow(metrics: Path, seen: int, on_metrics: Callable[[dict[str, Any]], Non
     return max(seen, len(lines))
 
 
-def _read_result(path: Path) -> TrainResult:
-    raw = json.loads(path.read_text())
-    for name in ("out", "final_model", "metrics_file"):
-        raw[name] = Path(raw[name])
-    return TrainResult(**raw)
+def _read_result(path: Path) -> TrainingResult:
+    return TrainingResult.model_validate_json(path.read_text())
 
 
 def main(spec_file: str) -> None:
@@ -123,7 +120,7 @@ def main(spec_file: str) -> None:
     config = TrainConfig.model_validate(spec["training"])
     result = train(spec["pairs_dir"], spec["model"], spec["out"], config, eval_pairs=spec["eval_pairs"])
     if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_text(Path(spec["out"]) / RESULT_FILE, json.dumps(asdict(result), default=str))
+        atomic_write_text(Path(spec["out"]) / RESULT_FILE, result.model_dump_json())
 
 
 if __name__ == "__main__":

@@ -324,7 +324,7 @@ def test_the_one_task_runs_an_ingest_step(synth_dir: Path, tmp_path: Path) -> No
     config = FlowConfig(workdir=tmp_path, train_data=synth_dir / "meta.json", model="m")
     result = run_step.fn(Steps(config).ingest(synth_dir / "meta.json", tmp_path / "ingested"))
     assert result.counts["prompts"] == 48 and len(result.version) >= 8
-    assert json.loads((tmp_path / "ingested" / "report.json").read_text())["total_prompts"] == 48
+    assert json.loads((tmp_path / "ingested" / "report.json").read_text())["counts"]["prompts"] == 48
 
 
 def test_config_loads_from_yaml_with_relative_paths(tmp_path: Path) -> None:

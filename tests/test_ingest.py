@@ -47,7 +47,7 @@ GOOD = [
 def test_kinds_multi_image_and_text_only(tmp_path: Path) -> None:
     report = ingest(_dataset(tmp_path, GOOD), tmp_path / "out")
     prompts = read_dir(tmp_path / "out" / "prompts", PROMPTS).to_pylist()
-    assert report.prompts == {"edge": 4} and report.kinds == {"closed": 3, "open": 1}
+    assert report.prompts_by_dataset == {"edge": 4} and report.kinds == {"closed": 3, "open": 1}
     assert [len(p["images"]) for p in prompts] == [1, 2, 0, 1]
     assert prompts[2]["answer"] == "4" and prompts[3]["chosen"] == "A blue square."
     assert all(Path(i).is_absolute() for p in prompts for i in p["images"])
@@ -83,9 +83,10 @@ def test_bad_rows_are_quarantined_with_file_line_and_reason(tmp_path: Path) -> N
     assert reasons == [r for _, r in BAD] + ["duplicate_prompt", "malformed_json", "non_utf8"]
     assert [q["line"] for q in quarantine] == list(range(2, 2 + len(BAD))) + [10, 11, 12]
     assert all(q["file"].endswith("ann.jsonl") for q in quarantine)
-    assert report.prompts == {"edge": 1} and sum(report.quarantined.values()) == len(quarantine)
+    assert report.prompts_by_dataset == {"edge": 1} and sum(report.drops.values()) == len(quarantine)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["total_quarantined"] == 11 and saved["quarantined"]["image_outside_root"] == 2
+    assert sum(saved["drops"].values()) == 11 and saved["drops"]["image_outside_root"] == 2
+    assert saved["counts"] == {"prompts": 1} and len(saved["version"]) == 12
 
 
 def test_strict_mode_names_file_line_and_field(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_strict_mode_names_file_line_and_field(tmp_path: Path) -> None:
 def test_repeat_time(tmp_path: Path, repeat_time: float, expected: int) -> None:
     report = ingest(_dataset(tmp_path, GOOD, repeat_time=repeat_time), tmp_path / "out")
     prompts = read_dir(tmp_path / "out" / "prompts").to_pylist()
-    assert report.prompts["edge"] == len(prompts) == expected
+    assert report.prompts_by_dataset["edge"] == len(prompts) == expected
     pairs = {(p["prompt_id"], p["repeat_index"]) for p in prompts}
     assert len(pairs) == expected
 
@@ -114,17 +115,17 @@ def test_plain_jsonl_and_parquet_prompt_files(tmp_path: Path) -> None:
     ]
     (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
     report = ingest(tmp_path / "ann.jsonl", tmp_path / "out")
-    assert report.prompts == {"ann": 4} and not report.quarantined
+    assert report.prompts_by_dataset == {"ann": 4} and not report.drops
     table = read_dir(tmp_path / "out" / "prompts")
     rows = [{"question": q, "answer": a} for q, a in (("1+1?", "2"), ("2+2?", "4"))]
     import pyarrow as pa
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "plain.parquet")
-    assert ingest(tmp_path / "plain.parquet", tmp_path / "out2").prompts == {"plain": 2}
+    assert ingest(tmp_path / "plain.parquet", tmp_path / "out2").prompts_by_dataset == {"plain": 2}
     assert table.num_rows == 4
 
 
 def test_synth_output_ingests_cleanly(synth_dir: Path, tmp_path: Path) -> None:
     report = ingest(synth_dir / "meta.json", tmp_path / "out")
-    assert sum(report.quarantined.values()) == 0
+    assert sum(report.drops.values()) == 0
     assert report.kinds == {"closed": 40, "open": 8}

@@ -148,7 +148,8 @@ def test_ref_logps_are_written_into_the_pairs_and_resume(
     write_table(table.slice(0, 30), first)
 
     report = compute_reference_logps(pairs_dir, tiny_model_dir, max_length=512, batch_size=4)
-    assert (report.shards, report.pairs, report.too_long) == (2, 40, 0)
+    assert report.counts == {"shards": 2, "skipped_shards": 0, "pairs_computed": 40, "pairs_from_store": 0}
+    assert not report.drops
     written = PairTable.read(pairs_dir)
     assert written.ref is not None and not torch.isnan(written.ref).any()
     with torch.no_grad():
@@ -160,10 +161,10 @@ def test_ref_logps_are_written_into_the_pairs_and_resume(
     assert "ref_chosen_logp" in loaded.column_names and len(loaded) == 40
 
     again = compute_reference_logps(pairs_dir, tiny_model_dir, max_length=512)
-    assert (again.shards, again.skipped_shards) == (0, 2)
+    assert (again.counts["shards"], again.counts["skipped_shards"]) == (0, 2)
     # A changed spec recomputes; a pair too long gets nulls and is counted.
     longer = compute_reference_logps(pairs_dir, tiny_model_dir, max_length=60)
-    assert longer.too_long == 40 and shard_spec(first) == longer.spec
+    assert longer.drops == {"too_long": 40} and shard_spec(first) == longer.spec
     column = pq.read_table(first).column("ref_chosen_logp")
     assert column.null_count == column.length() and column.type == pa.float64()
 
@@ -182,12 +183,16 @@ def test_a_rewritten_or_grown_pairs_version_computes_only_its_new_pairs(
     write_table(table.slice(20), grown / "data" / "part-00001.parquet")  # 10 old pairs, 10 new
 
     fresh = compute_reference_logps(first, tiny_model_dir, max_length=512, store=store)
-    assert (fresh.computed, fresh.pairs) == (30, 30)
+    assert (fresh.counts["pairs_computed"], fresh.counts["pairs_from_store"]) == (30, 0)
     before = PairTable.read(first).ref
     shutil.rmtree(first / "data")
     write_table(table.slice(0, 30), first / "data" / "part-00000.parquet")  # the same pairs, rewritten
     again = compute_reference_logps(first, tiny_model_dir, max_length=512, store=store)
-    assert (again.computed, again.pairs, again.shards) == (0, 30, 1)
+    assert (again.counts["pairs_computed"], again.counts["pairs_from_store"], again.counts["shards"]) == (
+        0,
+        30,
+        1,
+    )
     after = PairTable.read(first).ref
     assert before is not None and after is not None and after.tolist() == before.tolist()
 
@@ -195,7 +200,9 @@ def test_a_rewritten_or_grown_pairs_version_computes_only_its_new_pairs(
         compute_reference_logps(grown, tiny_model_dir, max_length=512, store=store, partition=(i, 2))
         for i in range(2)
     ]
-    assert [p.shards for p in parts] == [1, 1] and sum(p.computed for p in parts) == 10
+    assert [p.counts["shards"] for p in parts] == [1, 1] and sum(
+        p.counts["pairs_computed"] for p in parts
+    ) == 10
     alone = tmp_path / "alone"
     shutil.copytree(grown, alone)
     compute_reference_logps(alone, tiny_model_dir, max_length=512)  # no store: all computed here
@@ -203,4 +210,4 @@ def test_a_rewritten_or_grown_pairs_version_computes_only_its_new_pairs(
     assert stored.ref is not None and direct.ref is not None
     assert torch.allclose(stored.ref, direct.ref, atol=1e-9)
     other = compute_reference_logps(first, tiny_model_dir, max_length=60, store=store)
-    assert other.computed == 30  # another max_length is another reference: its own values
+    assert other.counts["pairs_computed"] == 30  # another max_length is another reference: its own values

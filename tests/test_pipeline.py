@@ -257,3 +257,14 @@ def test_reference_log_probs_are_cut_into_parts_kept_in_the_runs_store(tmp_path:
     assert [s.kwargs["partition"] for s in parts] == [(0, 2), (1, 2)]
     assert {s.kwargs["store"] for s in parts} == {str(tmp_path / "run" / "reference")}
     assert summary.reference is not None and len(summary.reference.partitions) == 2
+
+
+def test_a_partitioned_stage_adds_up_its_parts_counts_and_drops() -> None:
+    from mpo.results import PartitionedResult, ReferenceResult
+
+    parts = [
+        ReferenceResult(stage=f"reference:{i}/2", out_dir="p", counts={"shards": 2}, drops=drops, seconds=s)
+        for i, drops, s in ((1, {"too_long": 3}, 5.0), (2, {}, 7.0))
+    ]
+    merged = PartitionedResult.merge("reference", parts)
+    assert merged.counts == {"shards": 4} and merged.drops == {"too_long": 3} and merged.seconds == 7.0

@@ -144,17 +144,17 @@ def test_strided_shards_cover_every_prompt_once(prompts_dir: Path) -> None:
 def test_correctness_stage_writes_samples_and_resumes(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
     config = SamplingConfig(n=2, max_tokens=8, prompts_per_shard=16, temperature=1.0)
     report = run_stage("correctness", prompts_dir, hf_engine, tmp_path, config)
-    assert report.shards == 3 and report.skipped == 0 and report.samples_written == 80
+    assert report.counts == {"shards": 3, "skipped_shards": 0, "samples_written": 80}
     samples = pl.from_arrow(read_dir(report.out_dir, SAMPLES))
     assert samples.height == 80 and samples.select("prompt_id", "sample_index").n_unique() == 80
     assert set(samples["source"]) == {"correctness"} and set(samples["prompt_version"]) == {"en"}
     assert samples["answer"].null_count() == 0 and samples["model"][0] == hf_engine.model_id
-    mtimes = {p: p.stat().st_mtime_ns for p in report.out_dir.glob("*.parquet")}
+    mtimes = {p: p.stat().st_mtime_ns for p in Path(report.out_dir).glob("*.parquet")}
     again = run_stage("correctness", prompts_dir, hf_engine, tmp_path, config)
-    assert again.skipped == 3 and again.samples_written == 0
-    assert {p: p.stat().st_mtime_ns for p in report.out_dir.glob("*.parquet")} == mtimes
+    assert again.counts["skipped_shards"] == 3 and again.counts["samples_written"] == 0
+    assert {p: p.stat().st_mtime_ns for p in Path(report.out_dir).glob("*.parquet")} == mtimes
     changed = run_stage("correctness", prompts_dir, hf_engine, tmp_path, config.model_copy(update={"n": 1}))
-    assert changed.out_dir != report.out_dir and changed.samples_written == 40
+    assert changed.out_dir != report.out_dir and changed.counts["samples_written"] == 40
 
 
 def test_dropout_stage_rows(hf_engine, prompts_dir: Path, tmp_path: Path) -> None:
@@ -246,17 +246,20 @@ def test_partitions_sample_what_one_run_samples(hf_engine, prompts_dir: Path, tm
     ]
     assert (
         len({p.out_dir for p in parts}) == 1
-        and sum(p.samples_written for p in parts) == whole.samples_written
+        and sum(p.counts["samples_written"] for p in parts) == whole.counts["samples_written"]
     )
     columns = ["prompt_id", "sample_index", "response", "seed"]
     expected = pl.from_arrow(read_dir(whole.out_dir, SAMPLES)).select(columns).sort(columns)
     got = pl.from_arrow(read_dir(parts[0].out_dir, SAMPLES)).select(columns).sort(columns)
     assert got.equals(expected)
     assert all(
-        "-p00" in p.name or "-p01" in p.name or "-p02" in p.name for p in parts[0].out_dir.glob("shard-*")
+        "-p00" in p.name or "-p01" in p.name or "-p02" in p.name
+        for p in Path(parts[0].out_dir).glob("shard-*")
     )
     again = run_stage("correctness", prompts_dir, hf_engine, tmp_path / "parts", config, partition=(1, 3))
-    assert again.samples_written == 0 and again.skipped == parts[1].shards
+    assert (
+        again.counts["samples_written"] == 0 and again.counts["skipped_shards"] == parts[1].counts["shards"]
+    )
 
 
 def test_two_runs_at_once_on_one_store_are_read_once(
@@ -307,11 +310,11 @@ def test_a_store_holding_a_shard_twice_is_read_once(hf_engine, prompts_dir: Path
 
     config = SamplingConfig(n=2, max_tokens=6, prompts_per_shard=16)
     report = run_stage("correctness", prompts_dir, hf_engine, tmp_path / "samples", config)
-    first = sorted(report.out_dir.glob("shard-*.parquet"))[0]
+    first = sorted(Path(report.out_dir).glob("shard-*.parquet"))[0]
     shutil.copy(first, first.with_name("shard-another-writer-00000-of-00001.parquet"))
     prompts = read_prompts(prompts_dir).filter(pl.col("kind") == "closed")
-    assert pl.from_arrow(read_dir(report.out_dir, SAMPLES)).height > report.samples_written
-    assert read_stage_samples(report.out_dir, prompts).height == report.samples_written == 80
+    assert pl.from_arrow(read_dir(report.out_dir, SAMPLES)).height > report.counts["samples_written"]
+    assert read_stage_samples(report.out_dir, prompts).height == report.counts["samples_written"] == 80
     paired = run_pairing([report.out_dir], tmp_path / "pairs", PairingConfig(), prompts["prompt_id"])
     assert sum(stats.samples for stats in paired.datasets.values()) == 80
 

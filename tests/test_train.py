@@ -16,8 +16,8 @@ from mpo.train import LoraSettings, TrainConfig, checkpoints, read_metrics, trai
 FAST = {"learning_rate": 1e-3, "batch_size": 4, "max_length": 512, "warmup_ratio": 0.0}
 
 
-def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(model_dir / "model.safetensors"))
+def weights(model_dir: Path | str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +105,10 @@ def test_resume_is_exact(ref_pairs_dir: Path, tiny_model_dir: Path, tmp_path: Pa
     config = TrainConfig(max_steps=6, grad_accum=2, save_every=2, **FAST)
     straight = train(ref_pairs_dir, tiny_model_dir, tmp_path / "straight", config)
     half = train(ref_pairs_dir, tiny_model_dir, tmp_path / "sliced", config, stop_after=3)
-    assert half.steps == 3 and not half.final_model.exists()
+    assert half.counts["steps"] == 3 and not Path(half.final_model).exists()
     assert [p.name for p in checkpoints(tmp_path / "sliced")] == ["step-000002", "step-000003"]
     resumed = train(ref_pairs_dir, tiny_model_dir, tmp_path / "sliced", config)
-    assert resumed.resumed_from == 3 and resumed.steps == 6
+    assert resumed.resumed_from == 3 and resumed.counts["steps"] == 6
 
     a, b = weights(straight.final_model), weights(resumed.final_model)
     assert a.keys() == b.keys()

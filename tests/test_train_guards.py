@@ -180,5 +180,5 @@ def test_one_process_counts_over_long_pairs_it_skips(
         pairs, tiny_model_dir, tmp_path / "run", TrainConfig(max_steps=4, **{**FAST, "batch_size": 1})
     )
     steps = read_metrics(result.metrics_file)
-    assert result.skipped_too_long == sum(r["skipped_too_long"] for r in steps) == 1
+    assert result.drops["too_long"] == sum(r["skipped_too_long"] for r in steps) == 1
     assert sum(r["pairs"] for r in steps) == 3
