@@ -85,7 +85,7 @@ class PipelineConfig(BaseModel):
         None,
         description="the Python of the engine's own environment (e.g. .venv-vllm/bin/python): sampling and "
         "evaluation run there, in a child process; needed where the engine cannot share the orchestrator's "
-        "environment (vLLM 0.32 and Prefect 3.8 pin disjoint fastapi ranges); empty: this environment",
+        "environment (vLLM 0.32 and Prefect 3.8-3.9 pin disjoint fastapi ranges); empty: this environment",
     )
     strict_ingest: bool = Field(False, description="stop at the first bad input row instead of quarantining")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

@@ -160,19 +160,19 @@ class _Batch:
 
 
 class _Run:
-    """One ingest's state across its datasets: checks, quarantine, report, rows read."""
+    """One ingest's state across its datasets: checks, quarantine, tally, rows read."""
 
     def __init__(
         self,
         checks: ImageChecks,
         quarantine: pq.ParquetWriter,
-        report: _Tally,
+        tally: _Tally,
         strict: bool,
         seed: int,
         batch_rows: int,
         on_rows: Callable[[int], None] | None,
     ) -> None:
-        self.checks, self.quarantine, self.report = checks, quarantine, report
+        self.checks, self.quarantine, self.tally = checks, quarantine, tally
         self.strict, self.seed, self.batch_rows, self.on_rows = strict, seed, batch_rows, on_rows
         self.rows_read = 0
 
@@ -198,8 +198,8 @@ class _Run:
         if waiting is not None:
             self.finish(source, waiting, seen, folder / f"{prefix}-{len(shards):05d}.parquet", shards)
         for shard, count in _apply_repeat(shards, source.repeat_time, self.seed):
-            self.report.prompts[source.name] += count
-            self.report.kinds.update(pq.read_table(shard, columns=["kind"]).column("kind").to_pylist())
+            self.tally.prompts[source.name] += count
+            self.tally.kinds.update(pq.read_table(shard, columns=["kind"]).column("kind").to_pylist())
 
     def finish(
         self,
@@ -270,7 +270,7 @@ class _Run:
                 "detail": reject.detail,
             }
         )
-        self.report.quarantined[reject.reason] += 1
+        self.tally.quarantined[reject.reason] += 1
 
 
 class _Reader:

@@ -8,7 +8,7 @@ from their shards and checkpoints, so a killed attempt loses at most its unfinis
 unit of work and a retry picks up from there.
 
 The child can also run under another Python: a sampling engine's own environment. vLLM
-0.32 and Prefect 3.8 cannot share one (their fastapi pins do not overlap), so the
+0.32 and Prefect 3.8-3.9 cannot share one (their fastapi pins do not overlap), so the
 orchestrator hands the sampling job to the engine environment's interpreter
 (``python=``), which needs this package but not Prefect. Such a child is started with
 ``python -m mpo.time_limit FD`` (not multiprocessing, whose children re-import the

@@ -168,7 +168,10 @@ def prepare_policy(model: Any, config: TrainConfig, adapter_dir: Path | None = N
     if config.freeze_projector:
         _find_module(hf, PROJECTOR_MODULES, "projector").requires_grad_(False)
     if config.gradient_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.disable_dropout:  # after the LoRA wrap, so that the adapter's dropout goes too
         disable_dropout(model)
     return model
