@@ -5,9 +5,10 @@
 Generates ``images`` small PNGs and ``rows`` prompt rows naming them (20 rows per image at the
 defaults: datasets ask many questions of one image), as InternVL JSONL with paths and as a folder of
 Hugging Face style Parquet shards with the image bytes embedded in each row. Each side runs in its own
-process; wall time and peak RSS (of the process, and of it with its pool workers, sampled) are
-printed as a table. The earlier ingest is read from git (``OLD_COMMIT``) and reads one file per dataset, so it
-gets the Parquet shards as a meta.json of one dataset per shard; it cannot read embedded images and
+process; wall time, its peak RSS, and the peak of its and its pool workers' proportional set
+sizes together (sampled) are printed as a table; every run but the one marked "again" starts from an
+empty output folder. The earlier ingest is read from git (``OLD_COMMIT``) and reads one file per
+dataset, so it gets the Parquet shards as a meta.json of one dataset per shard; it cannot read embedded images and
 quarantines those rows, which still prices its reading. ``--scales`` adds runs of the new ingest on
 the first N rows of the JSONL, to show that its peak memory is flat in the row count.
 """
@@ -20,6 +21,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -106,21 +108,23 @@ def _old_ingest() -> object:
     return module
 
 
-def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its descendants now (Linux /proc), in MB."""
+def _tree_pss_mb(pid: int) -> float:
+    """Memory of a process and its descendants now, in MB: their proportional set sizes (Linux
+    /proc smaps_rollup), which count a page shared by several processes once in all. Resident
+    sizes would count a freshly forked worker, before its exec, as a second copy of its parent."""
     total = 0.0
     try:
-        with open(f"/proc/{pid}/status") as status:
-            total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            total += next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) / 1024
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except (OSError, StopIteration):
         return total
-    return total + sum(_tree_rss_mb(int(child)) for child in children)
+    return total + sum(_tree_pss_mb(int(child)) for child in children)
 
 
 def role(side: str, source: Path, out: Path) -> None:
-    """One side's ingest, in this process; prints its counts and peak RSS as JSON: of this process,
-    and of it with its pool workers together (sampled every 50 ms)."""
+    """One side's ingest, in this process; prints its counts and peak memory as JSON: this process's
+    peak RSS, and the peak of its and its pool workers' proportional set sizes (sampled every 50 ms)."""
     import threading
 
     peak_tree = [0.0]
@@ -128,19 +132,20 @@ def role(side: str, source: Path, out: Path) -> None:
 
     def sample() -> None:
         while not done.wait(0.05):
-            peak_tree[0] = max(peak_tree[0], _tree_rss_mb(os.getpid()))
+            peak_tree[0] = max(peak_tree[0], _tree_pss_mb(os.getpid()))
 
     threading.Thread(target=sample, daemon=True).start()
     if side == "old":
         report = _old_ingest().ingest(source, out)  # type: ignore[attr-defined]
+        counts = {"prompts": sum(report.prompts.values()), "quarantined": sum(report.quarantined.values())}
     else:
         from mpo.ingest import ingest
 
-        report = ingest(source, out)
+        result = ingest(source, out)
+        counts = {"prompts": result.counts["prompts"], "quarantined": sum(result.drops.values())}
     done.set()
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    counts = {"prompts": sum(report.prompts.values()), "quarantined": sum(report.quarantined.values())}
-    print(json.dumps({**counts, "peak_self": peak_self, "peak_tree": max(peak_tree[0], peak_self)}))
+    print(json.dumps({**counts, "peak_self": peak_self, "peak_tree": peak_tree[0]}))
 
 
 def run(side: str, source: Path, out: Path) -> dict:
@@ -187,6 +192,8 @@ def main() -> None:
         ("JSONL, paths", "new", work / "prompts.jsonl", args.rows),
         ("Parquet shards, embedded", "old", work / "shards-meta.json", args.rows),
         ("Parquet shards, embedded", "new", work / "shards", args.rows),
+        # the same again into the same folder: the image index spares every image's check
+        ("Parquet shards, embedded, again", "new", work / "shards", args.rows),
     ]
     cases += [
         (f"JSONL, first {rows:,} rows", "new", _first_rows(work, rows), rows)
@@ -197,6 +204,8 @@ def main() -> None:
     times: dict[tuple[str, str], float] = {}
     for label, side, source, rows in cases:
         out = args.workdir / "out" / f"{side}-{source.stem}"
+        if not label.endswith("again"):
+            shutil.rmtree(out, ignore_errors=True)  # a fresh ingest: no image index from a run before
         result = run(side, source, out)
         times[(label, side)] = result["seconds"]
         print(

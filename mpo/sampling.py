@@ -19,7 +19,7 @@ import json
 import re
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,7 +192,16 @@ def distinct_samples(samples: pl.DataFrame) -> pl.DataFrame:
 
 def prompts_version(prompts: pl.DataFrame) -> str:
     """A small version tag of the prompts: a hash of their ids (not of their contents)."""
-    return hashlib.sha256(prompt_keys(prompts).sort().str.join("\n").item().encode()).hexdigest()[:12]
+    return keys_version(prompt_keys(prompts).sort())
+
+
+def keys_version(sorted_keys: Iterable[str]) -> str:
+    """The version of a prompt set from its sorted ``prompt_id/repeat_index`` keys: their sha256,
+    joined by newlines, fed a key at a time (so a caller may stream them)."""
+    digest = hashlib.sha256()
+    for index, key in enumerate(sorted_keys):
+        digest.update(("\n" + key if index else key).encode())
+    return digest.hexdigest()[:12]
 
 
 def shard_keys(path: Path) -> list[str]:
