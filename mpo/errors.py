@@ -8,3 +8,10 @@ prints it as that line and exits 2; any other exception is a bug and keeps its t
 
 class InputError(ValueError):
     """Bad input or configuration, said in one line (a ``ValueError``: stages never retry it)."""
+
+
+def unreadable(path: object, what: str, error: BaseException) -> InputError:
+    """The one line for a file that cannot be read as ``what``: its path and the first line of the
+    reader's own message (Arrow's and polars' run to many lines without the file's name)."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return InputError(f"{path}: not a readable {what} ({first})")

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mpo.answers import TRIGGERS, Verdict, VerifyMode, extract_answer, is_correct
 from mpo.engines.base import FINISHED
-from mpo.errors import InputError
+from mpo.errors import unreadable
 from mpo.io import atomic_write_text, publish_dir
 from mpo.results import DatasetPairStats, PairingReport
 from mpo.sampling import distinct_samples
@@ -652,7 +652,7 @@ def _prompt_ids(path: Path) -> pl.DataFrame:
     try:
         return pl.read_parquet(path, columns=["prompt_id"])
     except (pl.exceptions.PolarsError, OSError) as error:
-        raise InputError(f"{path}: not a readable sample shard ({str(error).splitlines()[0]})") from None
+        raise unreadable(path, "sample shard", error) from None
 
 
 def _write_pairs(shards: dict[Path, pa.Table]) -> None:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mpo.engines.base import Engine, GenerationRequest, SamplingParams
-from mpo.errors import InputError
+from mpo.errors import unreadable
 from mpo.io import atomic_write_text
 from mpo.model_identity import model_fingerprint
 from mpo.results import StageResult
@@ -209,7 +209,7 @@ def shard_keys(path: Path) -> list[str]:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as error:
-        raise InputError(f"{path}: not a readable sample shard ({str(error).splitlines()[0]})") from None
+        raise unreadable(path, "sample shard", error) from None
     raw = (schema.metadata or {}).get(KEYS_METADATA)
     if raw is None:
         raise ValueError(

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mpo.errors import unreadable
 from mpo.io import atomic_write
 
 IMAGES = pa.list_(pa.string())  # absolute image paths, in placeholder order
@@ -127,6 +128,13 @@ def shard_files(directory: Path | str) -> list[Path]:
     return sorted(p for p in Path(directory).glob("*.parquet") if not p.name.startswith("."))
 
 
+def _read_shard(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise unreadable(path, "Parquet shard", error) from None
+
+
 def read_dir(directory: Path | str, schema: pa.Schema | None = None) -> pa.Table:
     """Read every finished shard under ``directory`` as one table."""
     files = shard_files(directory)
@@ -134,5 +142,5 @@ def read_dir(directory: Path | str, schema: pa.Schema | None = None) -> pa.Table
         if schema is None:
             raise FileNotFoundError(f"no Parquet shards in {directory}")
         return schema.empty_table()
-    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    table = pa.concat_tables([_read_shard(f) for f in files], promote_options="default")
     return conform(table, schema) if schema is not None else table

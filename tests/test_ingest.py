@@ -129,3 +129,15 @@ def test_synth_output_ingests_cleanly(synth_dir: Path, tmp_path: Path) -> None:
     report = ingest(synth_dir / "meta.json", tmp_path / "out")
     assert sum(report.drops.values()) == 0
     assert report.kinds == {"closed": 40, "open": 8}
+
+
+def test_a_corrupt_shard_in_a_table_is_one_line_naming_it(tmp_path: Path) -> None:
+    from mpo.errors import InputError
+
+    prompts = ingest(_dataset(tmp_path, GOOD), tmp_path / "out").out_dir
+    (Path(prompts) / "part-zzz.parquet").write_bytes(b"PAR1 not a table PAR1")
+    with pytest.raises(InputError) as caught:
+        read_dir(prompts, PROMPTS)
+    message = str(caught.value)
+    assert message.startswith(f"{Path(prompts) / 'part-zzz.parquet'}: not a readable Parquet shard (")
+    assert "\n" not in message
