@@ -8,13 +8,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from mpo.step import Step
 
 # Nothing in this project may reach a model hub; fail fast instead of hanging on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,7 +151,7 @@ def _build_tiny_model(out: Path, seed: int, data: Path | None, recipe: Any, spec
 
 @app.command()
 def ingest(
-    meta: Annotated[
+    source: Annotated[
         Path,
         typer.Argument(
             help="InternVL meta.json, a .jsonl / .json / .parquet prompt file, or a folder of them"
@@ -182,21 +185,13 @@ def ingest(
     """Normalise prompts into the prompts table; quarantine what cannot be used."""
     from mpo import jobs
     from mpo.progress import StepLines
-    from mpo.step import Step
 
     if reply_as not in (None, "chosen", "answer"):
         raise typer.BadParameter(f"--reply-as is chosen or answer, not {reply_as!r}")
-    kwargs = {
-        "source": str(meta),
-        "out": str(out),
-        "strict": strict,
-        "seed": seed,
-        "columns": _key_values(columns, "--columns", "FIELD=COLUMN") or None,
-        "image_root": str(image_root) if image_root else None,
-        "reply_as": reply_as,
-    }
+    mapping = _key_values(columns, "--columns", "FIELD=COLUMN") or None
+    step = _job_step(jobs.ingest_job, "ingest", "ingest", {**locals(), "columns": mapping})
     with StepLines(console):
-        result = Step.of(jobs.ingest_job, "ingest", "ingest", kwargs=kwargs).run(lambda _event: None)
+        result = step.run(lambda _event: None)
     table = Table(title=f"ingested into {out}")
     table.add_column("dataset")
     table.add_column("prompts", justify="right")
@@ -228,14 +223,16 @@ def _yaml_value(text: str) -> Any:
 
 @app.command()
 def pairs(
-    samples: Annotated[
-        list[Path], typer.Argument(help="Samples directories (Parquet shards), e.g. both stages'")
+    samples_dirs: Annotated[
+        list[Path],
+        typer.Argument(metavar="samples", help="Samples directories (Parquet shards), e.g. both stages'"),
     ],
     out: Annotated[
         Path, typer.Option(help="Pairs directory: data/*.parquet, hard_prompts.parquet, report.json")
     ],
-    prompts: Annotated[
-        Path | None, typer.Option(help="Pair only these prompts' samples (an `mpo ingest` prompts folder)")
+    prompts_dir: Annotated[
+        Path | None,
+        typer.Option("--prompts", help="Pair only these prompts' samples (an `mpo ingest` prompts folder)"),
     ] = None,
     config: Annotated[Path | None, CONFIG_OPTION] = None,
     set_: Annotated[list[str] | None, SET_OPTION] = None,
@@ -276,7 +273,6 @@ def pairs(
     from mpo import jobs
     from mpo.pairs import PairingConfig
     from mpo.progress import StepLines
-    from mpo.step import Step
 
     given = {
         **_fields_of(PairingConfig, locals()),
@@ -285,14 +281,9 @@ def pairs(
         "claim_patterns": _key_values(claim, "--claim", "DATASET=REGEX") if claim else None,
     }
     pairing = _stage_config(PairingConfig, config, given, set_, "the pairing options")
-    kwargs = {
-        "samples_dirs": [str(folder) for folder in samples],
-        "prompts_dir": str(prompts) if prompts else None,
-        "out": str(out),
-        "pairing": pairing,
-    }
+    step = _job_step(jobs.pairs_job, "pairs", "pairs", locals())
     with StepLines(console):
-        result = Step.of(jobs.pairs_job, "pairs", "pairs", kwargs=kwargs).run(lambda _event: None)
+        result = step.run(lambda _event: None)
     table = Table(title=f"{result.counts['pairs']} pairs in {out}")
     for column in ("dataset", "prompts", "samples", "accuracy", "pairs", "filtered"):
         table.add_column(column)
@@ -353,7 +344,6 @@ def sample(
     from mpo import jobs
     from mpo.progress import StepLines
     from mpo.sampling import STAGES, SamplingConfig
-    from mpo.step import Step
 
     stages = STAGES if stage == "both" else (stage,)
     if any(s not in STAGES for s in stages):
@@ -361,27 +351,19 @@ def sample(
     given = _fields_of(SamplingConfig, locals())
     sampling = _stage_config(SamplingConfig, config, given, set_, "the sampling options")
     prompts_dir = prompts / "prompts" if (prompts / "prompts").is_dir() else prompts
-    options = {
+    engine_options = {
         k: _yaml_value(v) for k, v in _key_values(engine_option, "--engine-option", "KEY=VALUE").items()
     }
-    options.update({"trust_remote_code": True} if trust_remote_code else {})
+    engine_options.update({"trust_remote_code": True} if trust_remote_code else {})
+    options = {**locals(), "partition": _partition(partition)}
     with StepLines(console):
         results = [
-            Step.of(
+            # vLLM and lmdeploy hold their engine for the life of a process: one process per stage
+            _job_step(
                 jobs.sample_job,
                 f"sample-{name}",
                 "sampling",
-                kwargs={
-                    "stage": name,
-                    "prompts_dir": str(prompts_dir),
-                    "model": model,
-                    "engine": engine,
-                    "engine_options": options,
-                    "sampling": sampling,
-                    "out": str(out),
-                    "partition": _partition(partition),
-                },
-                # vLLM and lmdeploy hold their engine for the life of a process: one process per stage
+                {**options, "stage": name},
                 own_process=engine != "transformers",
             ).run(lambda _event: None)
             for name in stages
@@ -410,8 +392,8 @@ def export(
 
 @app.command("ref-logps")
 def ref_logps(
-    pairs: Annotated[
-        Path, typer.Option(help="Pairs directory (`mpo pairs` output); its shards are rewritten")
+    pairs_dir: Annotated[
+        Path, typer.Option("--pairs", help="Pairs directory (`mpo pairs` output); its shards are rewritten")
     ],
     model: Annotated[Path, typer.Option(help="Reference model folder (usually the starting policy)")],
     max_length: Annotated[int, typer.Option(help="Must equal the trainer's --max-length")] = 2048,
@@ -428,18 +410,10 @@ def ref_logps(
     computed as training computes (float32 weights, the same autocast)."""
     from mpo import jobs
     from mpo.progress import StepLines
-    from mpo.step import Step
 
-    kwargs = {
-        "pairs_dir": str(pairs),
-        "model": str(model),
-        "max_length": max_length,
-        "batch_size": batch_size,
-        "device": device,
-        "bf16": bf16,
-    }
+    step = _job_step(jobs.reference_job, "reference", "ref_logps", locals())
     with StepLines(console):
-        result = Step.of(jobs.reference_job, "reference", "ref_logps", kwargs=kwargs).run(lambda _event: None)
+        result = step.run(lambda _event: None)
     counts = result.counts
     console.print(
         f"reference log-probs: {counts['pairs_computed'] + counts['pairs_from_store']} pairs in {counts['shards']} "
@@ -450,8 +424,9 @@ def ref_logps(
 
 @app.command()
 def train(
-    pairs: Annotated[
-        Path, typer.Option(help="Pairs directory (with reference log-probs unless --reference online)")
+    pairs_dir: Annotated[
+        Path,
+        typer.Option("--pairs", help="Pairs directory (with reference log-probs unless --reference online)"),
     ],
     model: Annotated[Path, typer.Option(help="Starting model folder (HF format)")],
     out: Annotated[
@@ -503,7 +478,6 @@ def train(
     ``mpo.train.TrainConfig``'s defaults."""
     from mpo import jobs
     from mpo.progress import StepLines
-    from mpo.step import Step
     from mpo.train import TrainConfig
 
     given = {
@@ -513,16 +487,8 @@ def train(
     }
     nested = [f"loss.beta={beta}"] if beta is not None else []
     nested += [f"lora.r={lora_r}", f"lora.alpha={2 * lora_r}"] if lora_r is not None else []
-    settings = _stage_config(TrainConfig, config, given, nested + (set_ or []), "the training options")
-    kwargs = {
-        "pairs_dir": str(pairs),
-        "model": str(model),
-        "out": str(out),
-        "training": settings,
-        "eval_pairs": str(eval_pairs) if eval_pairs else None,
-        "stop_after": stop_after,
-    }
-    step = Step.of(jobs.train_job, "mpo", "train", kwargs=kwargs)
+    training = _stage_config(TrainConfig, config, given, nested + (set_ or []), "the training options")
+    step = _job_step(jobs.train_job, "mpo", "train", locals())
     if os.environ.get("RANK", "0") != "0":  # another rank of torchrun: rank 0 shows and tells
         step.run(lambda _event: None)
         return
@@ -568,6 +534,24 @@ def _partition(text: str) -> tuple[int, int]:
     if not (part.isdigit() and count.isdigit() and 1 <= int(part) <= int(count)):
         raise typer.BadParameter(f"--partition must be I/N with 1 <= I <= N, got {text!r}")
     return int(part) - 1, int(count)
+
+
+def _job_step(job: Any, label: str, stage: str, options: dict[str, Any], **fields: Any) -> Step:
+    """The ``mpo.jobs`` step a command runs: its arguments are the command's options (``locals()``,
+    with what the command computed) named after the job's parameters, paths as strings, so that a
+    job's parameters are listed once, in its signature."""
+    import inspect
+
+    from mpo.step import Step
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        return [plain(v) for v in value] if isinstance(value, list) else value
+
+    wanted = inspect.signature(job).parameters.keys() - {"emit"}
+    kwargs = {name: plain(value) for name, value in options.items() if name in wanted}
+    return Step.of(job, label, stage, kwargs=kwargs, **fields)
 
 
 def _fields_of(model: type[BaseModel], options: dict[str, Any]) -> dict[str, Any]:

@@ -166,16 +166,7 @@ def compute_reference_logps(
         table = pq.read_table(path)
         table = table.drop_columns([c for c in REF_COLUMNS if c in table.column_names])
         keys = reference_keys(table)
-        known = _stored(kept, keys) if kept is not None else pl.DataFrame()
-        missing = ~keys.is_in(known["ref_key"].implode()) if known.height else pl.Series([True] * len(keys))
-        values = torch.full((table.num_rows, 2), float("nan"), dtype=torch.float64)
-        if known.height:
-            found = pl.DataFrame({"ref_key": keys}).join(
-                known, on="ref_key", how="left", maintain_order="left"
-            )
-            for column, name in enumerate(REF_COLUMNS):
-                values[:, column] = torch.from_numpy(found[name].fill_null(float("nan")).to_numpy().copy())
-        rows = missing.arg_true().to_list()
+        values, rows = _from_store(kept, keys)
         if rows:
             if loaded is None:
                 model, processor = load_vlm(model_dir, torch_device, dtype=torch.float32)
@@ -188,21 +179,9 @@ def compute_reference_logps(
             values[rows] = logps
             report.computed += len(rows)
             if kept is not None:
-                fresh = pa.table(
-                    {
-                        "ref_key": keys.gather(rows).to_arrow(),
-                        **{name: _nullable(logps[:, column]) for column, name in enumerate(REF_COLUMNS)},
-                    },
-                    schema=STORE_SCHEMA,
-                )
-                write_table(fresh, kept / f"{path.stem}-{keys.gather(rows).sort()[0]}.parquet")
+                _keep(kept, keys.gather(rows), logps, path)
         report.too_long += int(torch.isnan(values[:, 0]).sum())
-        out = table
-        for column, name in enumerate(REF_COLUMNS):
-            out = out.append_column(name, _nullable(values[:, column]))
-        metadata = dict(out.schema.metadata or {})
-        metadata[SPEC_KEY] = json.dumps(spec, sort_keys=True).encode()
-        write_table(out.replace_schema_metadata(metadata), path)
+        _write_with_logps(table, values, spec, path)
         report.shards += 1
         report.pairs += table.num_rows
         if on_shard:
@@ -220,6 +199,41 @@ def compute_reference_logps(
         seconds=time.perf_counter() - started,
         spec=spec,
     )
+
+
+def _from_store(kept: Path | None, keys: pl.Series) -> tuple[torch.Tensor, list[int]]:
+    """The log-probs the store holds for ``keys`` (NaN where it holds none) and the rows it lacks."""
+    values = torch.full((len(keys), 2), float("nan"), dtype=torch.float64)
+    known = _stored(kept, keys) if kept is not None else pl.DataFrame()
+    if not known.height:
+        return values, list(range(len(keys)))
+    found = pl.DataFrame({"ref_key": keys}).join(known, on="ref_key", how="left", maintain_order="left")
+    for column, name in enumerate(REF_COLUMNS):
+        values[:, column] = torch.from_numpy(found[name].fill_null(float("nan")).to_numpy().copy())
+    return values, (~keys.is_in(known["ref_key"].implode())).arg_true().to_list()
+
+
+def _keep(kept: Path, keys: pl.Series, logps: torch.Tensor, path: Path) -> None:
+    """Add a shard's freshly computed log-probs to the store, named after the shard and its first key
+    (another version of the same shard adds its own file)."""
+    fresh = pa.table(
+        {
+            "ref_key": keys.to_arrow(),
+            **{name: _nullable(logps[:, column]) for column, name in enumerate(REF_COLUMNS)},
+        },
+        schema=STORE_SCHEMA,
+    )
+    write_table(fresh, kept / f"{path.stem}-{keys.sort()[0]}.parquet")
+
+
+def _write_with_logps(table: pa.Table, values: torch.Tensor, spec: dict[str, Any], path: Path) -> None:
+    """Rewrite a pairs shard with its reference columns and the spec they were computed under."""
+    out = table
+    for column, name in enumerate(REF_COLUMNS):
+        out = out.append_column(name, _nullable(values[:, column]))
+    metadata = dict(out.schema.metadata or {})
+    metadata[SPEC_KEY] = json.dumps(spec, sort_keys=True).encode()
+    write_table(out.replace_schema_metadata(metadata), path)
 
 
 def _nullable(values: torch.Tensor) -> pa.Array:
