@@ -12,7 +12,8 @@ of the workers' wall time outside the jobs: 1 - sum(job seconds) / (workers x wa
 the partitions, scheduling, starting each flow-run process, handing results back and workers idle
 at the end. Duplicates and losses are counted in the stores themselves.
 
-    .venv/bin/python benchmarks/scale_sampling.py --count 400 --partitions 4
+    .venv/bin/python benchmarks/scale_sampling.py --count 400 --partitions 4    # a quick look
+    .venv/bin/python benchmarks/scale_sampling.py --count 2400 --partitions 4   # parts of minutes, as on GPUs
 
 The last line: `workers=2 speedup=<x.xx> duplicates=<n> lost=<n> overhead=<pct>%`.
 """
