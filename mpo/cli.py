@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -536,7 +536,9 @@ def _partition(text: str) -> tuple[int, int]:
     return int(part) - 1, int(count)
 
 
-def _job_step(job: Any, label: str, stage: str, options: dict[str, Any], **fields: Any) -> Step:
+def _job_step(
+    job: Callable[..., Any], label: str, stage: str, options: dict[str, Any], **fields: Any
+) -> Step:
     """The ``mpo.jobs`` step a command runs: its arguments are the command's options (``locals()``,
     with what the command computed) named after the job's parameters, paths as strings, so that a
     job's parameters are listed once, in its signature."""

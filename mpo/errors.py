@@ -10,8 +10,11 @@ class InputError(ValueError):
     """Bad input or configuration, said in one line (a ``ValueError``: stages never retry it)."""
 
 
-def unreadable(path: object, what: str, error: BaseException) -> InputError:
+def unreadable(
+    path: object, what: str, error: BaseException, kind: type[InputError] = InputError
+) -> InputError:
     """The one line for a file that cannot be read as ``what``: its path and the first line of the
-    reader's own message (Arrow's and polars' run to many lines without the file's name)."""
+    reader's own message (Arrow's and polars' run to many lines without the file's name); ``kind``:
+    the stage's own input error (``IngestError``)."""
     first = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return InputError(f"{path}: not a readable {what} ({first})")
+    return kind(f"{path}: not a readable {what} ({first})")

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mpo.errors import InputError
+from mpo.errors import InputError, unreadable
 from mpo.prompt_rows import (
     DEFAULT_COLUMNS,
     Reject,
@@ -202,7 +202,7 @@ def _parquet(file: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(file)
     except (OSError, pa.ArrowException) as error:
-        raise IngestError(f"{file}: not a readable Parquet file ({str(error).splitlines()[0]})") from None
+        raise unreadable(file, "Parquet file", error, IngestError) from None
 
 
 def _parquet_batches(file: Path, source: DatasetSource, batch_rows: int) -> Iterator[RowBatch]:
